@@ -1,0 +1,35 @@
+"""The ``autowisp`` command line."""
+
+from __future__ import annotations
+
+import typer
+
+from autowisp import __version__
+from autowisp.cli.simulate import simulate
+
+app = typer.Typer(
+    name="autowisp",
+    help="AutoWISP: raw DSLR night-sky frames to calibrated light curves.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command(name="simulate")(simulate)
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        typer.echo(f"autowisp {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
