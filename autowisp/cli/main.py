@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from autowisp import __version__
+from autowisp.cli import pipeline
+from autowisp.cli.demo import demo
 from autowisp.cli.simulate import simulate
 
 app = typer.Typer(
@@ -14,7 +16,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command(name="demo")(demo)
 app.command(name="simulate")(simulate)
+app.command(name="init")(pipeline.init)
+app.command(name="ingest")(pipeline.ingest)
+app.command(name="run")(pipeline.run)
+app.command(name="status")(pipeline.status)
+app.add_typer(pipeline.config_app, name="config")
 
 
 @app.callback(invoke_without_command=True)

@@ -84,10 +84,11 @@ def test_ci_runs_the_readme_test_command():
 def test_main_command_in_a_fresh_venv(tmp_path):
     clone = _fresh_clone(tmp_path / "clone")
     result = _run(_command("main-command"), clone)
-    assert "truth" in result.stdout
-    night = clone / "night-demo"
-    assert len(list(night.rglob("object_*.fits"))) == 20
-    assert len(list(night.rglob("truth.h5"))) == 1
+    assert "night_qc" in result.stdout and "truth" in result.stdout
+    home = clone / "autowisp-data"
+    assert (home / "autowisp.sqlite").is_file()
+    assert len(list(home.rglob("night-*.png"))) == 1
+    assert len(list(home.rglob("object_*.fits"))) == 8
 
 
 def test_test_command_installs_and_runs_pytest_in_a_fresh_venv(tmp_path):

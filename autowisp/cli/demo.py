@@ -1,0 +1,54 @@
+"""``autowisp demo``: simulate a small night and process it end to end on the embedded default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from sqlalchemy import select
+
+from autowisp.cli.pipeline import _settings, do_ingest, do_run, print_status, shown_url
+from autowisp.db.migrate import upgrade
+from autowisp.db.models import Configuration, Task, TaskState
+from autowisp.db.session import session_scope
+from autowisp.simulate.night import NightConfig, simulate_night
+
+
+def demo(
+    frames: Annotated[int, typer.Option(min=1, help="Object frames to simulate.")] = 8,
+    size: Annotated[str, typer.Option(help="Frame size WIDTHxHEIGHT, px.")] = "512x512",
+    seed: Annotated[int, typer.Option(help="Seed of the simulated night.")] = 0,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes.")] = 2,
+) -> None:
+    """Simulate a night, ingest it into the embedded database, process it, show the results."""
+    from autowisp.cli.simulate import _parse_size
+
+    settings = _settings()
+    width, height = _parse_size(size)
+    upload = settings.home / "uploads" / f"demo-seed{seed}"
+    typer.echo(f"simulating {frames} object frames of {width}x{height} px into {upload}")
+    simulate_night(upload, NightConfig(frames=frames, width=width, height=height, seed=seed))
+    upgrade(settings.database_url)
+    typer.echo(f"database: {shown_url(settings.database_url)}")
+    do_ingest(settings, [upload])
+    do_run(settings, jobs)
+    print_status(settings)
+    with session_scope(settings.database_url) as session:
+        outputs = session.execute(
+            select(Task.output_path, Task.qc)
+            .join(Configuration, Configuration.id == Task.configuration_id)
+            .where(
+                Configuration.active.is_(True),
+                Task.state == TaskState.DONE,
+                Task.night_id.is_not(None),
+                Task.image_id.is_(None),
+            )
+            .order_by(Task.id)
+        ).all()
+    typer.echo(f"outputs under {settings.storage_root}:")
+    for path, qc in outputs:
+        typer.echo(f"  night summary: {path}")
+        if qc and qc.get("plot"):
+            typer.echo(f"  plot: {qc['plot']}")
+    typer.echo(f"ground truth of the simulated night: {next(Path(upload).rglob('truth.h5'))}")

@@ -1,0 +1,126 @@
+"""One ``Settings`` object: database URL, broker URL, storage root, step parameters, ingest rules.
+
+Where each value comes from, first match wins:
+
+1. the environment: ``AUTOWISP_DATABASE_URL``, ``AUTOWISP_BROKER_URL``,
+   ``AUTOWISP_STORAGE_ROOT``;
+2. the TOML configuration file: ``AUTOWISP_CONFIG``, else ``<home>/autowisp.toml`` if it
+   exists;
+3. defaults under ``<home>`` = ``AUTOWISP_HOME`` or ``./autowisp-data``: the embedded
+   SQLite database ``<home>/autowisp.sqlite`` and storage ``<home>/storage``.
+
+Nothing is read at import time: call :meth:`Settings.load`.
+
+The TOML file::
+
+    [database]
+    url = "postgresql+psycopg2://autowisp@db/autowisp"
+    [broker]
+    url = "redis://redis:6379/0"
+    [storage]
+    root = "/data/autowisp"
+    [steps.frame_qc]            # per-step parameters (see `autowisp config show`)
+    saturation_fraction = 1e-3
+    [ingest]
+    longitude = -155.58          # used for night dates when a header has no site
+    [[ingest.rules]]             # classify frames whose camera writes no IMAGETYP
+    header = { FILTER = "RGGB" } # every keyword matches (case-insensitive glob)
+    path = "*/flats/*"           # optional glob on the file path
+    type = "flat"
+    [ingest.camera_defaults]     # last resort, by camera serial
+    "012070048413" = "object"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autowisp.errors import ConfigurationError
+
+__all__ = ["Settings"]
+
+DEFAULT_HOME = "autowisp-data"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process-wide settings (see the module docstring for the sources)."""
+
+    home: Path
+    database_url: str
+    storage_root: Path
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    steps: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    ingest: Mapping[str, Any] = field(default_factory=dict)
+    config_file: Path | None = None
+
+    @classmethod
+    def load(
+        cls, *, config_file: str | Path | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Settings from the environment, the configuration file and the defaults."""
+        env = os.environ if environ is None else environ
+        home = Path(env.get("AUTOWISP_HOME", DEFAULT_HOME)).expanduser().absolute()
+        path = config_file or env.get("AUTOWISP_CONFIG")
+        if path is None and (home / "autowisp.toml").is_file():
+            path = home / "autowisp.toml"
+        document: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            try:
+                document = tomllib.loads(path.read_text())
+            except FileNotFoundError as error:
+                raise ConfigurationError(
+                    f"configuration file {str(path)!r} does not exist"
+                ) from error
+            except tomllib.TOMLDecodeError as error:
+                raise ConfigurationError(
+                    f"configuration file {str(path)!r} is not valid TOML: {error}"
+                ) from error
+        database_url = (
+            env.get("AUTOWISP_DATABASE_URL")
+            or _get(document, "database", "url")
+            or (f"sqlite:///{home / 'autowisp.sqlite'}")
+        )
+        storage = (
+            env.get("AUTOWISP_STORAGE_ROOT")
+            or _get(document, "storage", "root")
+            or str(home / "storage")
+        )
+        broker = (
+            env.get("AUTOWISP_BROKER_URL") or _get(document, "broker", "url") or cls.broker_url
+        )
+        steps = document.get("steps", {})
+        if not isinstance(steps, dict) or not all(isinstance(v, dict) for v in steps.values()):
+            raise ConfigurationError(
+                f"[steps] in {path} must hold one table per step, e.g. [steps.frame_qc]"
+            )
+        ingest = document.get("ingest", {})
+        if not isinstance(ingest, dict):
+            raise ConfigurationError(f"[ingest] in {path} must be a table")
+        return cls(
+            home=home,
+            database_url=str(database_url),
+            storage_root=Path(storage).expanduser().absolute(),
+            broker_url=str(broker),
+            steps=steps,
+            ingest=ingest,
+            config_file=Path(path) if path is not None else None,
+        )
+
+    @property
+    def is_embedded(self) -> bool:
+        """True for the embedded SQLite database."""
+        return self.database_url.startswith("sqlite")
+
+
+def _get(document: Mapping[str, Any], section: str, key: str) -> Any:
+    table = document.get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigurationError(f"[{section}] must be a table, got {table!r}")
+    return table.get(key)

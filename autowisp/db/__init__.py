@@ -1,0 +1,1 @@
+"""Database: typed models, engines and sessions, migrations (``autowisp/db/migrations``)."""

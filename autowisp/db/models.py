@@ -1,0 +1,359 @@
+"""SQLAlchemy 2.0 typed models: the same schema on PostgreSQL and the embedded SQLite.
+
+The database is the truth about progress: every (target, step, configuration) has one
+:class:`Task` row whose state changes in single transactions. Alembic migrations in
+``alembic/versions`` create this schema; tests check the two agree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "Base",
+    "Camera",
+    "CameraType",
+    "Channel",
+    "Configuration",
+    "ErrorKind",
+    "Image",
+    "ImageState",
+    "ImageType",
+    "LightCurveShard",
+    "MasterFrame",
+    "Night",
+    "Observatory",
+    "Scope",
+    "Step",
+    "Task",
+    "TaskState",
+]
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> dt.datetime:
+    """Timezone-aware current UTC time."""
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: AutoWISP stores aware UTC times only")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a naming convention, so migrations name constraints stably."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON,
+        list[Any]: JSON,
+        dt.datetime: UTCDateTime,
+    }
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    """A string column holding an enum's values (no native enum type: SQLite has none)."""
+    return Enum(
+        cls,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+class ImageType(enum.StrEnum):
+    """Kind of a raw frame."""
+
+    BIAS = "bias"
+    DARK = "dark"
+    FLAT = "flat"
+    OBJECT = "object"
+
+
+class ImageState(enum.StrEnum):
+    """Ingest outcome of a file."""
+
+    INGESTED = "ingested"
+    REJECTED = "rejected"
+
+
+class Scope(enum.StrEnum):
+    """What one task of a step works on."""
+
+    IMAGE = "image"
+    NIGHT = "night"
+    SHARD = "shard"
+
+
+class TaskState(enum.StrEnum):
+    """Life of a task: pending → queued → running → done | failed | dead; or excluded.
+
+    ``failed`` is a transient failure waiting for its retry (``not_before``); ``dead``
+    is final (permanent error or attempts exhausted); ``excluded`` means the task will
+    not run because an input is dead or excluded, or an operator excluded it.
+    """
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    DEAD = "dead"
+    EXCLUDED = "excluded"
+
+
+class ErrorKind(enum.StrEnum):
+    """Classification of a task's last error."""
+
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+
+class Observatory(Base):
+    __tablename__ = "observatory"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True, doc="Site name or 'lat,lon'.")
+    latitude: Mapped[float] = mapped_column(Float, doc="Geodetic latitude, deg.")
+    longitude: Mapped[float] = mapped_column(Float, doc="Longitude, deg, east positive.")
+    height: Mapped[float] = mapped_column(Float, default=0.0, doc="Height above sea level, m.")
+
+
+class CameraType(Base):
+    __tablename__ = "camera_type"
+    __table_args__ = (UniqueConstraint("model", "layout"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    make: Mapped[str] = mapped_column(String(64), doc="Manufacturer, e.g. Canon.")
+    model: Mapped[str] = mapped_column(String(128), doc="Model as the header names it.")
+    width: Mapped[int] = mapped_column(Integer, doc="Width of the first frame seen, px.")
+    height: Mapped[int] = mapped_column(Integer, doc="Height of the first frame seen, px.")
+    layout: Mapped[str] = mapped_column(String(8), doc="Bayer layout (RGGB...) or MONO.")
+    pixel_size: Mapped[float | None] = mapped_column(Float, doc="Pixel pitch, µm.")
+    default_gain: Mapped[float | None] = mapped_column(Float, doc="Gain, e⁻/ADU.")
+    default_read_noise: Mapped[float | None] = mapped_column(Float, doc="Read noise, e⁻.")
+
+    channels: Mapped[list[Channel]] = relationship(back_populates="camera_type")
+
+
+class Channel(Base):
+    __tablename__ = "channel"
+    __table_args__ = (UniqueConstraint("camera_type_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    camera_type_id: Mapped[int] = mapped_column(ForeignKey("camera_type.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(4), doc="R, G1, G2, B (or L).")
+    colour: Mapped[str] = mapped_column(String(2), doc="R, G, B (or L).")
+    y0: Mapped[int] = mapped_column(Integer, doc="Row offset in the super-pixel.")
+    x0: Mapped[int] = mapped_column(Integer, doc="Column offset in the super-pixel.")
+
+    camera_type: Mapped[CameraType] = relationship(back_populates="channels")
+
+
+class Camera(Base):
+    __tablename__ = "camera"
+    __table_args__ = (UniqueConstraint("serial", "camera_type_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    serial: Mapped[str] = mapped_column(String(64), doc="Serial number from the header.")
+    camera_type_id: Mapped[int] = mapped_column(ForeignKey("camera_type.id"))
+    observatory_id: Mapped[int | None] = mapped_column(ForeignKey("observatory.id"))
+
+    camera_type: Mapped[CameraType] = relationship()
+    observatory: Mapped[Observatory | None] = relationship()
+
+
+class Night(Base):
+    __tablename__ = "night"
+    __table_args__ = (UniqueConstraint("camera_id", "local_date"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    camera_id: Mapped[int] = mapped_column(ForeignKey("camera.id"))
+    local_date: Mapped[dt.date] = mapped_column(
+        Date, doc="Local date at the observatory of the evening the night began."
+    )
+    upload_path: Mapped[str | None] = mapped_column(Text, doc="Directory it was uploaded to.")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    camera: Mapped[Camera] = relationship()
+
+
+class Image(Base):
+    __tablename__ = "image"
+    __table_args__ = (
+        Index("ix_image_camera_state", "camera_id", "state"),
+        Index("ix_image_night_type", "night_id", "image_type"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(Text, doc="Absolute path when ingested.")
+    sha256: Mapped[str] = mapped_column(
+        String(64), unique=True, doc="Of the file's bytes: the same bytes are one image."
+    )
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[ImageState] = mapped_column(_enum(ImageState))
+    reject_reason: Mapped[str | None] = mapped_column(Text)
+    night_id: Mapped[int | None] = mapped_column(ForeignKey("night.id"))
+    camera_id: Mapped[int | None] = mapped_column(ForeignKey("camera.id"))
+    image_type: Mapped[ImageType | None] = mapped_column(_enum(ImageType))
+    exptime: Mapped[float | None] = mapped_column(Float, doc="Exposure time, s.")
+    date_obs: Mapped[dt.datetime | None] = mapped_column(
+        UTCDateTime(), doc="UTC start of the exposure."
+    )
+    jd: Mapped[float | None] = mapped_column(Float, doc="UTC Julian date of mid-exposure.")
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    ra: Mapped[float | None] = mapped_column(Float, doc="Header pointing RA, deg.")
+    dec: Mapped[float | None] = mapped_column(Float, doc="Header pointing Dec, deg.")
+    header: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, doc="FITS header.")
+    ingested_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    night: Mapped[Night | None] = relationship()
+    camera: Mapped[Camera | None] = relationship()
+
+
+class Step(Base):
+    __tablename__ = "step"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    scope: Mapped[Scope] = mapped_column(_enum(Scope))
+    code_version: Mapped[str] = mapped_column(String(32))
+
+
+class Configuration(Base):
+    __tablename__ = "configuration"
+    __table_args__ = (UniqueConstraint("step_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    step_id: Mapped[int] = mapped_column(ForeignKey("step.id"))
+    version: Mapped[str] = mapped_column(
+        String(16), doc="Hash of the parameters, code version and upstream versions."
+    )
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    active: Mapped[bool] = mapped_column(
+        Boolean, default=True, doc="The step's current configuration (others are history)."
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    step: Mapped[Step] = relationship()
+
+
+class LightCurveShard(Base):
+    __tablename__ = "light_curve_shard"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    stars: Mapped[int] = mapped_column(Integer, default=0)
+    nights: Mapped[list[Any]] = mapped_column(JSON, default=list, doc="Night ids contained.")
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Task(Base):
+    __tablename__ = "task"
+    __table_args__ = (
+        UniqueConstraint("step_id", "configuration_id", "target"),
+        Index("ix_task_state_not_before", "state", "not_before"),
+        Index("ix_task_night_step_state", "night_id", "step_id", "state"),
+        Index("ix_task_image", "image_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    step_id: Mapped[int] = mapped_column(ForeignKey("step.id"))
+    configuration_id: Mapped[int] = mapped_column(ForeignKey("configuration.id"))
+    target: Mapped[str] = mapped_column(
+        String(32), doc="'image:<id>', 'night:<id>' or 'shard:<id>': part of the unique key."
+    )
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id"))
+    night_id: Mapped[int | None] = mapped_column(
+        ForeignKey("night.id"), doc="The night of the target (also for image tasks)."
+    )
+    shard_id: Mapped[int | None] = mapped_column(ForeignKey("light_curve_shard.id"))
+    state: Mapped[TaskState] = mapped_column(_enum(TaskState), default=TaskState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    error_kind: Mapped[ErrorKind | None] = mapped_column(_enum(ErrorKind))
+    not_before: Mapped[dt.datetime | None] = mapped_column(
+        UTCDateTime(), doc="A failed task is retried after this time."
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    queued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    worker_host: Mapped[str | None] = mapped_column(String(128))
+    worker_pid: Mapped[int | None] = mapped_column(Integer)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    output_path: Mapped[str | None] = mapped_column(Text)
+    qc: Mapped[dict[str, Any] | None] = mapped_column(JSON, doc="Quality figures of the run.")
+
+    step: Mapped[Step] = relationship()
+    configuration: Mapped[Configuration] = relationship()
+    image: Mapped[Image | None] = relationship()
+    night: Mapped[Night | None] = relationship()
+
+
+class MasterFrame(Base):
+    __tablename__ = "master_frame"
+    __table_args__ = (Index("ix_master_frame_camera_type", "camera_id", "frame_type"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    camera_id: Mapped[int] = mapped_column(ForeignKey("camera.id"))
+    frame_type: Mapped[ImageType] = mapped_column(_enum(ImageType))
+    channel: Mapped[str | None] = mapped_column(String(4), doc="None: all channels in one.")
+    path: Mapped[str] = mapped_column(Text)
+    source_night_id: Mapped[int | None] = mapped_column(ForeignKey("night.id"))
+    valid_from: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    valid_to: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    frame_count: Mapped[int] = mapped_column(Integer)
+    qc: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -1,0 +1,1 @@
+"""Ingest: read uploads' headers, classify frames, register cameras and nights, plan tasks."""

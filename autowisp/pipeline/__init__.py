@@ -1,0 +1,1 @@
+"""Pending work, dependencies, state transitions, the runner and the executors."""

@@ -1,0 +1,113 @@
+"""Configuration versions: a step's version hashes its parameters, code and upstream versions.
+
+Because each version includes the versions of the step's inputs, changing one parameter
+changes the version of that step and of every step downstream of it, and of no other;
+new versions mean new task rows, which start pending. Versions already seen are reused,
+so going back to an old parameter set reuses its finished tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from autowisp.db.models import Configuration, Step
+from autowisp.errors import ConfigurationError
+from autowisp.steps.registry import Registry
+
+__all__ = ["StepVersion", "resolve_versions", "sync_configurations"]
+
+
+@dataclass(frozen=True)
+class StepVersion:
+    """A step's resolved parameters and configuration version."""
+
+    name: str
+    parameters: Mapping[str, Any]
+    version: str
+
+
+def resolve_versions(
+    registry: Registry, overrides: Mapping[str, Mapping[str, Any]]
+) -> dict[str, StepVersion]:
+    """Each step's parameters (defaults overridden by ``overrides``) and version."""
+    unknown_steps = set(overrides) - {step.name for step in registry}
+    if unknown_steps:
+        raise ConfigurationError(
+            f"configuration names unknown steps {sorted(unknown_steps)}; "
+            f"steps are {[step.name for step in registry]}"
+        )
+    versions: dict[str, StepVersion] = {}
+    for step in registry:
+        given = dict(overrides.get(step.name, {}))
+        known = {p.name for p in step.parameters}
+        extra = set(given) - known
+        if extra:
+            raise ConfigurationError(
+                f"step {step.name!r} has no parameter(s) {sorted(extra)}; "
+                f"its parameters are {sorted(known)}"
+            )
+        parameters = {p.name: given.get(p.name, p.default) for p in step.parameters}
+        for p in step.parameters:
+            if p.default is not None and not isinstance(parameters[p.name], type(p.default)):
+                if not (isinstance(p.default, float) and isinstance(parameters[p.name], int)):
+                    raise ConfigurationError(
+                        f"step {step.name!r} parameter {p.name!r} should be "
+                        f"{type(p.default).__name__}, got {parameters[p.name]!r}"
+                    )
+        document = {
+            "step": step.name,
+            "code": step.version,
+            "parameters": parameters,
+            "inputs": {name: versions[name].version for name in sorted(step.inputs)},
+        }
+        digest = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
+        versions[step.name] = StepVersion(step.name, parameters, digest)
+    return versions
+
+
+def sync_configurations(
+    session: Session, registry: Registry, versions: Mapping[str, StepVersion]
+) -> dict[str, Configuration]:
+    """Make sure every step and its current configuration have rows; mark them active."""
+    result = {}
+    for step_cls in registry:
+        step = session.scalar(select(Step).where(Step.name == step_cls.name))
+        if step is None:
+            step = Step(name=step_cls.name, scope=step_cls.scope, code_version=step_cls.version)
+            session.add(step)
+            session.flush()
+        else:
+            step.scope, step.code_version = step_cls.scope, step_cls.version
+        wanted = versions[step_cls.name]
+        configuration = session.scalar(
+            select(Configuration).where(
+                Configuration.step_id == step.id, Configuration.version == wanted.version
+            )
+        )
+        if configuration is None:
+            configuration = Configuration(
+                step_id=step.id, version=wanted.version, parameters=dict(wanted.parameters)
+            )
+            session.add(configuration)
+            session.flush()
+        session.execute(
+            update(Configuration)
+            .where(Configuration.step_id == step.id)
+            .values(active=Configuration.id == configuration.id)
+        )
+        result[step_cls.name] = configuration
+    # Steps no longer in the pipeline keep their history but are no longer current.
+    session.execute(
+        update(Configuration)
+        .where(Configuration.step_id.not_in(select(Step.id).where(Step.name.in_(list(result)))))
+        .values(active=False)
+    )
+    session.flush()
+    return result

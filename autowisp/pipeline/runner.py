@@ -1,0 +1,195 @@
+"""The one code path that runs a task, shared by the local executor and the Celery workers.
+
+``run_task`` claims the task row (so a duplicate delivery does nothing), builds the
+step's context from the database, runs the step while a heartbeat keeps the lease
+alive, and records the outcome: done with output and QC, failed for a retry, or dead.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from autowisp.db.models import (
+    Camera,
+    CameraType,
+    Configuration,
+    ErrorKind,
+    Image,
+    ImageState,
+    Night,
+    Task,
+    TaskState,
+)
+from autowisp.db.models import Step as StepRow
+from autowisp.db.session import session_scope
+from autowisp.errors import PermanentError
+from autowisp.pipeline import state
+from autowisp.steps.base import ImageInfo, InputProduct, NightInfo, StepContext
+from autowisp.steps.registry import Registry
+
+__all__ = ["DEFAULT_POLICY", "RunPolicy", "run_task"]
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    """Retries and leases: attempts before a task is dead, first backoff (s), lease (s)."""
+
+    max_attempts: int = 3
+    backoff_seconds: float = 5.0
+    lease_seconds: float = 600.0
+
+
+DEFAULT_POLICY = RunPolicy()
+
+
+def _image_info(image: Image, layout: str, serial: str) -> ImageInfo:
+    if image.image_type is None or image.date_obs is None:
+        raise PermanentError(f"image {image.id} ({image.path}) has no type or DATE-OBS")
+    return ImageInfo(
+        id=image.id,
+        path=Path(image.path),
+        image_type=image.image_type,
+        exptime=float(image.exptime or 0.0),
+        date_obs=image.date_obs,
+        jd=float(image.jd or 0.0),
+        layout=layout,
+        camera_serial=serial,
+        header=image.header,
+    )
+
+
+def _night_info(session: Session, night_id: int) -> NightInfo:
+    night, serial, layout = session.execute(
+        select(Night, Camera.serial, CameraType.layout)
+        .join(Camera, Camera.id == Night.camera_id)
+        .join(CameraType, CameraType.id == Camera.camera_type_id)
+        .where(Night.id == night_id)
+    ).one()
+    images = session.scalars(
+        select(Image)
+        .where(Image.night_id == night_id, Image.state == ImageState.INGESTED)
+        .order_by(Image.jd)
+    ).all()
+    return NightInfo(
+        night.id,
+        night.local_date,
+        serial,
+        layout,
+        tuple(_image_info(i, layout, serial) for i in images),
+    )
+
+
+def build_context(
+    session: Session, task: Task, registry: Registry, storage_root: Path
+) -> StepContext:
+    """The step's view of a task: target, parameters and the outputs of its inputs."""
+    step = registry[task.step.name]
+    night = _night_info(session, task.night_id) if task.night_id is not None else None
+    image = None
+    if task.image_id is not None:
+        found = [i for i in (night.images if night else ()) if i.id == task.image_id]
+        if not found:
+            raise PermanentError(f"image {task.image_id} of task {task.id} is not ingested")
+        image = found[0]
+    inputs: dict[str, tuple[InputProduct, ...]] = {}
+    for upstream in step.inputs:
+        query = (
+            select(Task.target, Task.image_id, Task.output_path, Task.qc)
+            .join(StepRow, StepRow.id == Task.step_id)
+            .join(Configuration, Configuration.id == Task.configuration_id)
+            .where(
+                StepRow.name == upstream,
+                Configuration.active.is_(True),
+                Task.state == TaskState.DONE,
+            )
+        )
+        if registry[upstream].scope.value == "image" and step.scope.value == "image":
+            query = query.where(Task.image_id == task.image_id)
+        else:
+            query = query.where(Task.night_id == task.night_id)
+        inputs[upstream] = tuple(
+            InputProduct(target, image_id, Path(path) if path else None, qc or {})
+            for target, image_id, path, qc in session.execute(query.order_by(Task.id))
+        )
+    return StepContext(
+        task_id=task.id,
+        step=step.name,
+        target=task.target,
+        config_version=task.configuration.version,
+        parameters=dict(task.configuration.parameters),
+        storage_root=storage_root,
+        image=image,
+        night=night,
+        inputs=inputs,
+    )
+
+
+def _heartbeat(url: str, task_id: int, lease: float, stop: threading.Event) -> None:
+    while not stop.wait(lease / 3):
+        with session_scope(url) as session:
+            if not state.heartbeat(session, task_id, lease_seconds=lease):
+                return
+
+
+def run_task(
+    task_id: int,
+    *,
+    database_url: str,
+    storage_root: Path,
+    registry: Registry,
+    policy: RunPolicy = DEFAULT_POLICY,
+) -> TaskState | None:
+    """Run one task to an outcome; None if it was not ours to run (already claimed/done)."""
+    with session_scope(database_url) as session:
+        if not state.claim(session, task_id, lease_seconds=policy.lease_seconds):
+            return None
+    try:
+        with session_scope(database_url) as session:
+            task = session.get(Task, task_id)
+            if task is None:
+                raise PermanentError(f"task {task_id} vanished from the database")
+            context = build_context(session, task, registry, storage_root)
+        step = registry[context.step]()
+        stop = threading.Event()
+        beat = threading.Thread(
+            target=_heartbeat,
+            args=(database_url, task_id, policy.lease_seconds, stop),
+            daemon=True,
+        )
+        beat.start()
+        try:
+            result = step.run(context)
+        finally:
+            stop.set()
+            beat.join()
+    except PermanentError as error:
+        return _record_failure(database_url, task_id, error, ErrorKind.PERMANENT, policy)
+    except Exception as error:  # the task boundary: anything else may pass on a retry
+        return _record_failure(database_url, task_id, error, ErrorKind.TRANSIENT, policy)
+    with session_scope(database_url) as session:
+        output = str(result.output_path) if result.output_path is not None else None
+        state.finish(session, task_id, output_path=output, qc=result.qc)
+    return TaskState.DONE
+
+
+def _record_failure(
+    url: str, task_id: int, error: Exception, kind: ErrorKind, policy: RunPolicy
+) -> TaskState | None:
+    where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    location = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
+    message = f"{type(error).__name__}: {error}{location}"
+    with session_scope(url) as session:
+        return state.fail(
+            session,
+            task_id,
+            error=message,
+            kind=kind,
+            max_attempts=policy.max_attempts,
+            backoff_seconds=policy.backoff_seconds,
+        )

@@ -1,0 +1,101 @@
+"""What operators ask: progress of each night by step, failures and why, throughput.
+
+The same questions are plain SQL views for psql users: ``v_night_progress`` and
+``v_failures`` (created by the migrations).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from autowisp.db.models import Configuration, Image, ImageState, Task, TaskState
+
+__all__ = ["StatusReport", "collect_status"]
+
+STATES = [state.value for state in TaskState]
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """Progress rows, failures, rejected files and throughput."""
+
+    progress: list[dict[str, Any]]
+    failures: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
+    images: dict[str, int]
+    throughput: dict[str, float | None]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (v.isoformat() if isinstance(v, dt.date | dt.datetime) else v) for k, v in row.items()
+    }
+
+
+def collect_status(
+    session: Session, *, night: int | None = None, failed_only: bool = False, limit: int = 50
+) -> StatusReport:
+    """Everything ``autowisp status`` shows, as plain data."""
+    where = " WHERE night_id = :night" if night is not None else ""
+    params = {"night": night} if night is not None else {}
+    progress = [
+        _plain(dict(row._mapping))
+        for row in session.execute(
+            text(
+                f"SELECT * FROM v_night_progress{where} "
+                "ORDER BY local_date, camera_serial, night_id, step"
+            ),
+            params,
+        )
+    ]
+    failures = [
+        _plain(dict(row._mapping))
+        for row in session.execute(
+            text(f"SELECT * FROM v_failures{where} ORDER BY task_id LIMIT :limit"),
+            {**params, "limit": limit},
+        )
+    ]
+    if failed_only:
+        progress = [row for row in progress if row["failed"] or row["dead"]]
+    images = dict(session.execute(select(Image.state, func.count()).group_by(Image.state)).all())
+    rejected = [
+        {"path": path, "reason": reason}
+        for path, reason in session.execute(
+            select(Image.path, Image.reject_reason)
+            .where(Image.state == ImageState.REJECTED)
+            .order_by(Image.id)
+            .limit(limit)
+        )
+    ]
+    done = (
+        select(Task.started_at, Task.finished_at)
+        .join(Configuration, Configuration.id == Task.configuration_id)
+        .where(Configuration.active.is_(True), Task.state == TaskState.DONE)
+    )
+    if night is not None:
+        done = done.where(Task.night_id == night)
+    finished = done.subquery()
+    count, first, last = session.execute(
+        select(func.count(), func.min(finished.c.started_at), func.max(finished.c.finished_at))
+    ).one()
+    span = (last - first).total_seconds() if first and last else None
+    throughput = {
+        "tasks_done": float(count),
+        "span_seconds": span,
+        "tasks_per_minute": (60.0 * count / span) if span else None,
+    }
+    return StatusReport(
+        progress,
+        failures,
+        rejected,
+        {str(k.value if hasattr(k, "value") else k): v for k, v in images.items()},
+        throughput,
+    )

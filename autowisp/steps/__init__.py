@@ -1,0 +1,1 @@
+"""Processing steps: one module per step, and ``registry`` declaring the DAG in one place."""

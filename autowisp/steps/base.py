@@ -1,0 +1,135 @@
+"""What a step is: a name, a scope, its inputs, parameters with defaults and units, and run().
+
+A step never touches the database or the queue. The runner hands it a
+:class:`StepContext` (its target, parameters, and the outputs of its inputs) and records
+the :class:`StepResult` it returns. Outputs are written atomically under
+:meth:`StepContext.output_path`, a path that encodes step, configuration and target, so a
+task that runs twice writes the same file.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from autowisp.db.models import ImageType, Scope
+
+__all__ = [
+    "ImageInfo",
+    "InputProduct",
+    "NightInfo",
+    "Parameter",
+    "Step",
+    "StepContext",
+    "StepResult",
+]
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A step parameter: name, default, unit (empty if none) and what it does."""
+
+    name: str
+    default: Any
+    unit: str = ""
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An ingested raw frame as a step sees it."""
+
+    id: int
+    path: Path
+    image_type: ImageType
+    exptime: float
+    date_obs: dt.datetime
+    jd: float
+    layout: str
+    camera_serial: str
+    header: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class NightInfo:
+    """A night: one camera's session, with its ingested frames."""
+
+    id: int
+    local_date: dt.date
+    camera_serial: str
+    layout: str
+    images: tuple[ImageInfo, ...]
+
+
+@dataclass(frozen=True)
+class InputProduct:
+    """The result of an upstream task that is done."""
+
+    target: str
+    image_id: int | None
+    output_path: Path | None
+    qc: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a step's run() may use."""
+
+    task_id: int
+    step: str
+    target: str
+    config_version: str
+    parameters: Mapping[str, Any]
+    storage_root: Path
+    image: ImageInfo | None = None
+    night: NightInfo | None = None
+    inputs: Mapping[str, tuple[InputProduct, ...]] = field(default_factory=dict)
+
+    def output_path(self, suffix: str) -> Path:
+        """``<storage>/<step>/<config version>/<night date>/<target>.<suffix>``."""
+        night = self.night.local_date.isoformat() if self.night else "no-night"
+        name = self.target.replace(":", "-")
+        return self.storage_root / self.step / self.config_version / night / f"{name}.{suffix}"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a run produced: its main output file and quality figures (JSON-able)."""
+
+    output_path: Path | None = None
+    qc: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Step(abc.ABC):
+    """Base class of a processing step (see the module docstring).
+
+    Class attributes
+    ----------------
+    name : the step's key in the database, CLI and logs.
+    scope : IMAGE (one task per frame), NIGHT (per camera night) or SHARD.
+    inputs : names of the steps whose outputs it needs. An image step depending on an
+        image step waits for the same frame; on a night step, for its night. A night
+        step depending on an image step is a barrier: it runs once every frame's task
+        is done, dead or excluded, on the frames that are done.
+    parameters : the parameters with their defaults and units.
+    version : bump when the code changes what the step computes.
+    image_types : frames an image step runs on; for a night step, the night needs at
+        least one such frame.
+    queue : "light" for per-frame work, "heavy" for night-level work.
+    """
+
+    name: ClassVar[str]
+    scope: ClassVar[Scope]
+    inputs: ClassVar[tuple[str, ...]] = ()
+    parameters: ClassVar[tuple[Parameter, ...]] = ()
+    version: ClassVar[str] = "1"
+    image_types: ClassVar[frozenset[ImageType]] = frozenset(ImageType)
+    queue: ClassVar[str] = "light"
+
+    @abc.abstractmethod
+    def run(self, context: StepContext) -> StepResult:
+        """Do the work for one target; raise TransientError or PermanentError on failure."""

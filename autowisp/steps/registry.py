@@ -1,0 +1,94 @@
+"""The DAG of steps, declared in one place.
+
+:data:`PIPELINE` lists the package's steps in dependency order. Steps of the science
+chain (calibration masters, calibrate, extract_sources, solve_astrometry, fit_psf,
+measure_photometry, magfit, light curves, EPD, TFA, night report; see DESIGN.md) are
+added here as they are implemented; a step that is not implemented is not declared,
+so no task is ever created for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from autowisp.db.models import Scope
+from autowisp.errors import StepDefinitionError
+from autowisp.steps.base import Step
+from autowisp.steps.frame_qc import FrameQC
+from autowisp.steps.night_qc import NightQC
+
+__all__ = ["PIPELINE", "Registry", "default_registry"]
+
+#: The package's steps, upstream first.
+PIPELINE: tuple[type[Step], ...] = (FrameQC, NightQC)
+
+
+class Registry:
+    """A validated DAG of step classes, iterated in dependency order."""
+
+    def __init__(self, steps: Iterable[type[Step]]):
+        self._steps: dict[str, type[Step]] = {}
+        for step in steps:
+            if step.name in self._steps:
+                raise StepDefinitionError(f"two steps are named {step.name!r}")
+            if step.scope not in (Scope.IMAGE, Scope.NIGHT, Scope.SHARD):
+                raise StepDefinitionError(f"step {step.name!r} has unknown scope {step.scope!r}")
+            self._steps[step.name] = step
+        for step in self._steps.values():
+            for name in step.inputs:
+                if name not in self._steps:
+                    raise StepDefinitionError(
+                        f"step {step.name!r} needs {name!r}, which is not a declared step"
+                    )
+                if step.scope is Scope.IMAGE and self._steps[name].scope is Scope.SHARD:
+                    raise StepDefinitionError(
+                        f"image step {step.name!r} cannot depend on shard step {name!r}"
+                    )
+        self._order = self._topological()
+
+    def _topological(self) -> list[str]:
+        order: list[str] = []
+        marks: dict[str, str] = {}
+
+        def visit(name: str, path: tuple[str, ...]) -> None:
+            if marks.get(name) == "done":
+                return
+            if marks.get(name) == "visiting":
+                raise StepDefinitionError(f"the steps form a cycle: {' -> '.join((*path, name))}")
+            marks[name] = "visiting"
+            for upstream in self._steps[name].inputs:
+                visit(upstream, (*path, name))
+            marks[name] = "done"
+            order.append(name)
+
+        for name in self._steps:
+            visit(name, ())
+        return order
+
+    def __getitem__(self, name: str) -> type[Step]:
+        try:
+            return self._steps[name]
+        except KeyError:
+            raise KeyError(f"no step named {name!r}; steps: {', '.join(self._order)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._steps
+
+    def __iter__(self) -> Iterator[type[Step]]:
+        return (self._steps[name] for name in self._order)
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def downstream(self, name: str) -> set[str]:
+        """Steps that depend on ``name``, directly or not (``name`` excluded)."""
+        found: set[str] = set()
+        for step in self:
+            if name in step.inputs or found.intersection(step.inputs):
+                found.add(step.name)
+        return found
+
+
+def default_registry() -> Registry:
+    """The package's pipeline."""
+    return Registry(PIPELINE)

@@ -1,0 +1,108 @@
+"""The pipeline through the CLI on the embedded default: demo, run, status, config, ingest."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED_DATA
+
+
+def _cli(home: Path, *args: str, check: bool = True, extra_env=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOWISP_")}
+    env["AUTOWISP_HOME"] = str(home)
+    env.update(extra_env or {})
+    result = subprocess.run(
+        [sys.executable, "-m", "autowisp.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"autowisp {' '.join(args)} exited {result.returncode}\n"
+            f"{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    result = _cli(home, "demo", "--frames", "4", "--size", "128x128")
+    return home, result
+
+
+def test_demo_processes_a_night_end_to_end(demo_home):
+    home, result = demo_home
+    out = result.stdout
+    assert "ingested 34 files into 1 night(s)" in out
+    assert "ran 35 tasks" in out and "35 done" in out
+    assert "frame_qc" in out and "night_qc" in out
+    plot = Path(out.split("plot: ")[1].split()[0])
+    summary = Path(out.split("night summary: ")[1].split()[0])
+    assert plot.is_file() and plot.read_bytes()[:4] == b"\x89PNG"
+    night = json.loads(summary.read_text())
+    # night_qc flags the simulator's over-exposed flat, and nothing among bias/dark.
+    assert [Path(p).name for p in night["types"]["flat"]["outliers"]] == ["flat_0010.fits"]
+    assert night["types"]["bias"]["outliers"] == [] and night["frames_used"] == 34
+    assert (home / "autowisp.sqlite").is_file()
+
+
+def test_status_json_and_rerun_does_nothing(demo_home):
+    home, _ = demo_home
+    status = json.loads(_cli(home, "status", "--json").stdout)
+    steps = {row["step"]: row for row in status["progress"]}
+    assert steps["frame_qc"]["done"] == 34 and steps["night_qc"]["done"] == 1
+    assert status["failures"] == [] and status["images"] == {"ingested": 34}
+    assert status["throughput"]["tasks_done"] == 35
+    again = _cli(home, "run").stdout
+    assert "ran 0 tasks" in again and "nothing to do" in again
+
+
+def test_config_change_reruns_only_downstream(demo_home, tmp_path):
+    home, _ = demo_home
+    config = tmp_path / "autowisp.toml"
+    config.write_text("[steps.night_qc]\noutlier_sigma = 4.0\n")
+    env = {"AUTOWISP_CONFIG": str(config)}
+    shown = _cli(home, "config", "show", extra_env=env).stdout
+    assert "outlier_sigma = 4.0" in shown and "[steps.frame_qc]" in shown
+    result = _cli(home, "run", extra_env=env).stdout
+    assert "ran 1 tasks" in result and "1 done" in result
+    status = json.loads(_cli(home, "status", "--json", extra_env=env).stdout)
+    assert {row["step"]: row["done"] for row in status["progress"]} == {
+        "frame_qc": 34,
+        "night_qc": 1,
+    }
+
+
+def test_ingest_command_reports_rejections(tmp_path):
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    shutil.copy(SHARED_DATA / "panoptes" / "unsolved.fits", upload)
+    shutil.copy(SHARED_DATA / "panoptes" / "noheader.fits", upload)
+    config = tmp_path / "autowisp.toml"
+    config.write_text('[ingest.camera_defaults]\n"012070048413" = "object"\n')
+    result = _cli(
+        tmp_path / "home", "ingest", str(upload), extra_env={"AUTOWISP_CONFIG": str(config)}
+    )
+    assert "ingested 1 files into 1 night(s)" in result.stdout
+    assert "noheader.fits: missing DATE-OBS" in result.stdout
+    failed = _cli(tmp_path / "home", "ingest", str(tmp_path / "missing"), check=False)
+    assert failed.returncode == 2 and "no such file" in failed.stderr
+
+
+def test_bad_configuration_is_explained(tmp_path):
+    config = tmp_path / "autowisp.toml"
+    config.write_text("[steps.night_qc]\nno_such = 1\n")
+    result = _cli(
+        tmp_path, "config", "show", check=False, extra_env={"AUTOWISP_CONFIG": str(config)}
+    )
+    assert result.returncode == 2 and "no_such" in result.stderr
