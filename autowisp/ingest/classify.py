@@ -21,7 +21,7 @@ from autowisp.core.bayer import LAYOUTS
 from autowisp.db.models import ImageType
 from autowisp.errors import ConfigurationError, IngestError
 
-__all__ = ["FrameFacts", "classify", "night_date"]
+__all__ = ["FrameFacts", "classify", "header_serial", "night_date"]
 
 UNIX_EPOCH_JD = 2440587.5  # JD of 1970-01-01T00:00 UTC (UTC Julian date, no leap seconds)
 TYPE_KEYWORDS = ("IMAGETYP", "FRAME", "OBSTYPE", "FRAMETYP")
@@ -63,6 +63,12 @@ def _number(header: Mapping[str, Any], keys: Sequence[str]) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def header_serial(header: Mapping[str, Any]) -> str | None:
+    """The camera serial number a header gives, if any."""
+    value = _value(header, SERIAL_KEYWORDS)
+    return str(value) if value is not None else None
 
 
 @dataclass(frozen=True)
@@ -174,7 +180,7 @@ def classify(
     known_layouts: Mapping[str, str] | None = None,
 ) -> FrameFacts:
     """Everything ingest decides from a header; IngestError with the reason otherwise."""
-    serial = str(_value(header, SERIAL_KEYWORDS) or "unknown")
+    serial = header_serial(header) or "unknown"
     model = str(_value(header, MODEL_KEYWORDS) or "unknown camera")
     date_obs = _date_obs(header)
     exptime = _number(header, ("EXPTIME", "EXPOSURE"))

@@ -27,7 +27,7 @@ from autowisp.db.models import (
 )
 from autowisp.db.session import session_scope
 from autowisp.errors import IngestError
-from autowisp.ingest.classify import FrameFacts, classify
+from autowisp.ingest.classify import FrameFacts, classify, header_serial
 from autowisp.ingest.headers import FITS_SUFFIXES, read_raw_file, sha256_of
 
 __all__ = ["IngestReport", "find_files", "ingest_paths"]
@@ -235,7 +235,14 @@ def _ingest_one(
                 layouts[facts.serial] = facts.layout
             except IngestError as error:
                 row.state, row.reject_reason = ImageState.REJECTED, str(error)
-                row.night_id = row.camera_id = row.image_type = None
+                row.night_id = row.image_type = None
+                # Operators ask which frames of a camera were rejected: keep a known one.
+                serial = header_serial(row.header)
+                row.camera_id = (
+                    session.scalar(select(Camera.id).where(Camera.serial == serial).limit(1))
+                    if serial
+                    else None
+                )
             session.add(row)
             session.flush()
     except IntegrityError:

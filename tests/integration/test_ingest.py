@@ -126,6 +126,16 @@ def test_bad_files_are_rejected_and_the_rest_goes_on(db_url, tmp_path):
     assert reasons["text.fits"].startswith("not a readable FITS image")
     assert "empty" in reasons["empty.fits"]
     assert _count(db_url, Image.state == ImageState.REJECTED) == 7
+    # Rejected frames of a known camera are attributed to it: files go in name order, and
+    # the camera is known once good.fits registered it (no_date, no_exptime come after).
+    with session_scope(db_url) as session:
+        camera = session.scalar(select(Camera).where(Camera.serial == "012070048413"))
+        attributed = session.scalars(
+            select(Image.path).where(
+                Image.state == ImageState.REJECTED, Image.camera_id == camera.id
+            )
+        ).all()
+    assert sorted(Path(p).name for p in attributed) == ["no_date.fits", "no_exptime.fits"]
     # Rejected files are remembered too: the same upload again adds nothing.
     again = ingest_paths(db_url, [tmp_path])
     assert again.duplicates == 8 and again.ingested == 0 and not again.rejected
