@@ -29,6 +29,16 @@ The TOML file::
     type = "flat"
     [ingest.camera_defaults]     # last resort, by camera serial
     "012070048413" = "object"
+    [pipeline]                   # retries and leases (defaults shown)
+    max_attempts = 3
+    backoff_seconds = 5.0        # first retry delay, doubled each attempt
+    lease_seconds = 600.0        # a running task's lease, renewed by its heartbeat
+    queued_timeout = 3900.0      # a queued task not started by then is queued again
+    registry = "autowisp.steps.registry:default_registry"   # or AUTOWISP_REGISTRY
+    [watch]
+    quiet_seconds = 60.0         # a directory is ingested once unchanged this long
+    rescan_seconds = 30.0        # periodic rescans (network mounts miss events)
+    marker = "UPLOAD_COMPLETE"   # or at once when this file appears
 """
 
 from __future__ import annotations
@@ -57,6 +67,8 @@ class Settings:
     broker_url: str = "redis://127.0.0.1:6379/0"
     steps: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     ingest: Mapping[str, Any] = field(default_factory=dict)
+    pipeline: Mapping[str, Any] = field(default_factory=dict)
+    watch: Mapping[str, Any] = field(default_factory=dict)
     config_file: Path | None = None
 
     @classmethod
@@ -100,18 +112,52 @@ class Settings:
             raise ConfigurationError(
                 f"[steps] in {path} must hold one table per step, e.g. [steps.frame_qc]"
             )
-        ingest = document.get("ingest", {})
-        if not isinstance(ingest, dict):
-            raise ConfigurationError(f"[ingest] in {path} must be a table")
+        tables = {}
+        for name in ("ingest", "pipeline", "watch"):
+            tables[name] = document.get(name, {})
+            if not isinstance(tables[name], dict):
+                raise ConfigurationError(f"[{name}] in {path} must be a table")
+        pipeline = dict(tables["pipeline"])
+        if env.get("AUTOWISP_REGISTRY"):
+            pipeline["registry"] = env["AUTOWISP_REGISTRY"]
         return cls(
             home=home,
             database_url=str(database_url),
             storage_root=Path(storage).expanduser().absolute(),
             broker_url=str(broker),
             steps=steps,
-            ingest=ingest,
+            ingest=tables["ingest"],
+            pipeline=pipeline,
+            watch=tables["watch"],
             config_file=Path(path) if path is not None else None,
         )
+
+    def policy(self) -> Any:
+        """Retry and lease policy of the runner, from ``[pipeline]``."""
+        from autowisp.pipeline.runner import RunPolicy
+
+        known = {"max_attempts", "backoff_seconds", "lease_seconds"}
+        return RunPolicy(**{k: v for k, v in self.pipeline.items() if k in known})
+
+    def registry(self) -> Any:
+        """The DAG of steps: ``[pipeline] registry`` as ``module:attribute`` (a Registry or
+        a function returning one), by default the package's pipeline."""
+        import importlib
+
+        from autowisp.steps.registry import Registry
+
+        spec = str(self.pipeline.get("registry", "autowisp.steps.registry:default_registry"))
+        module_name, _, attribute = spec.partition(":")
+        try:
+            found = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise ConfigurationError(
+                f"pipeline registry {spec!r} cannot be imported: {error}"
+            ) from error
+        registry = found() if callable(found) and not isinstance(found, Registry) else found
+        if not isinstance(registry, Registry):
+            raise ConfigurationError(f"pipeline registry {spec!r} is not a Registry")
+        return registry
 
     @property
     def is_embedded(self) -> bool:

@@ -1,12 +1,25 @@
-"""Shared fixtures: a small simulated night written through the CLI, once per session."""
+"""Shared fixtures: a small simulated night written through the CLI, once per session, and
+databases: the embedded SQLite and the real PostgreSQL.
+
+Each database test gets a fresh database. PostgreSQL is the machine's server at
+127.0.0.1:5432 (override with AUTOWISP_TEST_POSTGRES); a throwaway database is created and
+dropped per test. When it is unreachable the PostgreSQL cases are skipped locally, and
+fail when CI=true.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+
+from autowisp.db.migrate import upgrade
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -48,3 +61,64 @@ def small_night(tmp_path_factory) -> Path:
         "2",
     )
     return outdir
+
+
+POSTGRES = os.environ.get(
+    "AUTOWISP_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
+
+
+def _admin_engine():
+    return create_engine(POSTGRES, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_available() -> bool:
+    engine = _admin_engine()
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return True
+    except OperationalError as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL at {POSTGRES} is unreachable in CI: {error}")
+        return False
+    finally:
+        engine.dispose()
+
+
+def postgres_database(postgres_available):
+    if not postgres_available:
+        pytest.skip(f"PostgreSQL at {POSTGRES} is unreachable (CI=true makes this a failure)")
+    name = f"autowisp_test_{uuid.uuid4().hex[:12]}"
+    admin = _admin_engine()
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        from autowisp.db.session import _ENGINES
+
+        known = _ENGINES.pop(url, None)
+        if known is not None:
+            known[1].dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_db(request, tmp_path, postgres_available):
+    """A URL of an empty database of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'autowisp.sqlite'}"
+    else:
+        yield from postgres_database(postgres_available)
+
+
+@pytest.fixture
+def db_url(empty_db):
+    """A URL of a database of each kind, migrated to head."""
+    upgrade(empty_db)
+    return empty_db

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from autowisp import __version__
-from autowisp.cli import pipeline
+from autowisp.cli import pipeline, service
 from autowisp.cli.demo import demo
 from autowisp.cli.simulate import simulate
 
@@ -22,6 +22,10 @@ app.command(name="init")(pipeline.init)
 app.command(name="ingest")(pipeline.ingest)
 app.command(name="run")(pipeline.run)
 app.command(name="status")(pipeline.status)
+app.command(name="retry")(pipeline.retry)
+app.command(name="scheduler")(service.scheduler)
+app.command(name="worker")(service.worker)
+app.command(name="watch")(service.watch)
 app.add_typer(pipeline.config_app, name="config")
 
 

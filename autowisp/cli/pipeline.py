@@ -19,9 +19,7 @@ from autowisp.errors import AutowispError
 from autowisp.ingest.ingest import IngestReport, ingest_paths
 from autowisp.pipeline.configuration import resolve_versions
 from autowisp.pipeline.local import RunSummary, prepare, run_local
-from autowisp.pipeline.runner import RunPolicy
 from autowisp.pipeline.status import STATES, collect_status
-from autowisp.steps.registry import default_registry
 
 console = Console()
 if not console.is_terminal:
@@ -67,10 +65,16 @@ def _progress(label: str) -> Progress:
     )
 
 
-def init() -> None:
+def init(
+    wait: Annotated[
+        float, typer.Option(help="Keep trying to reach the database this long, s.")
+    ] = 0.0,
+) -> None:
     """Create or upgrade the database schema (PostgreSQL, or the embedded SQLite)."""
+    from autowisp.pipeline.runner import with_db_retry
+
     settings = _settings()
-    upgrade(settings.database_url)
+    with_db_retry(lambda: upgrade(settings.database_url), patience=wait)
     typer.echo(
         f"database {shown_url(settings.database_url)} is at revision "
         f"{current_revision(settings.database_url)}"
@@ -93,7 +97,7 @@ def do_ingest(settings: Settings, paths: list[Path]) -> IngestReport:
         except (FileNotFoundError, AutowispError) as error:
             raise typer.BadParameter(str(error)) from error
     _, created = prepare(
-        settings.database_url, default_registry(), settings.steps, nights=result.nights
+        settings.database_url, settings.registry(), settings.steps, nights=result.nights
     )
     typer.echo(
         f"ingested {result.ingested} files into {len(result.nights)} night(s), "
@@ -120,10 +124,10 @@ def do_run(settings: Settings, jobs: int) -> RunSummary:
         summary = run_local(
             settings.database_url,
             settings.storage_root,
-            default_registry(),
+            settings.registry(),
             step_parameters=settings.steps,
             jobs=jobs,
-            policy=RunPolicy(),
+            policy=settings.policy(),
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     outcomes = (
@@ -219,14 +223,14 @@ def config_show() -> None:
     """Settings in force and every step's parameters, defaults, units and version."""
     settings = _settings()
     try:
-        versions = resolve_versions(default_registry(), settings.steps)
+        versions = resolve_versions(settings.registry(), settings.steps)
     except AutowispError as error:
         raise typer.BadParameter(str(error)) from error
     typer.echo(f"configuration file: {settings.config_file or '(none)'}")
     typer.echo(f"database: {shown_url(settings.database_url)}")
     typer.echo(f"storage: {settings.storage_root}")
     typer.echo(f"broker: {shown_url(settings.broker_url)}")
-    for step in default_registry():
+    for step in settings.registry():
         version = versions[step.name]
         inputs = f" <- {', '.join(step.inputs)}" if step.inputs else ""
         typer.echo(
@@ -238,3 +242,30 @@ def config_show() -> None:
                 f"{parameter.name} = {json.dumps(version.parameters[parameter.name])}"
                 f"  # default {json.dumps(parameter.default)}{unit}: {parameter.doc}"
             )
+
+
+def retry(
+    task: Annotated[list[int] | None, typer.Option("--task", help="Task id (repeatable).")] = None,
+    step: Annotated[str | None, typer.Option(help="Only tasks of this step.")] = None,
+    night: Annotated[int | None, typer.Option(help="Only tasks of this night (id).")] = None,
+    excluded: Annotated[bool, typer.Option("--excluded", help="Excluded tasks too.")] = False,
+) -> None:
+    """Give dead tasks (and with --excluded, excluded ones) a fresh start once fixed."""
+    from sqlalchemy import select
+
+    from autowisp.db.models import Step, TaskState
+    from autowisp.pipeline import state
+
+    settings = _settings()
+    ensure_schema(settings)
+    states = [TaskState.DEAD] + ([TaskState.EXCLUDED] if excluded else [])
+    with session_scope(settings.database_url) as session:
+        step_ids = None
+        if step is not None:
+            step_ids = list(session.scalars(select(Step.id).where(Step.name == step)))
+            if not step_ids:
+                raise typer.BadParameter(f"no step named {step!r}")
+        count = state.reset(
+            session, states=states, task_ids=task, step_ids=step_ids, night_id=night
+        )
+    typer.echo(f"{count} task(s) pending again; `autowisp run` or the scheduler picks them up")

@@ -24,14 +24,22 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+def _run(url: str, action, revision: str) -> None:
+    config = alembic_config(url)
+    # Our engine: it creates the SQLite file's directory and sets its pragmas.
+    with engine_for(url).begin() as connection:
+        config.attributes["connection"] = connection
+        action(config, revision)
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Upgrade the database at ``url`` (PostgreSQL, or SQLite in batch mode) to ``revision``."""
-    command.upgrade(alembic_config(url), revision)
+    _run(url, command.upgrade, revision)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
     """Downgrade the database at ``url`` to ``revision``."""
-    command.downgrade(alembic_config(url), revision)
+    _run(url, command.downgrade, revision)
 
 
 def head_revision() -> str | None:

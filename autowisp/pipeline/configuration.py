@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from autowisp.db.models import Configuration, Step
+from autowisp.db.models import Configuration, Step, utcnow
 from autowisp.errors import ConfigurationError
 from autowisp.steps.registry import Registry
 
@@ -72,31 +74,54 @@ def resolve_versions(
     return versions
 
 
+def _insert_missing(session: Session, table, values: dict, keys: list[str]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING: safe when two schedulers start together."""
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=keys))
+
+
 def sync_configurations(
     session: Session, registry: Registry, versions: Mapping[str, StepVersion]
 ) -> dict[str, Configuration]:
     """Make sure every step and its current configuration have rows; mark them active."""
     result = {}
     for step_cls in registry:
-        step = session.scalar(select(Step).where(Step.name == step_cls.name))
-        if step is None:
-            step = Step(name=step_cls.name, scope=step_cls.scope, code_version=step_cls.version)
-            session.add(step)
-            session.flush()
-        else:
+        _insert_missing(
+            session,
+            Step,
+            {
+                "name": step_cls.name,
+                "scope": step_cls.scope,
+                "code_version": step_cls.version,
+            },
+            ["name"],
+        )
+        step = session.scalars(
+            select(Step)
+            .where(Step.name == step_cls.name)
+            .execution_options(populate_existing=True)
+        ).one()
+        if (step.scope, step.code_version) != (step_cls.scope, step_cls.version):
             step.scope, step.code_version = step_cls.scope, step_cls.version
         wanted = versions[step_cls.name]
-        configuration = session.scalar(
+        _insert_missing(
+            session,
+            Configuration,
+            {
+                "step_id": step.id,
+                "version": wanted.version,
+                "parameters": dict(wanted.parameters),
+                "active": True,
+                "created_at": utcnow(),
+            },
+            ["step_id", "version"],
+        )
+        configuration = session.scalars(
             select(Configuration).where(
                 Configuration.step_id == step.id, Configuration.version == wanted.version
             )
-        )
-        if configuration is None:
-            configuration = Configuration(
-                step_id=step.id, version=wanted.version, parameters=dict(wanted.parameters)
-            )
-            session.add(configuration)
-            session.flush()
+        ).one()
         session.execute(
             update(Configuration)
             .where(Configuration.step_id == step.id)

@@ -7,12 +7,17 @@ alive, and records the outcome: done with output and QC, failed for a retry, or 
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from autowisp.db.models import (
@@ -33,7 +38,9 @@ from autowisp.pipeline import state
 from autowisp.steps.base import ImageInfo, InputProduct, NightInfo, StepContext
 from autowisp.steps.registry import Registry
 
-__all__ = ["DEFAULT_POLICY", "RunPolicy", "run_task"]
+__all__ = ["DEFAULT_POLICY", "RunPolicy", "run_task", "with_db_retry"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -130,11 +137,47 @@ def build_context(
     )
 
 
+#: How long the runner keeps retrying a database that went away (restart, failover), s.
+DB_PATIENCE = 300.0
+
+T = TypeVar("T")
+
+
+def with_db_retry(action: Callable[[], T], *, patience: float = DB_PATIENCE) -> T:
+    """Run ``action`` (a whole transaction), retrying while the database is unreachable.
+
+    A task's outcome must not be lost because PostgreSQL restarted while the step ran:
+    the transaction is retried with backoff for up to ``patience`` seconds.
+    """
+    deadline = time.monotonic() + patience
+    delay = 0.5
+    while True:
+        try:
+            return action()
+        except (OperationalError, InterfaceError) as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("database unreachable, retrying in %.1f s: %s", delay, error)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _in_session(url: str, work: Callable[[Session], T]) -> T:
+    def action() -> T:
+        with session_scope(url) as session:
+            return work(session)
+
+    return with_db_retry(action)
+
+
 def _heartbeat(url: str, task_id: int, lease: float, stop: threading.Event) -> None:
     while not stop.wait(lease / 3):
-        with session_scope(url) as session:
-            if not state.heartbeat(session, task_id, lease_seconds=lease):
-                return
+        try:
+            with session_scope(url) as session:
+                if not state.heartbeat(session, task_id, lease_seconds=lease):
+                    return
+        except (OperationalError, InterfaceError) as error:
+            log.warning("heartbeat of task %d missed: %s", task_id, error)
 
 
 def run_task(
@@ -146,15 +189,19 @@ def run_task(
     policy: RunPolicy = DEFAULT_POLICY,
 ) -> TaskState | None:
     """Run one task to an outcome; None if it was not ours to run (already claimed/done)."""
-    with session_scope(database_url) as session:
-        if not state.claim(session, task_id, lease_seconds=policy.lease_seconds):
-            return None
+    if not _in_session(
+        database_url, lambda s: state.claim(s, task_id, lease_seconds=policy.lease_seconds)
+    ):
+        return None
+
+    def load(session: Session) -> StepContext:
+        task = session.get(Task, task_id)
+        if task is None:
+            raise PermanentError(f"task {task_id} vanished from the database")
+        return build_context(session, task, registry, storage_root)
+
     try:
-        with session_scope(database_url) as session:
-            task = session.get(Task, task_id)
-            if task is None:
-                raise PermanentError(f"task {task_id} vanished from the database")
-            context = build_context(session, task, registry, storage_root)
+        context = _in_session(database_url, load)
         step = registry[context.step]()
         stop = threading.Event()
         beat = threading.Thread(
@@ -172,9 +219,8 @@ def run_task(
         return _record_failure(database_url, task_id, error, ErrorKind.PERMANENT, policy)
     except Exception as error:  # the task boundary: anything else may pass on a retry
         return _record_failure(database_url, task_id, error, ErrorKind.TRANSIENT, policy)
-    with session_scope(database_url) as session:
-        output = str(result.output_path) if result.output_path is not None else None
-        state.finish(session, task_id, output_path=output, qc=result.qc)
+    output = str(result.output_path) if result.output_path is not None else None
+    _in_session(database_url, lambda s: state.finish(s, task_id, output_path=output, qc=result.qc))
     return TaskState.DONE
 
 

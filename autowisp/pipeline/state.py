@@ -26,6 +26,7 @@ __all__ = [
     "mark_queued",
     "release_due_retries",
     "requeue",
+    "reset",
     "sweep_expired_leases",
 ]
 
@@ -140,6 +141,37 @@ def exclude(session: Session, task_id: int, *, reason: str) -> bool:
         .values(state=TaskState.EXCLUDED, last_error=reason, finished_at=utcnow())
     )
     return result.rowcount == 1
+
+
+def reset(
+    session: Session,
+    *,
+    states: Iterable[TaskState] = (TaskState.DEAD, TaskState.EXCLUDED),
+    task_ids: Iterable[int] | None = None,
+    step_ids: Iterable[int] | None = None,
+    night_id: int | None = None,
+) -> int:
+    """Give dead (or excluded) tasks a fresh start: pending, attempts 0, error kept as history.
+
+    For the operator who fixed the cause (a bad file replaced, a bug deployed).
+    """
+    query = update(Task).where(Task.state.in_(list(states)))
+    if task_ids is not None:
+        query = query.where(Task.id.in_(list(task_ids)))
+    if step_ids is not None:
+        query = query.where(Task.step_id.in_(list(step_ids)))
+    if night_id is not None:
+        query = query.where(Task.night_id == night_id)
+    result = session.execute(
+        query.values(
+            state=TaskState.PENDING,
+            attempts=0,
+            not_before=None,
+            queued_at=None,
+            last_error=Task.last_error.concat(" [reset by operator]"),
+        )
+    )
+    return result.rowcount or 0
 
 
 def release_due_retries(session: Session) -> int:

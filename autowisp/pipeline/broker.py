@@ -1,0 +1,44 @@
+"""Publishing task messages to the Celery broker, without importing the worker code.
+
+The scheduler only needs to send ``autowisp.run_task`` messages by name; the workers
+(``workers/``) define what the task does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from celery import Celery
+
+from autowisp.pipeline.scheduler import Publisher
+
+__all__ = ["TASK_NAME", "celery_publisher"]
+
+TASK_NAME = "autowisp.run_task"
+
+
+def celery_publisher(broker_url: str) -> Publisher:
+    """A publisher that sends one message per task over a pooled broker connection."""
+    client = Celery("autowisp-scheduler", broker=broker_url, set_as_current=False)
+    client.conf.update(
+        task_serializer="json",
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,
+        result_backend=None,
+    )
+
+    def publish(messages: Sequence[tuple[int, str]]) -> None:
+        if not messages:
+            return
+        with client.producer_or_acquire() as producer:
+            for task_id, queue in messages:
+                client.send_task(
+                    TASK_NAME,
+                    args=(task_id,),
+                    queue=queue,
+                    producer=producer,
+                    retry=True,
+                    retry_policy={"max_retries": 3},
+                )
+
+    return publish
