@@ -63,15 +63,19 @@ def plan_tasks(
     for step in registry:
         configuration = configurations[step.name]
         types = [t.value for t in step.image_types]
-        already = select(Task.id).where(
-            Task.step_id == configuration.step_id,
-            Task.configuration_id == configuration.id,
-        )
         if step.scope is Scope.IMAGE:
+            # NOT IN over a subquery: PostgreSQL hashes it, linear in the number of frames
+            # even before the planner has statistics (a correlated NOT EXISTS was quadratic).
             query = select(Image.id, Image.night_id).where(
                 Image.state == ImageState.INGESTED,
                 Image.image_type.in_(types),
-                ~exists(already.where(Task.image_id == Image.id)),
+                Image.id.not_in(
+                    select(Task.image_id).where(
+                        Task.step_id == configuration.step_id,
+                        Task.configuration_id == configuration.id,
+                        Task.image_id.is_not(None),
+                    )
+                ),
             )
             if night_filter is not None:
                 query = query.where(Image.night_id.in_(night_filter))
@@ -95,7 +99,14 @@ def plan_tasks(
                 )
             )
             query = select(Night.id).where(
-                has_frames, ~exists(already.where(Task.night_id == Night.id))
+                has_frames,
+                Night.id.not_in(
+                    select(Task.night_id).where(
+                        Task.step_id == configuration.step_id,
+                        Task.configuration_id == configuration.id,
+                        Task.night_id.is_not(None),
+                    )
+                ),
             )
             if night_filter is not None:
                 query = query.where(Night.id.in_(night_filter))

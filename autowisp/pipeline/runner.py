@@ -71,18 +71,19 @@ def _image_info(image: Image, layout: str, serial: str) -> ImageInfo:
     )
 
 
-def _night_info(session: Session, night_id: int) -> NightInfo:
+def _night_info(session: Session, night_id: int, *, image_id: int | None = None) -> NightInfo:
+    """The night and its frames: all of them, or only ``image_id`` (an image task needs
+    only its own frame, and loading a 2,000-frame night per task would be quadratic)."""
     night, serial, layout = session.execute(
         select(Night, Camera.serial, CameraType.layout)
         .join(Camera, Camera.id == Night.camera_id)
         .join(CameraType, CameraType.id == Camera.camera_type_id)
         .where(Night.id == night_id)
     ).one()
-    images = session.scalars(
-        select(Image)
-        .where(Image.night_id == night_id, Image.state == ImageState.INGESTED)
-        .order_by(Image.jd)
-    ).all()
+    query = select(Image).where(Image.night_id == night_id, Image.state == ImageState.INGESTED)
+    if image_id is not None:
+        query = query.where(Image.id == image_id)
+    images = session.scalars(query.order_by(Image.jd)).all()
     return NightInfo(
         night.id,
         night.local_date,
@@ -97,7 +98,11 @@ def build_context(
 ) -> StepContext:
     """The step's view of a task: target, parameters and the outputs of its inputs."""
     step = registry[task.step.name]
-    night = _night_info(session, task.night_id) if task.night_id is not None else None
+    night = (
+        _night_info(session, task.night_id, image_id=task.image_id)
+        if task.night_id is not None
+        else None
+    )
     image = None
     if task.image_id is not None:
         found = [i for i in (night.images if night else ()) if i.id == task.image_id]
@@ -230,12 +235,14 @@ def _record_failure(
     where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
     location = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
     message = f"{type(error).__name__}: {error}{location}"
-    with session_scope(url) as session:
-        return state.fail(
+    return _in_session(
+        url,
+        lambda session: state.fail(
             session,
             task_id,
             error=message,
             kind=kind,
             max_attempts=policy.max_attempts,
             backoff_seconds=policy.backoff_seconds,
-        )
+        ),
+    )

@@ -56,7 +56,8 @@ class ImageInfo:
 
 @dataclass(frozen=True)
 class NightInfo:
-    """A night: one camera's session, with its ingested frames."""
+    """A night: one camera's session, with its ingested frames (for an image task, only
+    the task's own frame)."""
 
     id: int
     local_date: dt.date
