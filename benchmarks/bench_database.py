@@ -7,28 +7,24 @@
   pending-tasks query a scheduler runs (next 1,000 pending tasks of the current
   configurations), and the whole of ``autowisp status`` (collect_status).
 
-Usage: python benchmarks/bench_database.py [--files N] [--tasks N]
+Usage (from the repository root): python -m benchmarks.bench_database [--files N] [--tasks N]
   PostgreSQL from AUTOWISP_BENCH_POSTGRES (default the local server, database created
-  and dropped here).
+  and dropped here). Run from the repository root (python -m benchmarks.bench_database).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from sqlalchemy import create_engine, func, select, text
 
-ADMIN = os.environ.get(
-    "AUTOWISP_BENCH_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-)
+from benchmarks.scratch import scratch_database
 
 
 def _files(directory: Path, count: int) -> list[Path]:
@@ -68,24 +64,6 @@ def _ingest(url: str, directory: Path) -> float:
     if report.ingested != len(list(directory.glob("*.fits"))):
         raise RuntimeError(f"ingest lost files: {report}")
     return seconds
-
-
-def _postgres_database():
-    admin = create_engine(ADMIN, isolation_level="AUTOCOMMIT")
-    name = f"autowisp_bench_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    return admin, name, ADMIN.rsplit("/", 1)[0] + f"/{name}"
-
-
-def _drop(admin, name: str) -> None:
-    from autowisp.db.session import _ENGINES
-
-    for url, (_, engine) in list(_ENGINES.items()):
-        engine.dispose()
-        _ENGINES.pop(url)
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def _fill_tasks(url: str, tasks: int) -> None:
@@ -167,11 +145,8 @@ def main() -> None:
         paths = _files(directory, args.files)
         baseline = _baseline(paths)
         sqlite_s = _ingest(f"sqlite:///{scratch}/bench.sqlite", directory)
-        admin, name, url = _postgres_database()
-        try:
+        with scratch_database() as url:
             postgres_s = _ingest(url, directory)
-        finally:
-            _drop(admin, name)
     print(
         f"ingest {args.files} files: sqlite {args.files / sqlite_s:.0f} files/s, "
         f"postgresql {args.files / postgres_s:.0f} files/s; header+sha256 baseline "
@@ -179,8 +154,7 @@ def main() -> None:
         f"{sqlite_s / baseline:.1f}x, postgresql {postgres_s / baseline:.1f}x)"
     )
 
-    admin, name, url = _postgres_database()
-    try:
+    with scratch_database() as url:
         start = time.perf_counter()
         _fill_tasks(url, args.tasks)
         fill = time.perf_counter() - start
@@ -194,8 +168,8 @@ def main() -> None:
                     .order_by(Task.id)
                     .limit(1000)
                 ).all()
-                if len(rows) != 1000:
-                    raise RuntimeError("pending query returned too few rows")
+                if not rows:
+                    raise RuntimeError("the pending-tasks query returned nothing")
 
         def status() -> None:
             with session_scope(url) as session:
@@ -212,8 +186,6 @@ def main() -> None:
             f"plain COUNT(*) of the table {count_s * 1000:.0f} ms "
             f"(status/COUNT {status_s / count_s:.1f}x)"
         )
-    finally:
-        _drop(admin, name)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 - A simulated night of 100 object frames at 1024² (plus 30 calibration frames) through
   the default pipeline with 1 worker, 2 workers, and the local executor (--jobs 2).
 
-Usage: python benchmarks/bench_service.py [--tasks N] [--frames N]
+Usage (from the repository root): python -m benchmarks.bench_service [--tasks N] [--frames N]
 PostgreSQL: AUTOWISP_BENCH_POSTGRES (default the local server); Redis db 14 of
 AUTOWISP_BENCH_REDIS (default redis://127.0.0.1:6379), flushed.
 """
@@ -20,21 +20,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 import redis
 from sqlalchemy import create_engine, func, select, text
 
 REPO = Path(__file__).resolve().parents[1]
-ADMIN = os.environ.get(
-    "AUTOWISP_BENCH_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-)
 BROKER = os.environ.get("AUTOWISP_BENCH_REDIS", "redis://127.0.0.1:6379") + "/14"
 
 from autowisp.db.models import Scope  # noqa: E402
 from autowisp.steps.base import Step, StepResult  # noqa: E402
 from autowisp.steps.registry import Registry  # noqa: E402
+from benchmarks.scratch import scratch_database  # noqa: E402
 
 
 class Noop(Step):
@@ -46,23 +44,6 @@ class Noop(Step):
 
 
 NOOP = Registry([Noop])
-
-
-def _database(admin):
-    name = f"autowisp_bench_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    return name, ADMIN.rsplit("/", 1)[0] + f"/{name}"
-
-
-def _drop(admin, name):
-    from autowisp.db.session import _ENGINES
-
-    for url, (_, engine) in list(_ENGINES.items()):
-        engine.dispose()
-        _ENGINES.pop(url)
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def _fake_frames(url: str, count: int) -> None:
@@ -155,13 +136,15 @@ def _wait_done(url: str, total: int, timeout: float = 1800) -> float:
     raise TimeoutError(f"{total} tasks not finished in {timeout} s")
 
 
-def enqueue_rate(admin, tasks: int) -> None:
+def enqueue_rate(tasks: int) -> None:
     from autowisp.db.migrate import upgrade
     from autowisp.pipeline.broker import celery_publisher
     from autowisp.pipeline.local import prepare
     from autowisp.pipeline.scheduler import schedule_once
 
-    name, url = _database(admin)
+    databases = ExitStack()
+
+    url = databases.enter_context(scratch_database())
     try:
         upgrade(url)
         _fake_frames(url, tasks)
@@ -178,16 +161,18 @@ def enqueue_rate(admin, tasks: int) -> None:
         )
     finally:
         redis.Redis.from_url(BROKER).flushdb()
-        _drop(admin, name)
+        databases.close()
 
 
-def noop_throughput(admin, tasks: int, workers: int, scratch: Path) -> float:
+def noop_throughput(tasks: int, workers: int, scratch: Path) -> float:
     from autowisp.db.migrate import upgrade
     from autowisp.pipeline.broker import celery_publisher
     from autowisp.pipeline.local import prepare
     from autowisp.pipeline.scheduler import schedule_once
 
-    name, url = _database(admin)
+    databases = ExitStack()
+
+    url = databases.enter_context(scratch_database())
     processes = []
     try:
         upgrade(url)
@@ -205,10 +190,10 @@ def noop_throughput(admin, tasks: int, workers: int, scratch: Path) -> float:
     finally:
         _stop(processes)
         redis.Redis.from_url(BROKER).flushdb()
-        _drop(admin, name)
+        databases.close()
 
 
-def night(admin, frames: int, scratch: Path) -> None:
+def night(frames: int, scratch: Path) -> None:
     from autowisp.db.migrate import upgrade
     from autowisp.ingest.ingest import ingest_paths
     from autowisp.pipeline.local import run_local
@@ -226,7 +211,8 @@ def night(admin, frames: int, scratch: Path) -> None:
     run_local(local, scratch / "local-storage", default_registry(), jobs=2)
     timings["local --jobs 2"] = time.perf_counter() - start
     for workers in (1, 2):
-        name, url = _database(admin)
+        databases = ExitStack()
+        url = databases.enter_context(scratch_database())
         processes = []
         try:
             upgrade(url)
@@ -258,7 +244,7 @@ def night(admin, frames: int, scratch: Path) -> None:
         finally:
             _stop(processes)
             redis.Redis.from_url(BROKER).flushdb()
-            _drop(admin, name)
+            databases.close()
     print(
         f"night of {frames} frames at 1024² ({total} tasks): "
         + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
@@ -273,13 +259,12 @@ def main() -> None:
     parser.add_argument("--noop", type=int, default=2000)
     parser.add_argument("--frames", type=int, default=100)
     args = parser.parse_args()
-    admin = create_engine(ADMIN, isolation_level="AUTOCOMMIT")
     with tempfile.TemporaryDirectory() as scratch:
-        enqueue_rate(admin, args.tasks)
-        one = noop_throughput(admin, args.noop, 1, Path(scratch))
-        two = noop_throughput(admin, args.noop, 2, Path(scratch))
+        enqueue_rate(args.tasks)
+        one = noop_throughput(args.noop, 1, Path(scratch))
+        two = noop_throughput(args.noop, 2, Path(scratch))
         print(f"no-op speed-up 2 vs 1 worker: {one / two:.2f}x")
-        night(admin, args.frames, Path(scratch))
+        night(args.frames, Path(scratch))
 
 
 if __name__ == "__main__":

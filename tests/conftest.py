@@ -98,11 +98,9 @@ def postgres_database(postgres_available):
     try:
         yield url
     finally:
-        from autowisp.db.session import _ENGINES
+        from autowisp.db.session import dispose_engine
 
-        known = _ENGINES.pop(url, None)
-        if known is not None:
-            known[1].dispose()
+        dispose_engine(url)
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["engine_for", "session_scope"]
+__all__ = ["dispose_engine", "engine_for", "session_scope"]
 
 _ENGINES: dict[str, tuple[int, Engine]] = {}
 
@@ -49,6 +49,13 @@ def engine_for(url: str) -> Engine:
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
     _ENGINES[url] = (pid, engine)
     return engine
+
+
+def dispose_engine(url: str) -> None:
+    """Close this process's engine for ``url`` (before dropping that database)."""
+    known = _ENGINES.pop(url, None)
+    if known is not None:
+        known[1].dispose()
 
 
 @contextmanager
