@@ -232,6 +232,7 @@ def _header(config: NightConfig, plan: CameraPlan, kind: str, jd_start: float, e
     if config.layout != "MONO":
         header["BAYERPAT"] = (config.layout, "Bayer layout of image[0:2, 0:2]")
     header["ISO"] = spec.iso
+    header["SATURATE"] = (spec.saturation_adu, "[ADU] raw level of saturation")
     header["LAT-OBS"] = (config.site.latitude, "[deg] observatory latitude")
     header["LONG-OBS"] = (config.site.longitude, "[deg] observatory longitude, east +")
     header["ELEV-OBS"] = (config.site.height, "[m] observatory height")

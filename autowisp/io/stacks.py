@@ -1,0 +1,76 @@
+"""Reading many frames band by band, and writing calibration products as FITS.
+
+Master stacks never hold all frames at once: each file is opened once
+and read in row bands sized to a memory limit, the lesson of ccdproc's combine, which
+re-reads files per tile and overshoots its memory limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from autowisp.io.atomic import atomic_path
+from autowisp.io.fits import image_hdu_index
+
+__all__ = ["band_rows", "read_bands", "write_product"]
+
+#: Bytes per frame value that the clipped stack needs (sorted float32 copy, two float64
+#: prefix sums, and temporaries).
+BYTES_PER_VALUE = 48
+
+
+def band_rows(frames: int, width: int, memory_limit_mb: float) -> int:
+    """Rows per band so that a band of ``frames`` frames fits in the memory limit."""
+    rows = int(memory_limit_mb * 2**20 / (frames * width * BYTES_PER_VALUE))
+    return max(rows, 2)
+
+
+def read_bands(
+    paths: Sequence[Path],
+    rows: int,
+    transform: Callable[[int, np.ndarray, slice], np.ndarray] | None = None,
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """Yield ``(row slice, stack)`` with stack (frames, band rows, columns) in float32.
+
+    ``transform(frame_index, band, rows)`` may calibrate each band (e.g. subtract a
+    master bias) before it is stacked. Bands start on even rows so that a Bayer
+    super-pixel is never split.
+    """
+    rows = max(rows - rows % 2, 2)
+    with ExitStack() as stack:
+        hdus = []
+        for path in paths:
+            # memmap=False: astropy cannot memory-map scaled (BZERO) integers; .section then
+            # reads only the rows asked for from the open file.
+            opened = stack.enter_context(fits.open(path, memmap=False, lazy_load_hdus=False))
+            hdus.append(opened[image_hdu_index(opened)])
+        height = int(hdus[0].header["NAXIS2"])
+        for start in range(0, height, rows):
+            band = slice(start, min(start + rows, height))
+            data = np.empty(
+                (len(hdus), band.stop - band.start, int(hdus[0].header["NAXIS1"])),
+                dtype=np.float32,
+            )
+            for index, hdu in enumerate(hdus):
+                values = np.asarray(hdu.section[band.start : band.stop, :], dtype=np.float32)
+                data[index] = transform(index, values, band) if transform else values
+            yield band, data
+
+
+def write_product(path: Path, images: dict[str, np.ndarray], header: fits.Header) -> None:
+    """Write named images as one FITS file, atomically: the first is the primary HDU."""
+    hdus = []
+    for number, (name, data) in enumerate(images.items()):
+        if number == 0:
+            hdu = fits.PrimaryHDU(data, header=header)
+            hdu.header["EXTNAME"] = name
+        else:
+            hdu = fits.ImageHDU(data, name=name)
+        hdus.append(hdu)
+    with atomic_path(path) as temporary:
+        fits.HDUList(hdus).writeto(temporary)

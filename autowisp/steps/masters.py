@@ -1,0 +1,272 @@
+"""Night-level master calibration frames: bias, dark (as a rate) and flat.
+
+Each is a sigma-clipped median (:func:`autowisp.core.calibration.clipped_stack`) of the
+night's frames of its type, each frame first calibrated with the masters below it,
+read in row bands under ``memory_limit_mb``. Written as FITS (``MASTER``, ``ERROR``,
+``USED`` and for darks ``HOT``) with provenance: the frames used and the ones rejected
+and why. The flat step also measures the gain and read noise by photon transfer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from autowisp.core.bayer import channels
+from autowisp.core.calibration import clipped_stack, photon_transfer
+from autowisp.db.models import ImageType, Scope
+from autowisp.errors import PermanentError
+from autowisp.io.fits import read_image
+from autowisp.io.stacks import band_rows, read_bands, write_product
+from autowisp.steps.base import ImageInfo, Parameter, Step, StepContext, StepResult
+
+__all__ = ["MasterBias", "MasterDark", "MasterFlat", "read_master"]
+
+COMMON = (
+    Parameter("min_frames", 10, "", "Fewest frames a master may be made of."),
+    Parameter("sigma", 5.0, "σ", "Clipping threshold."),
+    Parameter("memory_limit_mb", 400.0, "MiB", "Memory for the frames being stacked."),
+)
+
+
+def read_master(path: Path) -> dict[str, np.ndarray]:
+    """All images of a master or calibrated product, by HDU name, plus its header."""
+    with fits.open(path, memmap=False) as hdus:
+        result = {hdu.name: np.asarray(hdu.data) for hdu in hdus if hdu.data is not None}
+        result["header"] = hdus[0].header.copy()  # type: ignore[assignment]
+    return result
+
+
+def _frames(context: StepContext, kind: ImageType) -> list[ImageInfo]:
+    if context.night is None:
+        raise PermanentError(f"{context.step} needs a night target, got {context.target!r}")
+    return [image for image in context.night.images if image.image_type is kind]
+
+
+def _check_count(context: StepContext, frames: list, kind: str) -> None:
+    needed = int(context.parameters["min_frames"])
+    if len(frames) < needed:
+        raise PermanentError(
+            f"too few {kind} frames in night {context.night.local_date if context.night else '?'}:"
+            f" {len(frames)} usable, {needed} needed (parameter min_frames)"
+        )
+
+
+def _check_shapes(frames: list[ImageInfo]) -> tuple[int, int]:
+    shapes = {}
+    for image in frames:
+        header = fits.getheader(image.path, 1 if image.path.name.endswith(".fz") else 0)
+        shapes.setdefault((int(header["NAXIS2"]), int(header["NAXIS1"])), []).append(image)
+    if len(shapes) > 1:
+        summary = ", ".join(f"{len(v)} of {k[1]}x{k[0]}" for k, v in shapes.items())
+        raise PermanentError(f"frames of different shapes cannot be stacked: {summary}")
+    return next(iter(shapes))
+
+
+def _upstream(context: StepContext, step: str) -> dict[str, np.ndarray]:
+    products = context.inputs.get(step, ())
+    if not products or products[0].output_path is None:
+        raise PermanentError(f"{context.step} needs the night's {step}, which has no output")
+    return read_master(products[0].output_path)
+
+
+def _stack(context: StepContext, frames: list[ImageInfo], transform) -> dict[str, np.ndarray]:
+    height, width = _check_shapes(frames)
+    rows = band_rows(len(frames), width, float(context.parameters["memory_limit_mb"]))
+    value = np.empty((height, width), np.float32)
+    error = np.empty((height, width), np.float32)
+    used = np.empty((height, width), np.int16)
+    for band, data in read_bands([f.path for f in frames], rows, transform):
+        result = clipped_stack(data, sigma=float(context.parameters["sigma"]))
+        value[band], error[band], used[band] = result.value, result.error, result.used
+    return {"MASTER": value, "ERROR": error, "USED": used}
+
+
+def _header(context: StepContext, frames: list[ImageInfo], unit: str) -> fits.Header:
+    header = fits.Header()
+    header["STEP"] = context.step
+    header["CONFIG"] = (context.config_version, "configuration version of the step")
+    header["BUNIT"] = unit
+    header["NFRAMES"] = (len(frames), "frames stacked")
+    header["CAMSN"] = context.night.camera_serial if context.night else ""
+    if context.night and context.night.layout != "MONO":
+        header["BAYERPAT"] = context.night.layout
+    for image in frames:
+        header.add_history(f"used {image.path}")
+    return header
+
+
+class MasterBias(Step):
+    name = "master_bias"
+    scope = Scope.NIGHT
+    queue = "heavy"
+    image_types = frozenset({ImageType.BIAS})
+    parameters = COMMON
+
+    def run(self, context: StepContext) -> StepResult:
+        frames = _frames(context, ImageType.BIAS)
+        _check_count(context, frames, "bias")
+        images = _stack(context, frames, None)
+        path = context.output_path("fits")
+        write_product(path, images, _header(context, frames, "adu"))
+        master = images["MASTER"]
+        return StepResult(
+            path,
+            {
+                "frames": len(frames),
+                "median_adu": float(np.median(master)),
+                "median_error_adu": float(np.median(images["ERROR"])),
+            },
+        )
+
+
+class MasterDark(Step):
+    name = "master_dark"
+    scope = Scope.NIGHT
+    queue = "heavy"
+    inputs = ("master_bias",)
+    image_types = frozenset({ImageType.DARK})
+    parameters = (*COMMON, Parameter("hot_sigma", 10.0, "σ", "Hot pixel threshold."))
+
+    def run(self, context: StepContext) -> StepResult:
+        frames = [f for f in _frames(context, ImageType.DARK) if f.exptime > 0]
+        _check_count(context, frames, "dark")
+        bias_master = _upstream(context, "master_bias")
+        bias = bias_master["MASTER"]
+
+        def to_rate(index: int, band: np.ndarray, rows: slice) -> np.ndarray:
+            return (band - bias[rows]) / frames[index].exptime
+
+        images = _stack(context, frames, to_rate)
+        # The master bias's error is common to every frame: the scatter does not show it.
+        exptime = float(np.mean([f.exptime for f in frames]))
+        images["ERROR"] = np.hypot(images["ERROR"], bias_master["ERROR"] / exptime).astype(
+            np.float32
+        )
+        rate = images["MASTER"]
+        median = float(np.median(rate))
+        spread = float(1.4826 * np.median(np.abs(rate - median)))
+        hot = rate > median + float(context.parameters["hot_sigma"]) * max(spread, 1e-6)
+        images["HOT"] = hot.astype(np.uint8)
+        path = context.output_path("fits")
+        header = _header(context, frames, "adu/s")
+        header["HOTPIX"] = (int(hot.sum()), "pixels flagged hot")
+        write_product(path, images, header)
+        return StepResult(
+            path,
+            {"frames": len(frames), "median_rate_adu_s": median, "hot_pixels": int(hot.sum())},
+        )
+
+
+class MasterFlat(Step):
+    name = "master_flat"
+    scope = Scope.NIGHT
+    queue = "heavy"
+    inputs = ("master_bias", "master_dark")
+    image_types = frozenset({ImageType.FLAT})
+    parameters = (
+        *COMMON,
+        Parameter("saturation_adu", 0, "ADU", "0: the header's SATURATE, else 15000."),
+        Parameter("min_level", 0.1, "fraction", "Least flat level, of the saturation level."),
+        Parameter("max_level", 0.75, "fraction", "Highest flat level, of the saturation."),
+        Parameter(
+            "max_structure",
+            0.02,
+            "fraction",
+            "Largest large-scale deviation from the night's median flat (clouds).",
+        ),
+    )
+
+    def run(self, context: StepContext) -> StepResult:
+        frames = _frames(context, ImageType.FLAT)
+        bias_master = _upstream(context, "master_bias")
+        bias = bias_master["MASTER"]
+        dark = _upstream(context, "master_dark")["MASTER"]
+        layout = context.night.layout if context.night else "MONO"
+        chans = channels(layout)
+        kept, rejected, levels = [], [], {}
+        saturation = float(context.parameters["saturation_adu"])
+        normalised = {}
+        for image in frames:
+            raw, header = read_image(image.path)
+            level_limit = saturation or float(header.get("SATURATE", 15000))
+            signal = raw.astype(np.float32) - bias - dark * image.exptime
+            median = float(np.median(signal))
+            if median < float(context.parameters["min_level"]) * (level_limit - np.median(bias)):
+                rejected.append((image, f"under-exposed: level {median:.0f} ADU"))
+                continue
+            if float(np.mean(raw >= level_limit)) > 1e-3 or median > float(
+                context.parameters["max_level"]
+            ) * (level_limit - np.median(bias)):
+                rejected.append((image, f"over-exposed or saturated: level {median:.0f} ADU"))
+                continue
+            for channel in chans:
+                view = channel.view(signal)
+                view /= np.median(view)
+            normalised[image.id] = _block_means(signal, 32)
+            levels[image.id] = median
+            kept.append(image)
+        if kept:
+            reference = np.median(np.array([normalised[i.id] for i in kept]), axis=0)
+            limit = float(context.parameters["max_structure"])
+            for image in list(kept):
+                structure = float(np.max(np.abs(normalised[image.id] / reference - 1)))
+                if structure > limit:
+                    kept.remove(image)
+                    rejected.append((image, f"clouds: large-scale structure {structure:.1%}"))
+        _check_count(context, kept, "usable flat")
+
+        def calibrate(index: int, band: np.ndarray, rows: slice) -> np.ndarray:
+            # Each frame scaled by its level; the master is normalised per channel below.
+            signal = band - bias[rows] - dark[rows] * kept[index].exptime
+            return signal / levels[kept[index].id]
+
+        images = _stack(context, kept, calibrate)
+        for channel in chans:
+            view = channel.view(images["MASTER"])
+            norm = float(np.median(view))
+            view /= norm
+            channel.view(images["ERROR"])[...] /= norm
+        header = _header(context, kept, "")
+        for image, reason in rejected:
+            header.add_history(f"rejected {image.path}: {reason}")
+        gain, read_noise = self._photon_transfer(kept, context, bias, dark, chans)
+        header["GAIN"] = (gain, "[e-/ADU] photon transfer, this night's flats")
+        header["RDNOISE"] = (read_noise, "[e-] photon transfer, this night's biases")
+        path = context.output_path("fits")
+        write_product(path, images, header)
+        return StepResult(
+            path,
+            {
+                "frames": len(kept),
+                "gain": gain,
+                "read_noise": read_noise,
+                "rejected": {str(i.path): r for i, r in rejected},
+            },
+        )
+
+    @staticmethod
+    def _photon_transfer(kept, context, bias, dark, chans) -> tuple[float, float]:
+        biases = [i for i in context.night.images if i.image_type is ImageType.BIAS][:2]
+        if len(kept) < 2 or len(biases) < 2:
+            raise PermanentError("photon transfer needs two usable flats and two biases")
+        flat_a, flat_b = (read_image(i.path)[0] for i in kept[:2])
+        bias_a, bias_b = (read_image(i.path)[0] for i in biases)
+        gains, noises = [], []
+        for channel in chans:
+            gain, noise = photon_transfer(
+                (channel.view(flat_a), channel.view(flat_b)),
+                (channel.view(bias_a), channel.view(bias_b)),
+                bias_level=channel.view(bias) + channel.view(dark) * kept[0].exptime,
+            )
+            gains.append(gain)
+            noises.append(noise)
+        return float(np.median(gains)), float(np.median(noises))
+
+
+def _block_means(image: np.ndarray, block: int) -> np.ndarray:
+    ny, nx = (d - d % block for d in image.shape)
+    view = image[:ny, :nx].reshape(ny // block, block, nx // block, block)
+    return view.mean(axis=(1, 3))
