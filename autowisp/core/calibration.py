@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 __all__ = [
@@ -53,69 +54,85 @@ class StackResult:
     used: np.ndarray
 
 
-def _window_median(ordered: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Median of ``ordered[low:high]`` along axis 0, per pixel (ordered ascending)."""
+@numba.njit(cache=True, nogil=True)
+def _window_median(values: np.ndarray, low: int, high: int) -> float:
     count = high - low
-    a = np.take_along_axis(ordered, (low + (count - 1) // 2)[None], axis=0)[0]
-    b = np.take_along_axis(ordered, (low + count // 2)[None], axis=0)[0]
-    return 0.5 * (a + b)
+    return 0.5 * (values[low + (count - 1) // 2] + values[low + count // 2])
+
+
+@numba.njit(cache=True, nogil=True)
+def _clipped_columns(data, sigma, iterations, value, error, used):
+    """Clipped median of each column of ``data`` (frames, pixels); see clipped_stack."""
+    n, pixels = data.shape
+    column = np.empty(n, dtype=np.float64)
+    for p in range(pixels):
+        # Insertion sort: fastest for the few tens of frames of a master.
+        for k in range(n):
+            item = data[k, p]
+            j = k - 1
+            while j >= 0 and column[j] > item:
+                column[j + 1] = column[j]
+                j -= 1
+            column[j + 1] = item
+        spread = (column[(3 * (n - 1)) // 4] - column[(n - 1) // 4]) / 1.349
+        if spread <= 0.0:
+            mean = column.mean()
+            spread = np.sqrt(np.sum((column - mean) ** 2) / (n - 1))
+        low, high = 0, n
+        for _ in range(iterations):
+            centre = _window_median(column, low, high)
+            lower = centre - sigma * spread
+            upper = centre + sigma * spread
+            new_low = 0
+            while new_low < n and column[new_low] < lower:
+                new_low += 1
+            new_high = n
+            while new_high > 0 and column[new_high - 1] > upper:
+                new_high -= 1
+            if new_high - new_low < 1:
+                new_low, new_high = low, high
+            count = new_high - new_low
+            total = 0.0
+            for k in range(new_low, new_high):
+                total += column[k]
+            mean = total / count
+            squares = 0.0
+            for k in range(new_low, new_high):
+                squares += (column[k] - mean) ** 2
+            variance = squares / max(count - 1, 1)
+            converged = new_low == low and new_high == high
+            low, high = new_low, new_high
+            if variance > 0.0:
+                spread = np.sqrt(variance)
+            if converged:
+                break
+        count = high - low
+        value[p] = _window_median(column, low, high)
+        error[p] = 1.2533 * spread / np.sqrt(count)
+        used[p] = count
 
 
 def clipped_stack(stack: np.ndarray, *, sigma: float = 5.0, iterations: int = 3) -> StackResult:
-    """Sigma-clipped median along axis 0 of ``stack`` (frames, ...), vectorised.
+    """Sigma-clipped median along axis 0 of ``stack`` (frames, ...).
 
-    The frames are sorted once per pixel; the surviving values are then a contiguous
-    window of the sorted column, so each iteration only moves the window's ends
-    (found with prefix sums) instead of re-sorting or using NaN-aware medians. The
-    scatter is the standard deviation of the surviving values; the first pass uses
-    the interquartile range (robust to the outliers being clipped).
+    Per pixel (a numba kernel; processes, not threads, give the parallelism, since
+    numba's thread pool does not survive the executors' ``fork``): the values are sorted;
+    the scatter starts as the interquartile range / 1.349 (robust to the outliers
+    being clipped; the plain standard deviation where quantised data give equal
+    quartiles); each iteration keeps the values within ``sigma`` scatters of the
+    median of the kept values — a contiguous window of the sorted column — and takes
+    their standard deviation as the new scatter, until the window stops moving.
     """
     n = stack.shape[0]
     if n < 3:
         raise ValueError(f"a clipped stack needs at least 3 frames, got {n}")
-    ordered = np.sort(np.asarray(stack, dtype=np.float32), axis=0)
-    shape = ordered.shape[1:]
-    low = np.zeros(shape, dtype=np.intp)
-    high = np.full(shape, n, dtype=np.intp)
-    sums = np.concatenate([np.zeros((1, *shape)), np.cumsum(ordered, axis=0, dtype=np.float64)])
-    squares = np.concatenate(
-        [np.zeros((1, *shape)), np.cumsum(np.square(ordered, dtype=np.float64), axis=0)]
-    )
-    q1 = ordered[(n - 1) // 4].astype(np.float64)
-    q3 = ordered[(3 * (n - 1)) // 4].astype(np.float64)
-    spread = (q3 - q1) / 1.349
-    # Quantised data can have equal quartiles: fall back to the plain scatter there.
-    spread = np.where(spread > 0, spread, np.std(ordered, axis=0, dtype=np.float64, ddof=1))
-    for _ in range(iterations):
-        centre = _window_median(ordered, low, high).astype(np.float64)
-        lower = centre - sigma * spread
-        upper = centre + sigma * spread
-        # New window: values within [lower, upper] (a contiguous range of the sorted data).
-        new_low = np.sum(ordered < lower[None].astype(np.float32), axis=0)
-        new_high = np.sum(ordered <= upper[None].astype(np.float32), axis=0)
-        empty = new_high - new_low < 1
-        new_low = np.where(empty, low, new_low)
-        new_high = np.where(empty, high, new_high)
-        count = new_high - new_low
-        total = (
-            np.take_along_axis(sums, new_high[None], 0)[0]
-            - np.take_along_axis(sums, new_low[None], 0)[0]
-        )
-        total2 = (
-            np.take_along_axis(squares, new_high[None], 0)[0]
-            - np.take_along_axis(squares, new_low[None], 0)[0]
-        )
-        mean = total / count
-        variance = np.maximum(total2 / count - mean**2, 0.0) * count / np.maximum(count - 1, 1)
-        converged = np.array_equal(new_low, low) and np.array_equal(new_high, high)
-        low, high = new_low, new_high
-        spread = np.where(variance > 0, np.sqrt(variance), spread)
-        if converged:
-            break
-    count = high - low
-    value = _window_median(ordered, low, high)
-    error = 1.2533 * spread / np.sqrt(count)
-    return StackResult(value.astype(np.float32), error.astype(np.float32), count.astype(np.int16))
+    shape = stack.shape[1:]
+    data = np.ascontiguousarray(stack, dtype=np.float32).reshape(n, -1)
+    value = np.empty(data.shape[1], dtype=np.float32)
+    error = np.empty(data.shape[1], dtype=np.float32)
+    used = np.empty(data.shape[1], dtype=np.int16)
+    _clipped_columns(data, float(sigma), int(iterations), value, error, used)
+    return StackResult(value.reshape(shape), error.reshape(shape), used.reshape(shape))
 
 
 def _tile_variance(image: np.ndarray, tile: int) -> float:
@@ -196,8 +213,9 @@ def calibrate_frame(
     signal_adu = raw - bias - dark_rate * exptime
     with np.errstate(divide="ignore", invalid="ignore"):
         image = signal_adu * gain / flat
-        # Poisson of the detected electrons, read noise, and the masters' errors.
-        detected = np.maximum(signal_adu * gain, 0.0)
+        # Poisson of every detected electron (light and dark current), read noise, and
+        # the masters' errors.
+        detected = np.maximum((raw - bias) * gain, 0.0)
         variance_e = (
             detected
             + np.square(read_noise)

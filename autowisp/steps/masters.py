@@ -27,7 +27,7 @@ __all__ = ["MasterBias", "MasterDark", "MasterFlat", "read_master"]
 COMMON = (
     Parameter("min_frames", 10, "", "Fewest frames a master may be made of."),
     Parameter("sigma", 5.0, "σ", "Clipping threshold."),
-    Parameter("memory_limit_mb", 400.0, "MiB", "Memory for the frames being stacked."),
+    Parameter("memory_limit_mb", 300.0, "MiB", "Memory for the frames being stacked."),
 )
 
 
@@ -45,12 +45,20 @@ def _frames(context: StepContext, kind: ImageType) -> list[ImageInfo]:
     return [image for image in context.night.images if image.image_type is kind]
 
 
-def _check_count(context: StepContext, frames: list, kind: str) -> None:
+def _check_count(
+    context: StepContext, frames: list, kind: str, rejected: list | None = None
+) -> None:
     needed = int(context.parameters["min_frames"])
     if len(frames) < needed:
+        night = context.night.local_date if context.night else "?"
+        why = (
+            "; rejected: " + ", ".join(f"{i.path.name} ({r})" for i, r in rejected)
+            if (rejected)
+            else ""
+        )
         raise PermanentError(
-            f"too few {kind} frames in night {context.night.local_date if context.night else '?'}:"
-            f" {len(frames)} usable, {needed} needed (parameter min_frames)"
+            f"too few {kind} frames in night {night}: {len(frames)} usable, {needed} needed "
+            f"(parameter min_frames){why}"
         )
 
 
@@ -216,7 +224,7 @@ class MasterFlat(Step):
                 if structure > limit:
                     kept.remove(image)
                     rejected.append((image, f"clouds: large-scale structure {structure:.1%}"))
-        _check_count(context, kept, "usable flat")
+        _check_count(context, kept, "usable flat", rejected)
 
         def calibrate(index: int, band: np.ndarray, rows: slice) -> np.ndarray:
             # Each frame scaled by its level; the master is normalised per channel below.

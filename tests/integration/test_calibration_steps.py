@@ -118,3 +118,62 @@ def test_calibrated_frames_carry_error_mask_and_provenance(calibrated_night):
     assert np.all(mask[truth.calibration["dead"]] & MaskBit.LOW_RESPONSE)
     assert (mask[truth.calibration["hot"]] & MaskBit.HOT).astype(bool).mean() >= 0.95
     assert np.all(np.isfinite(product["IMAGE"])) and np.all(product["ERROR"] > 0)
+
+
+def _run_night(tmp_path, files, parameters=None):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    for path in files:
+        (upload / path.name).write_bytes(path.read_bytes())
+    ingest_paths(url, [upload])
+    run_local(url, tmp_path / "storage", REGISTRY, jobs=1, step_parameters=parameters or {})
+    with session_scope(url) as session:
+        return {
+            name: (state, error)
+            for name, state, error in session.execute(
+                select(StepRow.name, Task.state, Task.last_error).join(
+                    StepRow, StepRow.id == Task.step_id
+                )
+            )
+        }
+
+
+def test_too_few_frames_and_cloudy_flats_are_explained(small_night, tmp_path):
+    night = sorted(p for p in small_night.iterdir() if p.is_dir())[0]
+    frames = sorted(night.rglob("*.fits"))
+    biases = [f for f in frames if f.name.startswith("bias")][:4]
+    outcome = _run_night(tmp_path, biases)
+    state, error = outcome["master_bias"]
+    assert state is TaskState.DEAD
+    assert "too few bias frames" in error and "4 usable, 10 needed" in error
+
+
+def test_only_bad_flats_give_the_reasons(small_night, tmp_path):
+    night = sorted(p for p in small_night.iterdir() if p.is_dir())[0]
+    frames = sorted(night.rglob("*.fits"))
+    chosen = [f for f in frames if f.name.startswith(("bias", "dark"))]
+    chosen += [f for f in frames if f.name in ("flat_0009.fits", "flat_0010.fits")]
+    outcome = _run_night(tmp_path, chosen, {"master_flat": {"min_frames": 3}})
+    state, error = outcome["master_flat"]
+    assert state is TaskState.DEAD
+    # The cloudy flat alone has nothing to be compared with; the over-exposed one is out.
+    assert "1 usable, 3 needed" in error and "flat_0010.fits (over-exposed" in error
+    assert outcome["master_bias"][0] is TaskState.DONE
+
+
+def test_frames_of_different_shapes_are_refused(small_night, tmp_path):
+    from astropy.io import fits
+
+    night = sorted(p for p in small_night.iterdir() if p.is_dir())[0]
+    biases = sorted(night.rglob("bias_*.fits"))
+    cropped = tmp_path / "crop"
+    cropped.mkdir()
+    with fits.open(biases[0]) as hdus:
+        header = hdus[0].header.copy()
+        header["DATE-OBS"] = "2024-09-11T15:59:00"
+        fits.PrimaryHDU(hdus[0].data[:100, :100], header).writeto(cropped / "bias_crop.fits")
+    outcome = _run_night(tmp_path, [*biases, cropped / "bias_crop.fits"])
+    state, error = outcome["master_bias"]
+    assert state is TaskState.DEAD and "different shapes" in error

@@ -66,8 +66,10 @@ def test_clipped_stack_rejects_outliers_and_reports_its_error():
     assert np.mean(result.used == expected) > 0.995
 
 
-def _detector(seed=3, width=256, height=192):
-    spec = CameraSpec(width=width, height=height, gain=1.55, read_noise=6.5)
+def _detector(seed=3, width=256, height=192, dark_current=0.04):
+    spec = CameraSpec(
+        width=width, height=height, gain=1.55, read_noise=6.5, dark_current=dark_current
+    )
     return make_detector(spec, np.random.default_rng(seed))
 
 
@@ -106,8 +108,12 @@ def test_photon_transfer_recovers_gain_and_read_noise():
     assert np.mean(gains) == pytest.approx(detector.spec.gain, rel=0.015)
 
 
-def test_calibrated_frame_matches_truth_within_its_errors():
-    detector = _detector()
+@pytest.mark.parametrize(
+    ("dark_exptime", "dark_current"),
+    [(120.0, 0.04), (30.0, 2.0)],  # the second: darks 4x shorter than the light, 240 e-
+)
+def test_calibrated_frame_matches_truth_within_its_errors(dark_exptime, dark_current):
+    detector = _detector(dark_current=dark_current)
     spec = detector.spec
     rng = np.random.default_rng(5)
     ny, nx = spec.shape
@@ -118,10 +124,12 @@ def test_calibrated_frame_matches_truth_within_its_errors():
     )
     bias = clipped_stack(biases)
     darks = np.array(
-        [expose(detector, _scene(detector, 120.0, zero), rng).raw for _ in range(15)],
+        [expose(detector, _scene(detector, dark_exptime, zero), rng).raw for _ in range(15)],
         dtype=np.float32,
     )
-    dark = clipped_stack((darks - bias.value) / 120.0)
+    dark = clipped_stack((darks - bias.value) / dark_exptime)
+    # As master_dark does: the master bias's error is common to all darks.
+    dark_error = np.hypot(dark.error, bias.error / dark_exptime)
     index = channel_index_map("RGGB", spec.shape)
     flats = []
     for level in rng.uniform(15000, 20000, 20):
@@ -160,7 +168,7 @@ def test_calibrated_frame_matches_truth_within_its_errors():
         read_noise=spec.read_noise,
         saturation=spec.saturation_adu,
         bias_error=bias.error,
-        dark_error=dark.error,
+        dark_error=dark_error,
         flat_error=flat.error,
         hot=detector.hot,
     )
