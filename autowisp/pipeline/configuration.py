@@ -67,7 +67,10 @@ def resolve_versions(
             "step": step.name,
             "code": step.version,
             "parameters": parameters,
-            "inputs": {name: versions[name].version for name in sorted(step.inputs)},
+            "inputs": {
+                name: versions[name].version
+                for name in sorted(set(step.inputs) | set(step.master_inputs))
+            },
         }
         digest = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
         versions[step.name] = StepVersion(step.name, parameters, digest)

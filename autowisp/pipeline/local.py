@@ -144,6 +144,8 @@ def run_local(
                         )
                     elif decision.verdict == "ready":
                         ready.append(decision.task_id)
+                    elif decision.reason:
+                        state.note_waiting(session, decision.task_id, reason=decision.reason)
                 room = max(2 * jobs - len(in_flight), 0)
                 batch = [t for t in ready if t not in in_flight.values()][:room]
                 state.mark_queued(session, batch)

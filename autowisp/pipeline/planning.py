@@ -162,6 +162,8 @@ def classify_pending(
         states[(name, target)] = state
         if target.startswith("image:"):
             by_night[(name, night_id)].append(state)
+    master_names = {name for step in registry for name in step.master_inputs}
+    camera_of, masters = _master_states(session, registry, configurations, master_names)
     decisions = []
     for task_id, step_id, image_id, night_id in pending:
         step = registry[step_of[step_id]]
@@ -187,5 +189,43 @@ def classify_pending(
                 break
             if state is not TaskState.DONE:
                 verdict = "wait"
+        if verdict == "ready" and step.master_inputs:
+            verdict, reason = _masters_verdict(step, camera_of.get(night_id), masters)
         decisions.append(Decision(task_id, verdict, reason))
     return decisions
+
+
+def _master_states(
+    session: Session,
+    registry: Registry,
+    configurations: Mapping[str, Configuration],
+    names: set[str],
+) -> tuple[dict[int, int], dict[tuple[str, int], set[TaskState]]]:
+    """Camera of every night, and the states of each master step's tasks per camera."""
+    camera_of = dict(session.execute(select(Night.id, Night.camera_id)).all())
+    masters: dict[tuple[str, int], set[TaskState]] = defaultdict(set)
+    if names:
+        ids = {configurations[name].id: name for name in names}
+        rows = session.execute(
+            select(Task.configuration_id, Task.night_id, Task.state).where(
+                Task.configuration_id.in_(list(ids))
+            )
+        )
+        for configuration_id, night_id, state in rows:
+            masters[(ids[configuration_id], camera_of.get(night_id, -1))].add(state)
+    return camera_of, masters
+
+
+def _masters_verdict(step, camera: int | None, masters) -> tuple[str, str]:
+    """Ready when the camera has each master done on some night; otherwise wait."""
+    for name in step.master_inputs:
+        found = masters.get((name, camera), set())
+        if TaskState.DONE in found:
+            continue
+        if found - UNUSABLE:
+            return "wait", ""
+        return "wait", (
+            f"waiting for a {name} of this camera: none is done or under way "
+            "(upload calibration frames for any night of this camera)"
+        )
+    return "ready", ""

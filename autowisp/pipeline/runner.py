@@ -129,6 +129,8 @@ def build_context(
             InputProduct(target, image_id, Path(path) if path else None, qc or {})
             for target, image_id, path, qc in session.execute(query.order_by(Task.id))
         )
+    for master in step.master_inputs:
+        inputs[master] = _nearest_master(session, master, task.night_id)
     return StepContext(
         task_id=task.id,
         step=step.name,
@@ -173,6 +175,34 @@ def _in_session(url: str, work: Callable[[Session], T]) -> T:
             return work(session)
 
     return with_db_retry(action)
+
+
+def _nearest_master(session: Session, step: str, night_id: int | None) -> tuple[InputProduct, ...]:
+    """The done output of night step ``step`` from the camera's night nearest in date."""
+    if night_id is None:
+        return ()
+    night = session.get(Night, night_id)
+    if night is None:
+        return ()
+    rows = session.execute(
+        select(Task.target, Task.output_path, Task.qc, Night.local_date)
+        .join(StepRow, StepRow.id == Task.step_id)
+        .join(Configuration, Configuration.id == Task.configuration_id)
+        .join(Night, Night.id == Task.night_id)
+        .where(
+            StepRow.name == step,
+            Configuration.active.is_(True),
+            Task.state == TaskState.DONE,
+            Night.camera_id == night.camera_id,
+        )
+    ).all()
+    if not rows:
+        return ()
+    # Nearest night first; between two equally near, the earlier one.
+    target, path, qc, _ = min(
+        rows, key=lambda r: (abs((r.local_date - night.local_date).days), r.local_date)
+    )
+    return (InputProduct(target, None, Path(path) if path else None, qc or {}),)
 
 
 def _heartbeat(url: str, task_id: int, lease: float, stop: threading.Event) -> None:

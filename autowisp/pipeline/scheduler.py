@@ -106,6 +106,8 @@ def schedule_once(
                 ready.append(decision.task_id)
             else:
                 report.pending_waiting += 1
+                if decision.reason:
+                    state.note_waiting(session, decision.task_id, reason=decision.reason)
     for start in range(0, len(ready), batch):
         with session_scope(database_url) as session:
             claimed = claim_for_queue(session, ready[start : start + batch])

@@ -24,6 +24,7 @@ __all__ = [
     "finish",
     "heartbeat",
     "mark_queued",
+    "note_waiting",
     "release_due_retries",
     "requeue",
     "reset",
@@ -172,6 +173,15 @@ def reset(
         )
     )
     return result.rowcount or 0
+
+
+def note_waiting(session: Session, task_id: int, *, reason: str) -> None:
+    """Record why a pending task cannot run yet (it stays pending)."""
+    session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.state == TaskState.PENDING)
+        .values(last_error=reason)
+    )
 
 
 def release_due_retries(session: Session) -> int:

@@ -116,6 +116,9 @@ class Step(abc.ABC):
         image step waits for the same frame; on a night step, for its night. A night
         step depending on an image step is a barrier: it runs once every frame's task
         is done, dead or excluded, on the frames that are done.
+    master_inputs : night steps (calibration masters) whose output is taken from the
+        nearest night of the same camera that has it done, the task's own night first;
+        the task waits, pending with the reason, while the camera has none.
     parameters : the parameters with their defaults and units.
     version : bump when the code changes what the step computes.
     image_types : frames an image step runs on; for a night step, the night needs at
@@ -126,6 +129,7 @@ class Step(abc.ABC):
     name: ClassVar[str]
     scope: ClassVar[Scope]
     inputs: ClassVar[tuple[str, ...]] = ()
+    master_inputs: ClassVar[tuple[str, ...]] = ()
     parameters: ClassVar[tuple[Parameter, ...]] = ()
     version: ClassVar[str] = "1"
     image_types: ClassVar[frozenset[ImageType]] = frozenset(ImageType)

@@ -1,4 +1,4 @@
-"""calibrate: an object frame calibrated with its night's masters, with error and mask.
+"""calibrate: an object frame calibrated with its camera's nearest masters, error and mask.
 
 C(I) = (I − B0 − τI · Ḋ0) / (F0/‖F0‖) in electrons, with the gain and read noise that
 master_flat measured by photon transfer (or given as parameters). Written as FITS with
@@ -25,7 +25,7 @@ __all__ = ["Calibrate"]
 class Calibrate(Step):
     name = "calibrate"
     scope = Scope.IMAGE
-    inputs = ("master_bias", "master_dark", "master_flat")
+    master_inputs = ("master_bias", "master_dark", "master_flat")
     image_types = frozenset({ImageType.OBJECT})
     parameters = (
         Parameter("gain", 0.0, "e⁻/ADU", "0: the master flat's photon-transfer gain."),
@@ -38,10 +38,10 @@ class Calibrate(Step):
         if image is None:
             raise PermanentError(f"calibrate needs an image target, got {context.target!r}")
         masters = {}
-        for step in self.inputs:
+        for step in self.master_inputs:
             products = context.inputs.get(step, ())
             if not products or products[0].output_path is None:
-                raise PermanentError(f"no {step} for night of {image.path.name}")
+                raise PermanentError(f"no {step} of this camera for {image.path.name}")
             masters[step] = (products[0].output_path, read_master(products[0].output_path))
         raw, header = read_image(image.path)
         flat_header = masters["master_flat"][1]["header"]
@@ -50,7 +50,7 @@ class Calibrate(Step):
         saturation = float(context.parameters["saturation_adu"]) or float(
             header.get("SATURATE", 15000)
         )
-        bias, dark, flat = (masters[s][1] for s in self.inputs)
+        bias, dark, flat = (masters[s][1] for s in self.master_inputs)
         if raw.shape != bias["MASTER"].shape:
             raise PermanentError(
                 f"{image.path.name} is {raw.shape[1]}x{raw.shape[0]} but the masters are "

@@ -76,7 +76,7 @@ def _check_shapes(frames: list[ImageInfo]) -> tuple[int, int]:
 def _upstream(context: StepContext, step: str) -> dict[str, np.ndarray]:
     products = context.inputs.get(step, ())
     if not products or products[0].output_path is None:
-        raise PermanentError(f"{context.step} needs the night's {step}, which has no output")
+        raise PermanentError(f"{context.step} found no {step} of this camera")
     return read_master(products[0].output_path)
 
 
@@ -134,7 +134,7 @@ class MasterDark(Step):
     name = "master_dark"
     scope = Scope.NIGHT
     queue = "heavy"
-    inputs = ("master_bias",)
+    master_inputs = ("master_bias",)
     image_types = frozenset({ImageType.DARK})
     parameters = (*COMMON, Parameter("hot_sigma", 10.0, "σ", "Hot pixel threshold."))
 
@@ -172,7 +172,7 @@ class MasterFlat(Step):
     name = "master_flat"
     scope = Scope.NIGHT
     queue = "heavy"
-    inputs = ("master_bias", "master_dark")
+    master_inputs = ("master_bias", "master_dark")
     image_types = frozenset({ImageType.FLAT})
     parameters = (
         *COMMON,

@@ -35,6 +35,12 @@ class Registry:
                 raise StepDefinitionError(f"step {step.name!r} has unknown scope {step.scope!r}")
             self._steps[step.name] = step
         for step in self._steps.values():
+            for name in step.master_inputs:
+                if name not in self._steps or self._steps[name].scope is not Scope.NIGHT:
+                    raise StepDefinitionError(
+                        f"step {step.name!r} takes masters from {name!r}, which is not a "
+                        "declared night step"
+                    )
             for name in step.inputs:
                 if name not in self._steps:
                     raise StepDefinitionError(
@@ -56,7 +62,7 @@ class Registry:
             if marks.get(name) == "visiting":
                 raise StepDefinitionError(f"the steps form a cycle: {' -> '.join((*path, name))}")
             marks[name] = "visiting"
-            for upstream in self._steps[name].inputs:
+            for upstream in self._steps[name].inputs + self._steps[name].master_inputs:
                 visit(upstream, (*path, name))
             marks[name] = "done"
             order.append(name)
@@ -84,7 +90,8 @@ class Registry:
         """Steps that depend on ``name``, directly or not (``name`` excluded)."""
         found: set[str] = set()
         for step in self:
-            if name in step.inputs or found.intersection(step.inputs):
+            upstream = set(step.inputs) | set(step.master_inputs)
+            if name in upstream or found.intersection(upstream):
                 found.add(step.name)
         return found
 
