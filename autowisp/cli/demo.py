@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from autowisp.cli.pipeline import _settings, do_ingest, do_run, print_status, shown_url
 from autowisp.db.migrate import upgrade
-from autowisp.db.models import Configuration, Task, TaskState
+from autowisp.db.models import Configuration, Step, Task, TaskState
 from autowisp.db.session import session_scope
 from autowisp.simulate.night import NightConfig, simulate_night
 
@@ -36,7 +36,8 @@ def demo(
     print_status(settings)
     with session_scope(settings.database_url) as session:
         outputs = session.execute(
-            select(Task.output_path, Task.qc)
+            select(Step.name, Task.output_path, Task.qc)
+            .join(Step, Step.id == Task.step_id)
             .join(Configuration, Configuration.id == Task.configuration_id)
             .where(
                 Configuration.active.is_(True),
@@ -47,8 +48,11 @@ def demo(
             .order_by(Task.id)
         ).all()
     typer.echo(f"outputs under {settings.storage_root}:")
-    for path, qc in outputs:
-        typer.echo(f"  night summary: {path}")
+    for step, path, qc in outputs:
+        typer.echo(f"  {step}: {path}")
         if qc and qc.get("plot"):
-            typer.echo(f"  plot: {qc['plot']}")
+            typer.echo(f"  {step} plot: {qc['plot']}")
+    calibrated = sorted(settings.storage_root.glob("calibrate/*/*"))
+    if calibrated:
+        typer.echo(f"  calibrated frames (e-, with ERROR and MASK HDUs): {calibrated[-1]}")
     typer.echo(f"ground truth of the simulated night: {next(Path(upload).rglob('truth.h5'))}")

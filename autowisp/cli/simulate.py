@@ -40,7 +40,11 @@ def simulate(
     exptime: Annotated[float, typer.Option(help="Object exposure time, s.")] = 120.0,
     calibration: Annotated[
         int,
-        typer.Option("--calibration-frames", min=0, help="Bias, dark and flat frames each."),
+        typer.Option(
+            "--calibration-frames",
+            min=0,
+            help="Bias, dark and good flat frames each (plus 2 bad flats).",
+        ),
     ] = 10,
 ) -> None:
     """Simulate a night of raw DSLR frames (bias, dark, flat, object) with ground truth."""

@@ -54,7 +54,7 @@ class NightConfig:
     cadence: float = 135.0
     biases: int = 10
     darks: int = 10
-    flats: int = 10
+    flats: int = 10  # good twilight flats; two bad ones (clouds, over-exposed) are added
     faint_limit: float = 13.5
     pixel_scale: float = 10.3  # arcsec/px
     seeing: float = 2.0  # on-axis FWHM, px
@@ -185,11 +185,16 @@ def _schedule(config: NightConfig) -> dict[str, np.ndarray]:
     first = transit - config.frames * config.cadence / 2 * day
     last = first + config.frames * config.cadence * day
     return {
-        "flat": first - 3600 * day + np.arange(config.flats) * 30 * day,
+        "flat": first - 3600 * day + np.arange(_flat_count(config)) * 30 * day,
         "object": first + np.arange(config.frames) * config.cadence * day,
         "bias": last + 600 * day + np.arange(config.biases) * 5 * day,
         "dark": last + 900 * day + np.arange(config.darks) * (config.exptime + 5) * day,
     }
+
+
+def _flat_count(config: NightConfig) -> int:
+    """Flats written: the good ones plus a cloudy and an over-exposed one (if any good)."""
+    return config.flats + 2 if config.flats >= 2 else config.flats
 
 
 def _wcs(plan: CameraPlan, fraction: float, hours: float, jitter: np.ndarray) -> TanSip:
@@ -333,7 +338,7 @@ def simulate_night(
         "seeing_phase": night_rng.uniform(0, 2 * np.pi),
         "gradient": night_rng.normal(0, 0.05, 2),
     }
-    total = config.cameras * (config.frames + config.biases + config.darks + config.flats)
+    total = config.cameras * (config.frames + config.biases + config.darks + _flat_count(config))
     done = 0
     result = NightResult(outdir, outdir / "night.json")
     night_name = config.date.replace("-", "")
@@ -428,10 +433,11 @@ def _calibration_frames(config, plan, detector, schedule, rngs, directory, advan
             records.append(FrameRecord(name, kind, float(schedule[kind][index]), exptime))
             advance(name)
     full_well = (spec.saturation_adu - spec.bias_level) * spec.gain
+    count = _flat_count(config)
     bad = {}
-    if config.flats >= 4:
-        bad = {config.flats - 2: "clouds", config.flats - 1: "overexposed"}
-    for index in range(config.flats):
+    if count > config.flats:
+        bad = {count - 2: "clouds", count - 1: "overexposed"}
+    for index in range(count):
         level = full_well * 0.4 * flat_rng.uniform(0.8, 1.2)
         gradient = flat_rng.normal(0, 0.01, 2)
         sky = _sky_image(detector, np.full(3, level), gradient)

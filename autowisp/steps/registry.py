@@ -14,13 +14,22 @@ from collections.abc import Iterable, Iterator
 from autowisp.db.models import Scope
 from autowisp.errors import StepDefinitionError
 from autowisp.steps.base import Step
+from autowisp.steps.calibrate import Calibrate
 from autowisp.steps.frame_qc import FrameQC
+from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
 from autowisp.steps.night_qc import NightQC
 
 __all__ = ["PIPELINE", "Registry", "default_registry"]
 
 #: The package's steps, upstream first.
-PIPELINE: tuple[type[Step], ...] = (FrameQC, NightQC)
+PIPELINE: tuple[type[Step], ...] = (
+    FrameQC,
+    NightQC,
+    MasterBias,
+    MasterDark,
+    MasterFlat,
+    Calibrate,
+)
 
 
 class Registry:

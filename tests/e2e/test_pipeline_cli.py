@@ -40,19 +40,31 @@ def demo_home(tmp_path_factory):
     return home, result
 
 
+DONE = {
+    "frame_qc": 36,
+    "night_qc": 1,
+    "master_bias": 1,
+    "master_dark": 1,
+    "master_flat": 1,
+    "calibrate": 4,
+}
+
+
 def test_demo_processes_a_night_end_to_end(demo_home):
     home, result = demo_home
     out = result.stdout
-    assert "ingested 34 files into 1 night(s)" in out
-    assert "ran 35 tasks" in out and "35 done" in out
-    assert "frame_qc" in out and "night_qc" in out
-    plot = Path(out.split("plot: ")[1].split()[0])
-    summary = Path(out.split("night summary: ")[1].split()[0])
+    assert "ingested 36 files into 1 night(s)" in out  # 4 objects, 10+10+12 calibration
+    # frame_qc 36, night_qc 1, three masters, calibrate 4
+    assert "ran 44 tasks" in out and "44 done" in out
+    assert "frame_qc" in out and "night_qc" in out and "calibrate" in out
+    plot = Path(out.split("night_qc plot: ")[1].split()[0])
+    summary = Path(out.split("night_qc: ")[1].split()[0])
+    assert Path(out.split("master_flat: ")[1].split()[0]).is_file()
     assert plot.is_file() and plot.read_bytes()[:4] == b"\x89PNG"
     night = json.loads(summary.read_text())
     # night_qc flags the simulator's over-exposed flat, and nothing among bias/dark.
-    assert [Path(p).name for p in night["types"]["flat"]["outliers"]] == ["flat_0010.fits"]
-    assert night["types"]["bias"]["outliers"] == [] and night["frames_used"] == 34
+    assert [Path(p).name for p in night["types"]["flat"]["outliers"]] == ["flat_0012.fits"]
+    assert night["types"]["bias"]["outliers"] == [] and night["frames_used"] == 36
     assert (home / "autowisp.sqlite").is_file()
 
 
@@ -60,9 +72,9 @@ def test_status_json_and_rerun_does_nothing(demo_home):
     home, _ = demo_home
     status = json.loads(_cli(home, "status", "--json").stdout)
     steps = {row["step"]: row for row in status["progress"]}
-    assert steps["frame_qc"]["done"] == 34 and steps["night_qc"]["done"] == 1
-    assert status["failures"] == [] and status["images"] == {"ingested": 34}
-    assert status["throughput"]["tasks_done"] == 35
+    assert {name: row["done"] for name, row in steps.items()} == DONE
+    assert status["failures"] == [] and status["images"] == {"ingested": 36}
+    assert status["throughput"]["tasks_done"] == 44
     again = _cli(home, "run").stdout
     assert "ran 0 tasks" in again and "nothing to do" in again
 
@@ -77,10 +89,13 @@ def test_config_change_reruns_only_downstream(demo_home, tmp_path):
     result = _cli(home, "run", extra_env=env).stdout
     assert "ran 1 tasks" in result and "1 done" in result
     status = json.loads(_cli(home, "status", "--json", extra_env=env).stdout)
-    assert {row["step"]: row["done"] for row in status["progress"]} == {
-        "frame_qc": 34,
-        "night_qc": 1,
-    }
+    assert {row["step"]: row["done"] for row in status["progress"]} == DONE
+    # A master's parameter: that master and the frames calibrated with it run again.
+    config.write_text(
+        "[steps.night_qc]\noutlier_sigma = 4.0\n[steps.master_flat]\nmax_structure = 0.03\n"
+    )
+    result = _cli(home, "run", extra_env=env).stdout
+    assert "ran 5 tasks" in result and "5 done" in result
 
 
 def test_ingest_command_reports_rejections(tmp_path):

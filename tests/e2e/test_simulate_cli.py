@@ -26,8 +26,8 @@ def test_night_layout_and_headers(small_night):
         directory = small_night / camera["directory"]
         names = sorted(p.name for p in directory.glob("*.fits"))
         assert [n.split("_")[0] for n in names].count("object") == 6
-        for kind in ("bias", "dark", "flat"):
-            assert sum(n.startswith(kind) for n in names) == 10
+        for kind, count in (("bias", 10), ("dark", 10), ("flat", 12)):
+            assert sum(n.startswith(kind) for n in names) == count
         truth = read_truth(small_night / camera["truth"])
         for name in names:
             with fits.open(directory / name) as hdus:
@@ -47,7 +47,7 @@ def test_night_layout_and_headers(small_night):
                 header["DEC-MNT"] - centre[1],
             )
             assert error <= 0.5 + 1e-3  # the mount pointing is off by up to 0.5 deg
-        # Two of the ten flats are bad on purpose, and say why.
+        # Two of the twelve flats are bad on purpose, and say why.
         reasons = sorted(r for r in truth.frames["bad_reason"] if r)
         assert reasons == ["clouds", "overexposed"]
 
@@ -157,7 +157,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     files = sorted(
         p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
     )
-    assert len(files) == 2 * (2 + 12 + 1) + 1
+    assert len(files) == 2 * (2 + 4 + 4 + 6 + 1) + 1  # objects, calibration, truth
     for relative in files:
         assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes()
     other = sorted(p.relative_to(tmp_path / "c") for p in (tmp_path / "c").rglob("*.fits"))

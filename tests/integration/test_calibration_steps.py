@@ -35,10 +35,8 @@ def calibrated_night(small_night, tmp_path_factory):
     url = f"sqlite:///{home / 'db.sqlite'}"
     upgrade(url)
     ingest_paths(url, [camera])
-    # The simulated night has 10 flats of which 2 are bad on purpose.
-    summary = run_local(
-        url, home / "storage", REGISTRY, jobs=2, step_parameters={"master_flat": {"min_frames": 8}}
-    )
+    # The simulated night has 12 flats of which 2 are bad on purpose.
+    summary = run_local(url, home / "storage", REGISTRY, jobs=2)
     with session_scope(url) as session:
         rows = session.execute(
             select(StepRow.name, Task.state, Task.output_path, Task.qc, Task.last_error)
@@ -98,9 +96,9 @@ def test_master_flat_matches_the_true_flat_and_rejects_bad_flats(calibrated_nigh
     assert 0.9 < np.std(pull) < 1.2
     assert abs(np.mean(pull)) < 0.1
     reasons = {Path(path).name: reason for path, reason in qc["rejected"].items()}
-    assert reasons.keys() == {"flat_0009.fits", "flat_0010.fits"}
-    assert reasons["flat_0009.fits"].startswith("clouds")
-    assert reasons["flat_0010.fits"].startswith("over-exposed")
+    assert reasons.keys() == {"flat_0011.fits", "flat_0012.fits"}
+    assert reasons["flat_0011.fits"].startswith("clouds")
+    assert reasons["flat_0012.fits"].startswith("over-exposed")
     assert qc["gain"] == pytest.approx(truth.camera["gain"], rel=0.05)
     assert qc["read_noise"] == pytest.approx(truth.camera["read_noise"], rel=0.1)
 
@@ -154,12 +152,12 @@ def test_only_bad_flats_give_the_reasons(small_night, tmp_path):
     night = sorted(p for p in small_night.iterdir() if p.is_dir())[0]
     frames = sorted(night.rglob("*.fits"))
     chosen = [f for f in frames if f.name.startswith(("bias", "dark"))]
-    chosen += [f for f in frames if f.name in ("flat_0009.fits", "flat_0010.fits")]
+    chosen += [f for f in frames if f.name in ("flat_0011.fits", "flat_0012.fits")]
     outcome = _run_night(tmp_path, chosen, {"master_flat": {"min_frames": 3}})
     state, error = outcome["master_flat"]
     assert state is TaskState.DEAD
     # The cloudy flat alone has nothing to be compared with; the over-exposed one is out.
-    assert "1 usable, 3 needed" in error and "flat_0010.fits (over-exposed" in error
+    assert "1 usable, 3 needed" in error and "flat_0012.fits (over-exposed" in error
     assert outcome["master_bias"][0] is TaskState.DONE
 
 

@@ -25,8 +25,8 @@ def _count(url, *where):
 
 def test_simulated_night(db_url, small_night):
     report = ingest_paths(db_url, [small_night])
-    # 2 cameras × (6 object + 30 calibration frames); truth.h5 and night.json ignored.
-    assert report.ingested == 72 and not report.rejected and report.duplicates == 0
+    # 2 cameras × (6 object + 32 calibration frames); truth.h5 and night.json ignored.
+    assert report.ingested == 76 and not report.rejected and report.duplicates == 0
     with session_scope(db_url) as session:
         nights = session.scalars(select(Night)).all()
         assert len(nights) == 2
@@ -39,7 +39,7 @@ def test_simulated_night(db_url, small_night):
         assert types == {
             ImageType.BIAS: 20,
             ImageType.DARK: 20,
-            ImageType.FLAT: 20,
+            ImageType.FLAT: 24,
             ImageType.OBJECT: 12,
         }
         cameras = session.scalars(select(Camera)).all()
@@ -52,8 +52,8 @@ def test_simulated_night(db_url, small_night):
         assert abs(image.jd - (2440587.5 + image.date_obs.timestamp() / 86400 + 60 / 86400)) < 1e-6
     # The same upload again changes nothing.
     again = ingest_paths(db_url, [small_night])
-    assert again.ingested == 0 and again.duplicates == 72
-    assert _count(db_url) == 72
+    assert again.ingested == 0 and again.duplicates == 76
+    assert _count(db_url) == 76
 
 
 def test_panoptes_frames_with_rules(db_url, tmp_path):

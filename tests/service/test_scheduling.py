@@ -55,7 +55,7 @@ def _schedule(url: str, out: str, cycles: int, barrier) -> None:
 
 
 def test_two_schedulers_never_queue_a_task_twice(pg_url, small_night, tmp_path):
-    ingest_paths(pg_url, [small_night])  # 72 frames x 3 independent steps = 216 tasks
+    ingest_paths(pg_url, [small_night])  # 76 frames x 3 independent steps = 228 tasks
     context = multiprocessing.get_context("spawn")
     outputs = [tmp_path / "one.txt", tmp_path / "two.txt"]
     barrier = context.Barrier(2)
@@ -68,7 +68,7 @@ def test_two_schedulers_never_queue_a_task_twice(pg_url, small_night, tmp_path):
         process.join(120)
         assert process.exitcode == 0
     published = [int(line) for out in outputs if out.exists() for line in out.read_text().split()]
-    assert len(published) == 216
+    assert len(published) == 228
     assert len(set(published)) == len(published), "a task was queued twice"
     # Both schedulers did part of the work.
     assert all(out.exists() and out.read_text() for out in outputs)
@@ -84,4 +84,4 @@ def test_a_failed_publish_gives_the_tasks_back(pg_url, small_night):
         schedule_once(pg_url, REGISTRY, broken)
     with session_scope(pg_url) as session:
         states = dict(session.execute(select(Task.state, func.count()).group_by(Task.state)).all())
-    assert states == {TaskState.PENDING: 3 * 36}
+    assert states == {TaskState.PENDING: 3 * 38}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from astropy.io import fits
 from sqlalchemy import select
 
 from autowisp.db.models import Configuration, Image, Task, TaskState
@@ -74,9 +75,10 @@ def test_night_through_scheduler_and_two_workers_matches_local_executor(
     service.worker("w1")
     service.worker("w2")
     service.scheduler()
-    service.wait_finished(36 + 1, timeout=180)
+    # frame_qc on 38 frames, night_qc, three masters, calibrate on 6 object frames
+    service.wait_finished(38 + 1 + 3 + 6, timeout=240)
     served, local = _outputs(pg_url), _outputs(local_url)
-    assert served.keys() == local.keys() and len(served) == 37
+    assert served.keys() == local.keys() and len(served) == 48
     hosts = set()
     for key, (path, qc) in served.items():
         local_path, local_qc = local[key]
@@ -85,6 +87,12 @@ def test_night_through_scheduler_and_two_workers_matches_local_executor(
             with h5py.File(path) as a, h5py.File(local_path) as b:
                 for name in ("median", "noise", "saturated_fraction"):
                     np.testing.assert_array_equal(a[name][()], b[name][()])
+        elif path.endswith(".fits"):  # masters and calibrated frames
+            assert qc == local_qc
+            with fits.open(path) as a, fits.open(local_path) as b:
+                assert [h.name for h in a] == [h.name for h in b]
+                for ours, theirs in zip(a, b, strict=True):
+                    np.testing.assert_array_equal(ours.data, theirs.data)
         else:
             ours, theirs = (
                 json.loads(Path(path).read_text()),

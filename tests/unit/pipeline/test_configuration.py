@@ -62,4 +62,11 @@ def test_registry_validates_the_dag():
 
 def test_default_pipeline_is_declared():
     names = [step.name for step in default_registry()]
-    assert names == ["frame_qc", "night_qc"]
+    assert names == [
+        "frame_qc",
+        "night_qc",
+        "master_bias",
+        "master_dark",
+        "master_flat",
+        "calibrate",
+    ]
