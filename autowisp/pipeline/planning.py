@@ -18,6 +18,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from autowisp.db.models import (
+    Camera,
     Configuration,
     Image,
     ImageState,
@@ -164,6 +165,9 @@ def classify_pending(
             by_night[(name, night_id)].append(state)
     master_names = {name for step in registry for name in step.master_inputs}
     camera_of, masters = _master_states(session, registry, configurations, master_names)
+    serial_of = (
+        dict(session.execute(select(Camera.id, Camera.serial)).all()) if master_names else {}
+    )
     decisions = []
     for task_id, step_id, image_id, night_id in pending:
         step = registry[step_of[step_id]]
@@ -190,7 +194,11 @@ def classify_pending(
             if state is not TaskState.DONE:
                 verdict = "wait"
         if verdict == "ready" and step.master_inputs:
-            verdict, reason = _masters_verdict(step, camera_of.get(night_id), masters)
+            camera = camera_of.get(night_id)
+            verdict, reason = _masters_verdict(step, camera, masters)
+            allowed = configurations[step.name].parameters.get("uncalibrated_cameras", [])
+            if verdict == "wait" and reason and serial_of.get(camera) in allowed:
+                verdict, reason = "ready", ""  # configured to proceed without masters
         decisions.append(Decision(task_id, verdict, reason))
     return decisions
 

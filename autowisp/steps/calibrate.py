@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from astropy.io import fits
 
+from autowisp.core.bayer import channels
 from autowisp.core.calibration import calibrate_frame
 from autowisp.db.models import ImageType, Scope
 from autowisp.errors import PermanentError
@@ -31,6 +32,20 @@ class Calibrate(Step):
         Parameter("gain", 0.0, "e⁻/ADU", "0: the master flat's photon-transfer gain."),
         Parameter("read_noise", 0.0, "e⁻", "0: the master flat's photon-transfer value."),
         Parameter("saturation_adu", 0, "ADU", "0: the header's SATURATE, else 15000."),
+        Parameter(
+            "uncalibrated_cameras",
+            [],
+            "",
+            "Serials of cameras whose frames proceed without masters when the camera "
+            "has none (flagged UNCALIB); others wait for calibration frames.",
+        ),
+        Parameter(
+            "uncalibrated_bias_adu",
+            0.0,
+            "ADU",
+            "Bias level without masters; 0 estimates it per channel from the darkest "
+            "0.1 % of pixels.",
+        ),
     )
 
     def run(self, context: StepContext) -> StepResult:
@@ -41,6 +56,8 @@ class Calibrate(Step):
         for step in self.master_inputs:
             products = context.inputs.get(step, ())
             if not products or products[0].output_path is None:
+                if image.camera_serial in context.parameters["uncalibrated_cameras"]:
+                    return self._uncalibrated(context)
                 raise PermanentError(f"no {step} of this camera for {image.path.name}")
             masters[step] = (products[0].output_path, read_master(products[0].output_path))
         raw, header = read_image(image.path)
@@ -86,6 +103,7 @@ class Calibrate(Step):
         return StepResult(
             path,
             {
+                "uncalibrated": False,
                 "median_e": float(np.median(calibrated[good])) if good.any() else None,
                 "noise_e": float(
                     1.4826 * np.median(np.abs(calibrated[good] - np.median(calibrated[good])))
@@ -95,4 +113,40 @@ class Calibrate(Step):
                 "saturated_fraction": float(np.mean(raw >= saturation)),
                 "masked_fraction": float(1 - good.mean()),
             },
+        )
+
+    def _uncalibrated(self, context: StepContext) -> StepResult:
+        """No masters exist for this camera and it may proceed: subtract a bias level only,
+        and say so in the header and the QC figures."""
+        image = context.image
+        raw, header = read_image(image.path)
+        level = float(context.parameters["uncalibrated_bias_adu"])
+        bias = np.zeros(raw.shape, dtype=np.float64)
+        for channel in channels(image.layout):
+            view = channel.view(raw).astype(np.float64)
+            channel.view(bias)[...] = level or float(np.percentile(view, 0.1))
+        gain = float(context.parameters["gain"]) or 1.0
+        read_noise = float(context.parameters["read_noise"])
+        saturation = float(context.parameters["saturation_adu"]) or float(
+            header.get("SATURATE", 15000)
+        )
+        calibrated, error, mask = calibrate_frame(
+            raw,
+            exptime=image.exptime,
+            bias=bias,
+            dark_rate=np.zeros(raw.shape),
+            flat=np.ones(raw.shape),
+            gain=gain,
+            read_noise=read_noise,
+            saturation=saturation,
+        )
+        out = fits.Header()
+        out["BUNIT"] = "electron" if context.parameters["gain"] else "adu"
+        out["BAYERPAT"] = image.layout
+        out["UNCALIB"] = (True, "no bias, dark or flat master: bias level only")
+        out.add_history(f"bias level estimated per channel: {sorted(set(bias.flat))[:4]}")
+        path = context.output_path("fits")
+        write_product(path, {"IMAGE": calibrated, "ERROR": error, "MASK": mask}, out)
+        return StepResult(
+            path, {"uncalibrated": True, "saturated_fraction": float(np.mean(raw >= saturation))}
         )

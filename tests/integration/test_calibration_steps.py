@@ -215,3 +215,66 @@ def test_a_night_without_calibration_waits_then_uses_the_nearest_masters(small_n
     assert len(later_outputs) == 2
     history = read_master(later_outputs[0])["header"]["HISTORY"]
     assert flat_path in "".join(history)  # long paths wrap over several HISTORY cards
+
+
+def test_a_monochrome_camera_is_the_one_channel_case(tmp_path):
+    from tests.conftest import run_cli
+
+    run_cli(
+        "simulate",
+        str(tmp_path / "mono"),
+        "--frames",
+        "2",
+        "--size",
+        "128x96",
+        "--layout",
+        "MONO",
+        "--seed",
+        "4",
+    )
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    ingest_paths(url, [tmp_path / "mono"], rules={"default_layout": "MONO"})
+    run_local(url, tmp_path / "storage", REGISTRY, jobs=2)
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(StepRow.name, Task.state, Task.output_path, Task.last_error).join(
+                StepRow, StepRow.id == Task.step_id
+            )
+        ).all()
+    assert all(state is TaskState.DONE for _, state, _, _ in rows), rows
+    flat = read_master(Path(next(p for n, _, p, _ in rows if n == "master_flat")))
+    truth = read_truth(next((tmp_path / "mono").rglob("truth.h5")))
+    true_flat = truth.calibration["flat"] / np.median(truth.calibration["flat"])
+    good = ~truth.calibration["dead"]
+    pull = ((flat["MASTER"] - true_flat) / flat["ERROR"])[good]
+    assert 0.9 < np.std(pull) < 1.2
+    product = read_master(Path(next(p for n, _, p, _ in rows if n == "calibrate")))
+    assert product["header"]["BAYERPAT"] == "MONO"
+
+
+def test_a_camera_may_proceed_uncalibrated_and_says_so(small_night, tmp_path):
+    from astropy.io import fits
+
+    night = sorted(p for p in small_night.iterdir() if p.is_dir())[0]
+    objects = sorted(night.rglob("object_*.fits"))[:2]
+    serial = fits.getheader(objects[0])["CAMSN"]
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    ingest_paths(url, objects)
+    run_local(
+        url,
+        tmp_path / "storage",
+        REGISTRY,
+        jobs=1,
+        step_parameters={"calibrate": {"uncalibrated_cameras": [serial]}},
+    )
+    with session_scope(url) as session:
+        rows = session.execute(select(Task.state, Task.qc, Task.output_path)).all()
+    assert len(rows) == 2
+    for state, qc, path in rows:
+        assert state is TaskState.DONE and qc["uncalibrated"] is True
+        product = read_master(Path(path))
+        assert product["header"]["UNCALIB"] is True
+        # The bias level is gone: the sky (~300 e-/px here) is what is left, in ADU.
+        assert 50 < np.median(product["IMAGE"]) < 400
