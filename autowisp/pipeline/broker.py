@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 
 from celery import Celery
+from kombu import Queue
+from kombu.utils.uuid import uuid
 
 from autowisp.pipeline.scheduler import Publisher
 
@@ -28,17 +30,32 @@ def celery_publisher(broker_url: str) -> Publisher:
         result_backend=None,
     )
 
+    amqp = client.amqp
+
     def publish(messages: Sequence[tuple[int, str]]) -> None:
         if not messages:
             return
+        declared: set[str] = set()
         with client.producer_or_acquire() as producer:
             # kombu's publish batches pipeline the Redis commands (one round trip per
             # 1,000 messages); older kombu, or another broker, publishes one by one.
-            # No kombu-level retry (it disables batching): on failure the scheduler
-            # gives the rows back and its next cycle publishes them again.
+            # Messages are built once with Celery's own protocol (create_task_message)
+            # and sent straight to the queue, skipping send_task's per-call routing:
+            # about 3x faster. No kombu-level retry (it disables batching): on failure
+            # the scheduler gives the rows back and publishes them on its next cycle.
             batch = getattr(producer, "batch", None)
             with batch(max_size=1000) if batch is not None else nullcontext():
                 for task_id, queue in messages:
-                    client.send_task(TASK_NAME, args=(task_id,), queue=queue, producer=producer)
+                    message = amqp.create_task_message(uuid(), TASK_NAME, (task_id,), {})
+                    producer.publish(
+                        message.body,
+                        exchange="",
+                        routing_key=queue,
+                        headers=message.headers,
+                        serializer="json",
+                        declare=None if queue in declared else [Queue(queue)],
+                        **message.properties,
+                    )
+                    declared.add(queue)
 
     return publish
