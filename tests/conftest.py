@@ -26,14 +26,25 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def run_cli(
-    *args: str, check: bool = True, cwd: Path | None = None
+    *args: str,
+    check: bool = True,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``autowisp ARGS`` in a subprocess with this interpreter."""
+    """Run ``autowisp ARGS`` in a subprocess with this interpreter.
+
+    With ``env``, the AUTOWISP_* variables of this process are dropped and ``env`` added.
+    """
+    environment = None
+    if env is not None:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("AUTOWISP_")}
+        environment.update(env)
     result = subprocess.run(
         [sys.executable, "-m", "autowisp.cli.main", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
+        env=environment,
         timeout=600,
     )
     if check and result.returncode != 0:
@@ -46,7 +57,7 @@ def run_cli(
 
 @pytest.fixture(scope="session")
 def small_night(tmp_path_factory) -> Path:
-    """Two cameras, 6 object frames of 320×256 px, 10 of each calibration frame."""
+    """Two cameras, 6 object frames of 320×256 px, 10 bias, 10 dark, 10 + 2 bad flats."""
     outdir = tmp_path_factory.mktemp("night") / "upload"
     run_cli(
         "simulate",

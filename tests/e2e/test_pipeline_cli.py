@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, run_cli
 
 
 def _cli(home: Path, *args: str, check: bool = True, extra_env=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOWISP_")}
-    env["AUTOWISP_HOME"] = str(home)
-    env.update(extra_env or {})
-    result = subprocess.run(
-        [sys.executable, "-m", "autowisp.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"autowisp {' '.join(args)} exited {result.returncode}\n"
-            f"{result.stdout}\n{result.stderr}"
-        )
-    return result
+    return run_cli(*args, check=check, env={"AUTOWISP_HOME": str(home), **(extra_env or {})})
 
 
 @pytest.fixture(scope="module")
