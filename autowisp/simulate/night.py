@@ -518,12 +518,11 @@ def _object_frames(
             lst[i],
             config.site,
         )
-        yy, xx = np.mgrid[0:ny, 0:nx]
-        cloud_map = observing.cloud_at(blobs, spec.shape, xx, yy)
         sky_rate = np.array(_SKY_RATE) * float(centre_air[0]) ** 0.5
-        sky_image = _sky_image(detector, sky_rate * config.exptime, weather["gradient"]) * (
-            1.0 + 0.6 * (1.0 - cloud_map)
-        )
+        sky_image = _sky_image(detector, sky_rate * config.exptime, weather["gradient"])
+        if len(blobs):  # clouds brighten the sky where they absorb (clear frames: no grid)
+            yy, xx = np.mgrid[0:ny, 0:nx]
+            sky_image *= 1.0 + 0.6 * (1.0 - observing.cloud_at(blobs, spec.shape, xx, yy))
         scene = Scene(
             config.exptime,
             x[inside],

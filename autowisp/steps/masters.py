@@ -18,7 +18,7 @@ from autowisp.core.bayer import channels
 from autowisp.core.calibration import clipped_stack, photon_transfer
 from autowisp.db.models import ImageType, Scope
 from autowisp.errors import PermanentError
-from autowisp.io.fits import read_image
+from autowisp.io.fits import image_hdu_index, read_image
 from autowisp.io.stacks import band_rows, read_bands, write_product
 from autowisp.steps.base import ImageInfo, Parameter, Step, StepContext, StepResult
 
@@ -65,7 +65,8 @@ def _check_count(
 def _check_shapes(frames: list[ImageInfo]) -> tuple[int, int]:
     shapes = {}
     for image in frames:
-        header = fits.getheader(image.path, 1 if image.path.name.endswith(".fz") else 0)
+        with fits.open(image.path) as hdus:
+            header = hdus[image_hdu_index(hdus)].header
         shapes.setdefault((int(header["NAXIS2"]), int(header["NAXIS1"])), []).append(image)
     if len(shapes) > 1:
         summary = ", ".join(f"{len(v)} of {k[1]}x{k[0]}" for k, v in shapes.items())
