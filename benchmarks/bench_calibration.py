@@ -2,7 +2,7 @@
 
 Each case runs in its own process (peak RSS is its own), on the same files:
 - ours: ``autowisp.io.stacks.read_bands`` + ``autowisp.core.calibration.clipped_stack``
-  (5σ, 3 iterations) reading row bands under a 300 MiB limit, including reading;
+  (5σ, 3 iterations) reading row bands under the master steps' default memory limit, including reading;
 - numpy: ``numpy.median(stack, axis=0)`` over the stack preloaded in memory (reading
   not timed), no clipping;
 - ccdproc: ``ccdproc.combine`` (median, 5σ clipping) on the files, as in its docs.
@@ -45,11 +45,14 @@ def _write(directory: Path, frames: int) -> list[Path]:
 def _ours(paths: list[Path]) -> dict:
     from autowisp.core.calibration import clipped_stack
     from autowisp.io.stacks import band_rows, read_bands
+    from autowisp.steps.masters import MasterBias
+
+    limit = next(p.default for p in MasterBias.parameters if p.name == "memory_limit_mb")
 
     clipped_stack(np.zeros((3, 2, 2), np.float32))  # compile outside the timing
     start = time.perf_counter()
     master = np.empty(SHAPE, np.float32)
-    for band, data in read_bands(paths, band_rows(len(paths), SHAPE[1], 300.0)):
+    for band, data in read_bands(paths, band_rows(len(paths), SHAPE[1], limit)):
         master[band] = clipped_stack(data).value
     return {"seconds": time.perf_counter() - start, "median": float(np.median(master))}
 

@@ -173,6 +173,36 @@ class TanSip:
         v = np.where(failed, np.nan, v)
         return u + self.crpix[0], v + self.crpix[1]
 
+    @classmethod
+    def from_header(cls, header) -> TanSip:
+        """Read a TAN or TAN-SIP WCS (``CD`` or ``PC``/``CDELT``) from a FITS header."""
+        for key in ("CTYPE1", "CTYPE2", "CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2"):
+            if key not in header:
+                raise ValueError(f"the header has no {key}: not a celestial WCS")
+        if not str(header["CTYPE1"]).startswith("RA---TAN"):
+            raise ValueError(f"CTYPE1={header['CTYPE1']!r} is not a TAN projection")
+        if "CD1_1" in header:
+            cd = np.array([[header.get(f"CD{i}_{j}", 0.0) for j in (1, 2)] for i in (1, 2)])
+        else:
+            pc = np.array(
+                [[header.get(f"PC{i}_{j}", float(i == j)) for j in (1, 2)] for i in (1, 2)]
+            )
+            cd = pc * np.array([header.get("CDELT1", 1.0), header.get("CDELT2", 1.0)])[:, None]
+        order = int(header.get("A_ORDER", 2))
+        a = np.zeros((order + 1, order + 1))
+        b = np.zeros((order + 1, order + 1))
+        for p in range(order + 1):
+            for q in range(order + 1 - p):
+                a[p, q] = float(header.get(f"A_{p}_{q}", 0.0))
+                b[p, q] = float(header.get(f"B_{p}_{q}", 0.0))
+        return cls(
+            np.array([float(header["CRPIX1"]) - 1.0, float(header["CRPIX2"]) - 1.0]),
+            np.array([float(header["CRVAL1"]), float(header["CRVAL2"])]),
+            cd.astype(float),
+            a,
+            b,
+        )
+
     def to_header(self, *, inverse_order: int | None = None, shape=None) -> fits.Header:
         """FITS header of this WCS (1-based ``CRPIX``), readable by astropy and DS9.
 

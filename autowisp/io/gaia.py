@@ -33,9 +33,9 @@ GAIA_DTYPE = np.dtype(
 
 @dataclass(frozen=True)
 class CatalogueStars:
-    """Stars of a cone: Gaia ids, positions (deg), G magnitude and BP−RP colour (mag).
+    """Stars of a cone: Gaia ids, positions (deg), G, BP, RP and BP−RP (mag).
 
-    ``bp_rp`` is NaN where the catalogue has no colour.
+    ``bp``, ``rp`` and ``bp_rp`` are NaN where the catalogue has no colour.
     """
 
     source_id: np.ndarray
@@ -43,6 +43,8 @@ class CatalogueStars:
     dec: np.ndarray
     gmag: np.ndarray
     bp_rp: np.ndarray
+    bp: np.ndarray
+    rp: np.ndarray
 
     def __len__(self) -> int:
         return int(self.source_id.size)
@@ -96,11 +98,15 @@ def cone_search(ra: float, dec: float, radius: float, *, gmax: float = 99.0) -> 
     chosen = chosen[np.argsort(chosen["phot_g_mean_mag"], kind="stable")]
     bp = chosen["phot_bp_mean_mag"].astype(float)
     rp = chosen["phot_rp_mean_mag"].astype(float)
-    colour = np.where((bp > 0) & (rp > 0), bp - rp, np.nan)
+    bp = np.where(bp > 0, bp, np.nan)
+    rp = np.where(rp > 0, rp, np.nan)
+    colour = bp - rp
     return CatalogueStars(
         source_id=chosen["source_id"].astype(np.int64),
         ra=chosen["ra"].astype(float),
         dec=chosen["dec"].astype(float),
         gmag=chosen["phot_g_mean_mag"].astype(float),
         bp_rp=colour,
+        bp=bp,
+        rp=rp,
     )

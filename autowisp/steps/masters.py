@@ -27,7 +27,7 @@ __all__ = ["MasterBias", "MasterDark", "MasterFlat", "read_master"]
 COMMON = (
     Parameter("min_frames", 10, "", "Fewest frames a master may be made of."),
     Parameter("sigma", 5.0, "σ", "Clipping threshold."),
-    Parameter("memory_limit_mb", 300.0, "MiB", "Memory for the frames being stacked."),
+    Parameter("memory_limit_mb", 150.0, "MiB", "Memory for the frames being stacked."),
 )
 
 

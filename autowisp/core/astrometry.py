@@ -1,0 +1,597 @@
+"""Astrometric solution of a frame: triangle matching, then an iterative TAN-SIP fit.
+
+Pattern matching (:func:`match_triangles`): the brightest sources of each image cell and
+the brightest catalogue stars of each equally sized window of the tangent plane around the
+pointing hint form triangles with their nearest neighbours; the triangles' sorted side
+ratios are invariant under translation, rotation, scale and parity, so a k-d tree finds
+image and catalogue triangles of the same shape. Each pair of triangles proposes an affine
+map; those that are a similarity of the expected scale (within the given uncertainty) are
+verified by the number of other bright sources that land on catalogue stars, and the best
+one seeds the fit.
+
+Refinement (:func:`refine`): catalogue stars are projected through the current solution,
+matched to the nearest sources (k-d tree, mutual nearest neighbours), and a TAN projection
+with SIP distortion is fitted by linear least squares (:func:`fit_tan_sip`), first near the
+seed with a linear model, then over the whole frame with the full polynomial order, with
+the matching radius shrinking to a few times the residual RMS and 3σ outliers left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from autowisp.core.projection import TanSip, tan_deproject, tan_project
+
+__all__ = [
+    "Solution",
+    "SolveError",
+    "fit_tan_sip",
+    "match_triangles",
+    "refine",
+    "solve",
+    "triangles",
+]
+
+
+class SolveError(ValueError):
+    """The frame cannot be solved; the message says why (too few sources, no match...)."""
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A frame's astrometric solution and how well it fits.
+
+    ``source_index`` and ``catalogue_index`` are the matched pairs kept in the final fit;
+    ``residual_px`` their distances (source − projected catalogue star).
+    """
+
+    wcs: TanSip
+    source_index: np.ndarray
+    catalogue_index: np.ndarray
+    residual_px: np.ndarray
+    rms_px: float
+    rotation_deg: float
+    parity: int
+    pointing_offset_deg: float
+
+    @property
+    def matched(self) -> int:
+        return int(self.source_index.size)
+
+    @property
+    def rms_arcsec(self) -> float:
+        return self.rms_px * self.wcs.pixel_scale
+
+
+def triangles(
+    x: np.ndarray, y: np.ndarray, *, neighbours: int = 5, min_side: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Triangles of each point with pairs of its ``neighbours`` nearest points.
+
+    Returns
+    -------
+    vertices : (T, 3) int ndarray
+        Point indices, ordered so that the opposite sides are shortest to longest.
+    invariants : (T, 2) ndarray
+        ``(a / c, b / c)`` for the sides ``a <= b <= c``.
+    """
+    points = np.column_stack([x, y]).astype(float)
+    members = np.arange(len(points))[None, :]
+    if len(points) < 3:
+        return np.zeros((0, 3), np.intp), np.zeros((0, 2))
+    vertices, invariants = _collect(points, members, neighbours)
+    p = points[vertices]
+    longest = np.hypot(*(p[:, 0] - p[:, 1]).T)
+    keep = longest > min_side
+    return vertices[keep], invariants[keep]
+
+
+def _window_members(
+    x: np.ndarray, y: np.ndarray, centres: np.ndarray, half: float, per_window: int
+) -> np.ndarray:
+    """(W, per_window) indices of the first (brightest) points in each square window,
+    padded with -1."""
+    members = np.full((len(centres), per_window), -1, dtype=np.intp)
+    if len(x) == 0 or len(centres) == 0:
+        return members
+    tree = cKDTree(np.column_stack([x, y]))
+    found = tree.query_ball_point(centres, half, p=np.inf, return_sorted=True)
+    for row, indices in enumerate(found):
+        first = indices[:per_window]
+        members[row, : len(first)] = first
+    return members
+
+
+def _collect(
+    points: np.ndarray, members: np.ndarray, neighbours: int = 5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Triangles of every window's points with pairs of their nearest neighbours in the
+    same window (all windows at once), without repeats; see :func:`triangles`."""
+    w, m = members.shape
+    valid = members >= 0
+    xy = np.where(valid[..., None], points[np.maximum(members, 0)], np.nan)
+    distance = np.hypot(
+        xy[:, :, None, 0] - xy[:, None, :, 0], xy[:, :, None, 1] - xy[:, None, :, 1]
+    )
+    distance[:, np.arange(m), np.arange(m)] = np.inf
+    distance = np.where(np.isfinite(distance), distance, np.inf)
+    k = min(neighbours, m - 1)
+    if k < 2:
+        return np.zeros((0, 3), np.intp), np.zeros((0, 2))
+    near = np.argsort(distance, axis=2)[:, :, :k]  # (W, M, k) positions within the window
+    near_ok = np.take_along_axis(distance, near, axis=2) < np.inf
+    first, second = np.triu_indices(k, 1)
+    own = np.broadcast_to(np.arange(m)[None, :, None], (w, m, first.size))
+    combos = np.stack([own, near[:, :, first], near[:, :, second]], axis=-1)
+    ok = valid[:, :, None] & near_ok[:, :, first] & near_ok[:, :, second]
+    window = np.broadcast_to(np.arange(w)[:, None, None], ok.shape)
+    local = combos[ok]
+    global_index = members[window[ok][:, None], local]
+    global_index = np.sort(global_index, axis=1)
+    n = np.int64(len(points))
+    key = (global_index[:, 0] * n + global_index[:, 1]) * n + global_index[:, 2]
+    _, first_seen = np.unique(key, return_index=True)
+    global_index = global_index[first_seen]
+    return _triangle_shapes(points, global_index)
+
+
+def _triangle_shapes(points: np.ndarray, combos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order each triangle's vertices by opposite side and give its side ratios."""
+    if combos.size == 0:
+        return np.zeros((0, 3), np.intp), np.zeros((0, 2))
+    p = points[combos]
+    opposite = np.stack(
+        [
+            np.hypot(*(p[:, 1] - p[:, 2]).T),
+            np.hypot(*(p[:, 2] - p[:, 0]).T),
+            np.hypot(*(p[:, 0] - p[:, 1]).T),
+        ],
+        axis=1,
+    )
+    order = np.argsort(opposite, axis=1)
+    sides = np.take_along_axis(opposite, order, axis=1)
+    vertices = np.take_along_axis(combos, order, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        invariants = sides[:, :2] / sides[:, 2:3]
+    keep = np.all(np.isfinite(invariants), axis=1) & (invariants[:, 0] > 0.05)
+    return vertices[keep], invariants[keep]
+
+
+def _affine_from_triangles(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """(P, 3, 2) source and destination points to (P, 3, 2) affine maps ``[x y 1] @ M``."""
+    design = np.concatenate([src, np.ones((*src.shape[:2], 1))], axis=2)
+    with np.errstate(all="ignore"):
+        good = np.abs(np.linalg.det(design)) > 1e-9
+        result = np.full((*design.shape[:1], 3, 2), np.nan)
+        result[good] = np.linalg.solve(design[good], dst[good])
+    return result
+
+
+@dataclass(frozen=True)
+class _Seed:
+    affine: np.ndarray  # (3, 2): [x y 1] @ affine = catalogue plane, in expected pixels
+    votes: int
+    centre: np.ndarray  # (2,) image position the seed was verified around
+    source_index: np.ndarray  # the verified pairs
+    catalogue_index: np.ndarray
+
+
+def match_triangles(
+    image_xy: np.ndarray,
+    catalogue_xy: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    scale_tolerance: float = 0.2,
+    per_cell: int = 20,
+    cell: float | None = None,
+    tolerance: float = 0.006,
+    verify_radius: float = 3.0,
+    min_votes: int = 10,
+    stages: tuple[float, ...] = (0.3, 1.0),
+) -> _Seed:
+    """Find the similarity mapping image pixels onto the catalogue's tangent plane.
+
+    ``image_xy`` are source positions, brightest first; ``catalogue_xy`` catalogue stars on
+    the tangent plane at the pointing hint in units of the expected pixel scale,
+    brightest first. The map may rotate by any angle, flip parity and scale by
+    ``1 ± scale_tolerance``. The catalogue windows are searched nearest to the hint first
+    (``stages``: fractions of the farthest window's distance), which is where a frame
+    usually is. Raises :class:`SolveError` when no map is supported by at least
+    ``min_votes`` stars.
+    """
+    ny, nx = shape
+    if len(image_xy) < 4:
+        raise SolveError(f"only {len(image_xy)} sources: at least 4 are needed to match")
+    if cell is None:
+        cell = float(min(nx, ny))
+    half = cell / 2.0
+    # Image cells and catalogue windows of the same size (windows overlap by half).
+    cols = max(1, round(nx / cell))
+    rows = max(1, round(ny / cell))
+    image_centres = np.array(
+        [((i + 0.5) * nx / cols, (j + 0.5) * ny / rows) for i in range(cols) for j in range(rows)]
+    )
+    image_members = _window_members(
+        image_xy[:, 0], image_xy[:, 1], image_centres, max(nx / cols, ny / rows) / 2, per_cell
+    )
+    image_vertices, image_inv = _collect(image_xy, image_members)
+    if len(image_vertices) == 0:
+        raise SolveError("too few sources to form triangles")
+    lo = catalogue_xy.min(axis=0)
+    hi = catalogue_xy.max(axis=0)
+    gx = np.arange(lo[0], hi[0] + half, half)
+    gy = np.arange(lo[1], hi[1] + half, half)
+    window_centres = np.array([(a, b) for a in gx for b in gy])
+    distance_from_hint = np.hypot(window_centres[:, 0], window_centres[:, 1])
+    farthest = float(distance_from_hint.max())
+    catalogue_tree = cKDTree(catalogue_xy)
+    best: _Seed | None = None
+    searched = np.zeros(len(window_centres), bool)
+    for stage in stages:
+        chosen = ~searched & (distance_from_hint <= stage * farthest + 1e-9)
+        if not chosen.any():
+            continue
+        searched |= chosen
+        # The catalogue window must hold the stars an image cell holds at any scale and
+        # rotation: a little wider than the cell, with a few more stars.
+        members = _window_members(
+            catalogue_xy[:, 0],
+            catalogue_xy[:, 1],
+            window_centres[chosen],
+            half * 1.1,
+            int(per_cell * 1.5),
+        )
+        catalogue_vertices, catalogue_inv = _collect(catalogue_xy, members)
+        if len(catalogue_vertices) == 0:
+            continue
+        seed = _best_pair(
+            image_xy, image_vertices, image_inv, catalogue_xy, catalogue_vertices,
+            catalogue_inv, catalogue_tree, scale_tolerance=scale_tolerance,
+            tolerance=tolerance, verify_radius=verify_radius,
+        )  # fmt: skip
+        if seed is not None and (best is None or seed.votes > best.votes):
+            best = seed
+        if best is not None and best.votes >= min_votes:
+            return best
+    if best is None:
+        raise SolveError(
+            "no catalogue triangle around the pointing matches an image triangle at the "
+            "expected pixel scale"
+        )
+    raise SolveError(
+        f"no match with the catalogue: the best pattern match has {best.votes} stars in "
+        f"agreement, {min_votes} are needed"
+    )
+
+
+def _best_pair(
+    image_xy: np.ndarray,
+    image_vertices: np.ndarray,
+    image_inv: np.ndarray,
+    catalogue_xy: np.ndarray,
+    catalogue_vertices: np.ndarray,
+    catalogue_inv: np.ndarray,
+    catalogue_tree: cKDTree,
+    *,
+    scale_tolerance: float,
+    tolerance: float,
+    verify_radius: float,
+) -> _Seed | None:
+    """The triangle pair whose similarity puts most bright sources on catalogue stars."""
+    pairs = cKDTree(catalogue_inv).query_ball_point(image_inv, tolerance)
+    left = np.repeat(np.arange(len(pairs)), [len(p) for p in pairs])
+    if left.size == 0:
+        return None
+    right = np.fromiter((j for p in pairs for j in p), dtype=np.intp, count=left.size)
+    affine = _affine_from_triangles(
+        image_xy[image_vertices[left]], catalogue_xy[catalogue_vertices[right]]
+    )
+    singular = np.linalg.svd(np.nan_to_num(affine[:, :2, :]), compute_uv=False)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_scale = np.sqrt(singular[:, 0] * singular[:, 1])
+        similar = (
+            np.isfinite(affine).all(axis=(1, 2))
+            & (singular[:, 1] > 0)
+            & (singular[:, 0] / singular[:, 1] < 1.04)
+            & (mean_scale > 1 / (1 + scale_tolerance) - 0.02)
+            & (mean_scale < 1 + scale_tolerance + 0.02)
+        )
+    candidates = np.flatnonzero(similar)
+    if candidates.size == 0:
+        return None
+    # Verify each candidate around its own triangle: the bright sources nearest to it.
+    bright = image_xy[: min(len(image_xy), 300)]
+    centres = image_xy[image_vertices[left[candidates]]].mean(axis=1)
+    k = min(40, len(bright))
+    _, nearest = cKDTree(bright).query(centres, k)
+    nearest = nearest.reshape(len(candidates), k)
+    points = bright[nearest]  # (C, k, 2)
+    maps = affine[candidates]
+    mapped = points @ maps[:, :2, :] + maps[:, 2:3, :]
+    reach = np.hypot(*(points - centres[:, None, :]).transpose(2, 0, 1))
+    distance, target = catalogue_tree.query(mapped.reshape(-1, 2))
+    distance = distance.reshape(mapped.shape[:2])
+    target = target.reshape(mapped.shape[:2])
+    agree = distance < verify_radius + 0.01 * reach
+    # Votes: distinct catalogue stars hit (two sources on one star count once).
+    hit = np.sort(np.where(agree, target, -1), axis=1)
+    votes = (hit[:, 0] >= 0).astype(int) + np.sum(
+        (np.diff(hit, axis=1) != 0) & (hit[:, 1:] >= 0), 1
+    )
+    best = int(np.argmax(votes))
+    return _Seed(
+        maps[best],
+        int(votes[best]),
+        centres[best],
+        nearest[best][agree[best]],
+        target[best][agree[best]],
+    )
+
+
+def _design(u: np.ndarray, v: np.ndarray, order: int, norm: float) -> tuple[np.ndarray, list]:
+    terms = [(p, q) for p in range(order + 1) for q in range(order + 1 - p)]
+    columns = [(u / norm) ** p * (v / norm) ** q for p, q in terms]
+    return np.stack(columns, axis=1), terms
+
+
+def fit_tan_sip(
+    x: np.ndarray,
+    y: np.ndarray,
+    ra: np.ndarray,
+    dec: np.ndarray,
+    *,
+    crpix: tuple[float, float],
+    crval: tuple[float, float],
+    order: int,
+) -> TanSip:
+    """Least-squares TAN-SIP solution mapping pixels ``(x, y)`` onto ``(ra, dec)``.
+
+    ``crpix`` stays fixed; ``crval`` is iterated until the tangent point is the sky
+    position of ``crpix``. The standard coordinates are fitted as a full polynomial of
+    ``order`` in the pixel offsets: its linear part is the CD matrix, the rest, brought
+    back through the inverse CD matrix, the SIP ``A``/``B`` coefficients.
+    """
+    x, y, ra, dec = (np.asarray(a, float) for a in (x, y, ra, dec))
+    order = max(1, int(order))
+    n_terms = (order + 1) * (order + 2) // 2
+    if x.size < n_terms + 2:
+        raise SolveError(
+            f"{x.size} matched stars cannot constrain a polynomial of order {order} "
+            f"({n_terms} terms per axis)"
+        )
+    u = x - crpix[0]
+    v = y - crpix[1]
+    norm = max(float(np.max(np.abs(np.concatenate([u, v])))), 1.0)
+    design, terms = _design(u, v, order, norm)
+    centre = np.asarray(crval, float)
+    for _ in range(10):
+        xi, eta, _ = tan_project(ra, dec, float(centre[0]), float(centre[1]))
+        sol_xi, *_ = np.linalg.lstsq(design, xi, rcond=None)
+        sol_eta, *_ = np.linalg.lstsq(design, eta, rcond=None)
+        shift = np.array([sol_xi[0], sol_eta[0]])
+        ra0, dec0 = tan_deproject(shift[0], shift[1], float(centre[0]), float(centre[1]))
+        centre = np.array([float(ra0), float(dec0)])
+        if np.hypot(*shift) < 1e-10:
+            break
+    index = {term: i for i, term in enumerate(terms)}
+    cd = (
+        np.array(
+            [
+                [sol_xi[index[(1, 0)]], sol_xi[index[(0, 1)]]],
+                [sol_eta[index[(1, 0)]], sol_eta[index[(0, 1)]]],
+            ]
+        )
+        / norm
+    )
+    inverse = np.linalg.inv(cd)
+    size = max(order, 2) + 1
+    a = np.zeros((size, size))
+    b = np.zeros((size, size))
+    for (p, q), i in index.items():
+        if p + q < 2:
+            continue
+        scale = norm ** (p + q)
+        a[p, q], b[p, q] = inverse @ np.array([sol_xi[i], sol_eta[i]]) / scale
+    return TanSip(np.array(crpix, float), centre, cd, a, b)
+
+
+def _mutual_matches(
+    sx: np.ndarray, sy: np.ndarray, cx: np.ndarray, cy: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (source, catalogue) that are each other's nearest within ``radius``."""
+    ok = np.isfinite(cx) & np.isfinite(cy)
+    cat_index = np.flatnonzero(ok)
+    if cat_index.size == 0 or sx.size == 0:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    cat_tree = cKDTree(np.column_stack([cx[ok], cy[ok]]))
+    src_tree = cKDTree(np.column_stack([sx, sy]))
+    d, nearest_cat = cat_tree.query(np.column_stack([sx, sy]), distance_upper_bound=radius)
+    _, nearest_src = src_tree.query(np.column_stack([cx[ok], cy[ok]]))
+    found = np.flatnonzero(np.isfinite(d))
+    mutual = nearest_src[nearest_cat[found]] == found
+    sources = found[mutual]
+    return sources, cat_index[nearest_cat[sources]]
+
+
+def refine(
+    wcs: TanSip,
+    sx: np.ndarray,
+    sy: np.ndarray,
+    ra: np.ndarray,
+    dec: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    order: int,
+    seed_centre: np.ndarray | None = None,
+    start_radius: float = 6.0,
+    min_radius: float = 1.0,
+    clip: float = 3.0,
+) -> tuple[TanSip, np.ndarray, np.ndarray, np.ndarray]:
+    """Iterate matching and fitting from ``wcs``; returns the solution and final pairs.
+
+    The fitted region starts around ``seed_centre`` (the frame centre by default) and
+    grows to the whole frame while the order rises to ``order``.
+    """
+    ny, nx = shape
+    diagonal = float(np.hypot(nx, ny))
+    centre = np.array([nx / 2.0, ny / 2.0]) if seed_centre is None else np.asarray(seed_centre)
+    crpix = ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    # The region around the seed grows until it holds the whole frame (its farthest
+    # corner), the order rising with it; then matching radius and fit iterate together.
+    whole = float(
+        np.max(
+            np.hypot(np.array([0, nx, 0, nx]) - centre[0], np.array([0, 0, ny, ny]) - centre[1])
+        )
+    )
+    reach = 0.25 * diagonal
+    radius = start_radius
+    previous: tuple[np.ndarray, np.ndarray] | None = None
+    src = cat = np.zeros(0, np.intp)
+    for _ in range(40):
+        covered = reach >= whole
+        wanted = 1 if reach < 0.5 * diagonal else (min(order, 2) if not covered else order)
+        px, py = wcs.sky_to_pixel(ra, dec)
+        inside = (px > -0.5) & (px < nx - 0.5) & (py > -0.5) & (py < ny - 0.5)
+        px = np.where(inside, px, np.nan)
+        src, cat = _mutual_matches(sx, sy, px, py, radius)
+        near = np.hypot(sx[src] - centre[0], sy[src] - centre[1]) <= reach
+        src, cat = src[near], cat[near]
+        if src.size < 6:
+            raise SolveError(
+                f"only {src.size} catalogue stars matched during the fit; the pattern "
+                "match was probably wrong"
+            )
+        # As high an order as the matches support (3 stars per coefficient).
+        current = wanted
+        while current > 1 and src.size < 3 * (current + 1) * (current + 2) // 2:
+            current -= 1
+        residual = np.hypot(sx[src] - px[cat], sy[src] - py[cat])
+        keep = np.ones(src.size, bool)
+        if src.size > 20:
+            spread = 1.4826 * np.median(residual)
+            keep = residual <= max(clip * spread, 0.5 * min_radius)
+        src, cat = src[keep], cat[keep]
+        wcs = fit_tan_sip(
+            sx[src],
+            sy[src],
+            ra[cat],
+            dec[cat],
+            crpix=crpix,
+            crval=tuple(wcs.crval),
+            order=current,
+        )
+        fitted_x, fitted_y = wcs.sky_to_pixel(ra[cat], dec[cat])
+        rms = float(np.sqrt(np.mean((sx[src] - fitted_x) ** 2 + (sy[src] - fitted_y) ** 2)))
+        if not covered:
+            reach = min(whole, reach * 1.6)
+            continue
+        settled = previous is not None and np.array_equal(previous[0], src)
+        new_radius = max(min_radius, min(radius, 5.0 * rms))
+        if settled and new_radius == radius and current == wanted:
+            break
+        previous = (src, cat)
+        radius = new_radius
+    px, py = wcs.sky_to_pixel(ra[cat], dec[cat])
+    residual = np.hypot(sx[src] - px, sy[src] - py)
+    return wcs, src, cat, residual
+
+
+def default_order(shape: tuple[int, int]) -> int:
+    """SIP order by field size: 3 up to 2,000 px, 4 up to 4,000 px, 5 beyond."""
+    size = max(shape)
+    return 3 if size <= 2000 else 4 if size <= 4000 else 5
+
+
+def solve(
+    sx: np.ndarray,
+    sy: np.ndarray,
+    ra: np.ndarray,
+    dec: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    hint: tuple[float, float],
+    pixel_scale: float,
+    scale_tolerance: float = 0.2,
+    order: int | None = None,
+    min_matches: int = 10,
+    max_rms: float = 1.5,
+) -> Solution:
+    """Solve a frame from its sources (brightest first) and catalogue stars near ``hint``.
+
+    Parameters
+    ----------
+    sx, sy : ndarray
+        Source positions, 0-based pixels, brightest first.
+    ra, dec : ndarray
+        Catalogue stars (deg) around the hint, brightest first, covering the hint's
+        uncertainty plus the field.
+    shape : (ny, nx)
+        Frame size.
+    hint : (ra, dec)
+        Approximate pointing, deg.
+    pixel_scale : float
+        Expected pixel scale, arcsec/px, good to ``scale_tolerance``.
+    order : int, optional
+        SIP order; :func:`default_order` by default.
+    min_matches, max_rms : int, float
+        The fit must keep this many stars and reach this RMS (px), or it fails.
+    """
+    sx = np.asarray(sx, float)
+    sy = np.asarray(sy, float)
+    if sx.size < 6:
+        raise SolveError(f"too few sources: {sx.size} extracted, at least 6 are needed")
+    if len(ra) < 6:
+        raise SolveError(f"too few catalogue stars around the pointing: {len(ra)}")
+    ny, nx = shape
+    order = default_order(shape) if order is None else int(order)
+    scale_deg = pixel_scale / 3600.0
+    xi, eta, _ = tan_project(ra, dec, hint[0], hint[1])
+    usable = np.isfinite(xi)
+    plane = np.column_stack([xi[usable], eta[usable]]) / scale_deg
+    # Cells of about 30 catalogue stars at the density near the hint.
+    radius_px = np.sqrt((plane**2).sum(axis=1))
+    density = max(np.sum(radius_px < 3 * max(nx, ny)), 1) / (np.pi * (3 * max(nx, ny)) ** 2)
+    cell = float(np.clip(np.sqrt(30.0 / density), 0.25 * min(nx, ny), min(nx, ny)))
+    seed = match_triangles(
+        np.column_stack([sx, sy]), plane, shape, scale_tolerance=scale_tolerance, cell=cell
+    )
+    # The seed as a linear TAN WCS fitted on the sky to the verified pairs (the hint's
+    # tangent plane is itself distorted by a few per cent 10° away from its centre).
+    crpix = ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    centre_plane = (np.array([*crpix, 1.0]) @ seed.affine) * scale_deg
+    ra0, dec0 = tan_deproject(centre_plane[0], centre_plane[1], hint[0], hint[1])
+    ra_all = np.asarray(ra, float)[usable]
+    dec_all = np.asarray(dec, float)[usable]
+    initial = fit_tan_sip(
+        sx[seed.source_index],
+        sy[seed.source_index],
+        ra_all[seed.catalogue_index],
+        dec_all[seed.catalogue_index],
+        crpix=crpix,
+        crval=(float(ra0), float(dec0)),
+        order=1,
+    )
+    wcs, src, cat, residual = refine(
+        initial, sx, sy, ra_all, dec_all, shape, order=order, seed_centre=seed.centre
+    )
+    rms = float(np.sqrt(np.mean(residual**2))) if residual.size else np.inf
+    if src.size < min_matches:
+        raise SolveError(f"fit too poor: {src.size} stars matched, {min_matches} needed")
+    if rms > max_rms:
+        raise SolveError(f"fit too poor: RMS residual {rms:.2f} px exceeds {max_rms} px")
+    det = np.linalg.det(wcs.cd)
+    parity = 1 if det < 0 else -1  # det < 0: as seen on the sky (east left of north)
+    # Position angle of the frame's +y axis, east of north.
+    rotation = float(np.degrees(np.arctan2(wcs.cd[0, 1], wcs.cd[1, 1])))
+    offset = _separation(hint, tuple(wcs.crval))
+    catalogue_index = np.flatnonzero(usable)[cat]
+    return Solution(wcs, src, catalogue_index, residual, rms, rotation, parity, offset)
+
+
+def _separation(a: tuple[float, float], b: tuple[float, float]) -> float:
+    ra1, dec1, ra2, dec2 = np.radians([a[0], a[1], b[0], b[1]])
+    cos_d = np.sin(dec1) * np.sin(dec2) + np.cos(dec1) * np.cos(dec2) * np.cos(ra1 - ra2)
+    return float(np.degrees(np.arccos(np.clip(cos_d, -1.0, 1.0))))
