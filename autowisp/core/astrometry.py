@@ -18,6 +18,7 @@ the matching radius shrinking to a few times the residual RMS and 3σ outliers l
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,7 +180,7 @@ class _Seed:
     catalogue_index: np.ndarray
 
 
-def match_triangles(
+def candidate_seeds(
     image_xy: np.ndarray,
     catalogue_xy: np.ndarray,
     shape: tuple[int, int],
@@ -189,18 +190,19 @@ def match_triangles(
     cell: float | None = None,
     tolerance: float = 0.006,
     verify_radius: float = 3.0,
-    min_votes: int = 10,
+    min_votes: int = 8,
     stages: tuple[float, ...] = (0.3, 1.0),
-) -> _Seed:
-    """Find the similarity mapping image pixels onto the catalogue's tangent plane.
+) -> Iterator[_Seed]:
+    """Similarities mapping image pixels onto the catalogue's tangent plane, best first.
 
     ``image_xy`` are source positions, brightest first; ``catalogue_xy`` catalogue stars on
     the tangent plane at the pointing hint in units of the expected pixel scale,
     brightest first. The map may rotate by any angle, flip parity and scale by
     ``1 ± scale_tolerance``. The catalogue windows are searched nearest to the hint first
     (``stages``: fractions of the farthest window's distance), which is where a frame
-    usually is. Raises :class:`SolveError` when no map is supported by at least
-    ``min_votes`` stars.
+    usually is. Each stage yields its best few maps supported by at least ``min_votes``
+    distinct catalogue stars (the triangle's own three included); the caller verifies
+    them by fitting. Raises :class:`SolveError` when no map at all is supported.
     """
     ny, nx = shape
     if len(image_xy) < 4:
@@ -228,7 +230,7 @@ def match_triangles(
     distance_from_hint = np.hypot(window_centres[:, 0], window_centres[:, 1])
     farthest = float(distance_from_hint.max())
     catalogue_tree = cKDTree(catalogue_xy)
-    best: _Seed | None = None
+    best_votes = -1
     searched = np.zeros(len(window_centres), bool)
     for stage in stages:
         chosen = ~searched & (distance_from_hint <= stage * farthest + 1e-9)
@@ -247,24 +249,30 @@ def match_triangles(
         catalogue_vertices, catalogue_inv = _collect(catalogue_xy, members)
         if len(catalogue_vertices) == 0:
             continue
-        seed = _best_pair(
+        seeds, votes = _best_pair(
             image_xy, image_vertices, image_inv, catalogue_xy, catalogue_vertices,
             catalogue_inv, catalogue_tree, scale_tolerance=scale_tolerance,
-            tolerance=tolerance, verify_radius=verify_radius,
+            tolerance=tolerance, verify_radius=verify_radius, min_votes=min_votes,
         )  # fmt: skip
-        if seed is not None and (best is None or seed.votes > best.votes):
-            best = seed
-        if best is not None and best.votes >= min_votes:
-            return best
-    if best is None:
+        best_votes = max(best_votes, votes)
+        yield from seeds
+    if best_votes < 0:
         raise SolveError(
             "no catalogue triangle around the pointing matches an image triangle at the "
             "expected pixel scale"
         )
-    raise SolveError(
-        f"no match with the catalogue: the best pattern match has {best.votes} stars in "
-        f"agreement, {min_votes} are needed"
-    )
+    if best_votes < min_votes:
+        raise SolveError(
+            f"no match with the catalogue: the best pattern match has {best_votes} stars in "
+            f"agreement, {min_votes} are needed"
+        )
+
+
+def match_triangles(image_xy: np.ndarray, catalogue_xy: np.ndarray, shape, **options) -> _Seed:
+    """The best similarity of :func:`candidate_seeds` (see there)."""
+    for seed in candidate_seeds(image_xy, catalogue_xy, shape, **options):
+        return seed
+    raise SolveError("no match with the catalogue")
 
 
 def _best_pair(
@@ -279,12 +287,15 @@ def _best_pair(
     scale_tolerance: float,
     tolerance: float,
     verify_radius: float,
-) -> _Seed | None:
-    """The triangle pair whose similarity puts most bright sources on catalogue stars."""
+    min_votes: int,
+    keep: int = 3,
+) -> tuple[list[_Seed], int]:
+    """The triangle pairs whose similarities put most bright sources on catalogue stars
+    (at most ``keep`` distinct ones with ``min_votes``), and the highest vote seen."""
     pairs = cKDTree(catalogue_inv).query_ball_point(image_inv, tolerance)
     left = np.repeat(np.arange(len(pairs)), [len(p) for p in pairs])
     if left.size == 0:
-        return None
+        return [], 0
     right = np.fromiter((j for p in pairs for j in p), dtype=np.intp, count=left.size)
     affine = _affine_from_triangles(
         image_xy[image_vertices[left]], catalogue_xy[catalogue_vertices[right]]
@@ -301,11 +312,11 @@ def _best_pair(
         )
     candidates = np.flatnonzero(similar)
     if candidates.size == 0:
-        return None
+        return [], 0
     # Verify each candidate around its own triangle: the bright sources nearest to it.
     bright = image_xy[: min(len(image_xy), 300)]
     centres = image_xy[image_vertices[left[candidates]]].mean(axis=1)
-    k = min(40, len(bright))
+    k = min(60, len(bright))
     _, nearest = cKDTree(bright).query(centres, k)
     nearest = nearest.reshape(len(candidates), k)
     points = bright[nearest]  # (C, k, 2)
@@ -321,14 +332,27 @@ def _best_pair(
     votes = (hit[:, 0] >= 0).astype(int) + np.sum(
         (np.diff(hit, axis=1) != 0) & (hit[:, 1:] >= 0), 1
     )
-    best = int(np.argmax(votes))
-    return _Seed(
-        maps[best],
-        int(votes[best]),
-        centres[best],
-        nearest[best][agree[best]],
-        target[best][agree[best]],
-    )
+    seeds: list[_Seed] = []
+    used_centres: list[np.ndarray] = []
+    for best in np.argsort(-votes, kind="stable")[: 20 * keep]:
+        if votes[best] < min_votes or len(seeds) >= keep:
+            break
+        # One seed per distinct map (where it puts the frame's origin).
+        origin = maps[best][2]
+        if any(np.hypot(*(origin - other)) < 5.0 for other in used_centres):
+            continue
+        used_centres.append(origin)
+        seeds.append(
+            _Seed(
+                maps[best],
+                int(votes[best]),
+                centres[best],
+                nearest[best][agree[best]],
+                target[best][agree[best]],
+            )
+        )
+    best_votes = int(votes.max()) if votes.size else 0
+    return seeds, best_votes
 
 
 def _design(u: np.ndarray, v: np.ndarray, order: int, norm: float) -> tuple[np.ndarray, list]:
@@ -518,6 +542,7 @@ def solve(
     order: int | None = None,
     min_matches: int = 10,
     max_rms: float = 1.5,
+    max_seeds: int = 10,
 ) -> Solution:
     """Solve a frame from its sources (brightest first) and catalogue stars near ``hint``.
 
@@ -555,33 +580,39 @@ def solve(
     radius_px = np.sqrt((plane**2).sum(axis=1))
     density = max(np.sum(radius_px < 3 * max(nx, ny)), 1) / (np.pi * (3 * max(nx, ny)) ** 2)
     cell = float(np.clip(np.sqrt(30.0 / density), 0.25 * min(nx, ny), min(nx, ny)))
-    seed = match_triangles(
-        np.column_stack([sx, sy]), plane, shape, scale_tolerance=scale_tolerance, cell=cell
-    )
-    # The seed as a linear TAN WCS fitted on the sky to the verified pairs (the hint's
-    # tangent plane is itself distorted by a few per cent 10° away from its centre).
-    crpix = ((nx - 1) / 2.0, (ny - 1) / 2.0)
-    centre_plane = (np.array([*crpix, 1.0]) @ seed.affine) * scale_deg
-    ra0, dec0 = tan_deproject(centre_plane[0], centre_plane[1], hint[0], hint[1])
     ra_all = np.asarray(ra, float)[usable]
     dec_all = np.asarray(dec, float)[usable]
-    initial = fit_tan_sip(
-        sx[seed.source_index],
-        sy[seed.source_index],
-        ra_all[seed.catalogue_index],
-        dec_all[seed.catalogue_index],
-        crpix=crpix,
-        crval=(float(ra0), float(dec0)),
-        order=1,
+    crpix = ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    failure: SolveError | None = None
+    found = None
+    seeds = candidate_seeds(
+        np.column_stack([sx, sy]), plane, shape, scale_tolerance=scale_tolerance, cell=cell
     )
-    wcs, src, cat, residual = refine(
-        initial, sx, sy, ra_all, dec_all, shape, order=order, seed_centre=seed.centre
-    )
-    rms = float(np.sqrt(np.mean(residual**2))) if residual.size else np.inf
-    if src.size < min_matches:
-        raise SolveError(f"fit too poor: {src.size} stars matched, {min_matches} needed")
-    if rms > max_rms:
-        raise SolveError(f"fit too poor: RMS residual {rms:.2f} px exceeds {max_rms} px")
+    for attempt, seed in enumerate(seeds):
+        if attempt >= max_seeds:
+            break
+        try:
+            wcs, src, cat, residual = _fit_from_seed(
+                seed, sx, sy, ra_all, dec_all, shape, hint, scale_deg, crpix, order
+            )
+        except SolveError as error:
+            failure = error
+            continue
+        rms = float(np.sqrt(np.mean(residual**2))) if residual.size else np.inf
+        if src.size < min_matches:
+            failure = SolveError(f"fit too poor: {src.size} stars matched, {min_matches} needed")
+        elif rms > max_rms:
+            failure = SolveError(f"fit too poor: RMS residual {rms:.2f} px exceeds {max_rms} px")
+        else:
+            found = (wcs, src, cat, residual, rms)
+            break
+    if found is None:
+        if failure is None:
+            raise SolveError("no match with the catalogue")
+        raise SolveError(
+            f"no match with the catalogue: no candidate pattern match fits (last: {failure})"
+        )
+    wcs, src, cat, residual, rms = found
     det = np.linalg.det(wcs.cd)
     parity = 1 if det < 0 else -1  # det < 0: as seen on the sky (east left of north)
     # Position angle of the frame's +y axis, east of north.
@@ -589,6 +620,23 @@ def solve(
     offset = _separation(hint, tuple(wcs.crval))
     catalogue_index = np.flatnonzero(usable)[cat]
     return Solution(wcs, src, catalogue_index, residual, rms, rotation, parity, offset)
+
+
+def _fit_from_seed(seed, sx, sy, ra, dec, shape, hint, scale_deg, crpix, order):
+    """A seed as a linear TAN WCS fitted on the sky to its verified pairs (the hint's
+    tangent plane is itself distorted by a few per cent 10° from its centre), refined."""
+    centre_plane = (np.array([*crpix, 1.0]) @ seed.affine) * scale_deg
+    ra0, dec0 = tan_deproject(centre_plane[0], centre_plane[1], hint[0], hint[1])
+    initial = fit_tan_sip(
+        sx[seed.source_index],
+        sy[seed.source_index],
+        ra[seed.catalogue_index],
+        dec[seed.catalogue_index],
+        crpix=crpix,
+        crval=(float(ra0), float(dec0)),
+        order=1,
+    )
+    return refine(initial, sx, sy, ra, dec, shape, order=order, seed_centre=seed.centre)
 
 
 def _separation(a: tuple[float, float], b: tuple[float, float]) -> float:

@@ -45,6 +45,7 @@ class CameraSpec:
     width: int = 1024
     height: int = 1024
     pixel_scale: float = 10.3  # arcsec/px
+    pixel_size: float = 4.3  # µm
     gain: float = 1.6  # e⁻/ADU
     read_noise: float = 7.0  # e⁻
     bias_level: float = 2048.0  # ADU

