@@ -174,6 +174,9 @@ class Astrometry(Step):
         cx, cy = wcs.sky_to_pixel(catalogue.ra, catalogue.dec)
         inside = np.isfinite(cx) & (cx > -0.5) & (cx < nx - 0.5) & (cy > -0.5) & (cy < ny - 0.5)
         wcs_header = wcs.to_header(shape=data.shape)
+        start = image.jd - image.exptime / 2 / 86400.0
+        wcs_header["MJD-OBS"] = (start - 2400000.5, "[d] start of exposure (UTC)")
+        wcs_header["DATE-OBS"] = image.date_obs.strftime("%Y-%m-%dT%H:%M:%S.%f")
         qc = {
             "sources": len(sources),
             "matched": int(matched_sources.size),

@@ -1,0 +1,170 @@
+"""The astrometry step on a simulated night against the true WCS, and on PANOPTES data."""
+
+from __future__ import annotations
+
+import socket
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+from scipy.spatial import cKDTree
+from sqlalchemy import select
+
+from autowisp.core.astrometry import solve
+from autowisp.core.extraction import extract_sources
+from autowisp.core.projection import TanSip
+from autowisp.db.migrate import upgrade
+from autowisp.db.models import Configuration, Task, TaskState
+from autowisp.db.models import Step as StepRow
+from autowisp.db.session import session_scope
+from autowisp.ingest.ingest import ingest_paths
+from autowisp.io.catalogue import OfflineGaia
+from autowisp.pipeline.local import run_local
+from autowisp.simulate.night import NightConfig, simulate_night
+from autowisp.simulate.truth import read_truth
+from autowisp.steps.astrometry import Astrometry
+from autowisp.steps.calibrate import Calibrate
+from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
+from autowisp.steps.registry import Registry
+from tests.conftest import SHARED_DATA
+
+REGISTRY = Registry([MasterBias, MasterDark, MasterFlat, Calibrate, Astrometry])
+
+
+@pytest.fixture(scope="module")
+def solved_night(tmp_path_factory):
+    """Six 768×512 frames, half of them under clouds (seed 5: frames 1, 2 and 4)."""
+    home = tmp_path_factory.mktemp("astrometry")
+    simulate_night(
+        home / "upload",
+        NightConfig(frames=6, width=768, height=512, seed=5, cloudy_fraction=0.5),
+    )  # fmt: skip
+    url = f"sqlite:///{home / 'db.sqlite'}"
+    upgrade(url)
+    ingest_paths(url, [home / "upload"])
+    run_local(url, home / "storage", REGISTRY, jobs=2)
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(Task.target, Task.state, Task.output_path, Task.qc, Task.last_error)
+            .join(StepRow, StepRow.id == Task.step_id)
+            .join(Configuration, Configuration.id == Task.configuration_id)
+            .where(Configuration.active.is_(True), StepRow.name == "astrometry")
+            .order_by(Task.image_id)
+        ).all()
+    truth = read_truth(next((home / "upload").rglob("truth.h5")))
+    return rows, truth
+
+
+def test_every_frame_solves_clear_and_cloudy(solved_night):
+    rows, truth = solved_night
+    assert len(rows) == 6
+    assert [row.state for row in rows] == [TaskState.DONE] * 6, [r.last_error for r in rows]
+    cover = [
+        float(np.mean(truth.object["transparency"][i][truth.object["rendered"][i]] < 0.7))
+        for i in range(6)
+    ]
+    assert max(cover) > 0.5  # at least one frame more than half under cloud solved
+    for row in rows:
+        assert row.qc["matched"] >= 30 and row.qc["rms_px"] < 0.3
+        assert row.qc["pixel_scale"] == pytest.approx(10.3, rel=2e-3)
+
+
+def test_catalogue_positions_match_the_true_positions(solved_night):
+    rows, truth = solved_night
+    errors = []
+    for frame, row in enumerate(rows):
+        with fits.open(row.output_path) as hdus:
+            wcs = TanSip.from_header(hdus[0].header)
+            catalogue = hdus["CATALOGUE"].data
+        # DS9 and astropy read the solution from the calibrated frame's header.
+        calibrated = _calibrated(row.output_path)
+        astropy_wcs = WCS(fits.getheader(calibrated))
+        # Every star of the truth with S/N > 100 in its 3-px aperture, summed over channels.
+        signal = np.nansum(truth.object["aperture_signal"][frame, :, :, 1], axis=1)
+        noise = np.sqrt(np.nansum(truth.object["aperture_sigma"][frame, :, :, 1] ** 2, axis=1))
+        rendered = truth.object["rendered"][frame]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bright = rendered & (signal / noise > 100)
+        index = truth.object["star_index"] if "star_index" in truth.object else None
+        stars = truth.stars
+        ra = stars["ra"] if index is None else stars["ra"][index]
+        dec = stars["dec"] if index is None else stars["dec"][index]
+        x, y = wcs.sky_to_pixel(ra[bright], dec[bright])
+        true_x = truth.object["x"][frame][bright]
+        true_y = truth.object["y"][frame][bright]
+        errors.append(np.hypot(x - true_x, y - true_y))
+        # The header is standard TAN-SIP: astropy reads it to the same pixels.
+        ax, ay = astropy_wcs.all_world2pix(ra[bright], dec[bright], 0)
+        assert np.max(np.hypot(ax - x, ay - y)) < 1e-3
+        # The catalogue table holds the projected positions for photometry.
+        assert len(catalogue) >= row.qc["catalogue_stars"] > 0
+    error = np.concatenate(errors)
+    assert error.size > 200
+    assert np.sqrt(np.mean(error**2)) < 0.05
+
+
+def test_the_calibrated_frame_carries_the_solution(solved_night):
+    rows, _ = solved_night
+    with fits.open(rows[0].output_path) as hdus:
+        solution = hdus[0].header
+    calibrated = _calibrated(rows[0].output_path)
+    header = fits.getheader(calibrated)
+    for key in ("CTYPE1", "CRVAL1", "CRVAL2", "CD1_1", "A_ORDER", "AP_ORDER"):
+        assert header[key] == solution[key]
+
+
+def _calibrated(solution_path):
+    """The calibrated frame of an astrometry output (same storage, same target)."""
+    storage = Path(solution_path).parents[3]
+    (found,) = (storage / "calibrate").rglob(Path(solution_path).name)
+    return found
+
+
+# -- the real PANOPTES frame ---------------------------------------------------------------
+
+PANOPTES = SHARED_DATA / "panoptes"
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network use in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_panoptes_frame_solves_offline_to_gaia(no_network):
+    raw = fits.getdata(PANOPTES / "unsolved.fits").astype(float)
+    header = fits.getheader(PANOPTES / "unsolved.fits")
+    sources = extract_sources(raw, "RGGB", saturated=raw >= header["WHTLVLN"])
+    hint = (header["RA-MNT"], header["DEC-MNT"])
+    stars = OfflineGaia().cone(*hint, 10.0 + 1.5, epoch=2016.7)
+    solution = solve(sources.x, sources.y, stars.ra, stars.dec, raw.shape, hint=hint,
+                     pixel_scale=10.3)  # fmt: skip
+    assert solution.pointing_offset_deg == pytest.approx(1.94, abs=0.05)
+    # Every Gaia star with G < 10 in the field against the nearest extracted centroid.
+    ny, nx = raw.shape
+    px, py = solution.wcs.sky_to_pixel(stars.ra, stars.dec)
+    inside = (px > 2) & (px < nx - 3) & (py > 2) & (py < ny - 3)
+    assert inside.sum() >= 125
+    distance, _ = cKDTree(np.column_stack([sources.x, sources.y])).query(
+        np.column_stack([px[inside], py[inside]]), distance_upper_bound=3.0
+    )
+    found = np.isfinite(distance)
+    assert found.mean() > 0.97
+    rms = float(np.sqrt(np.mean(distance[found] ** 2)))
+    assert rms <= 0.35, rms
+    # Coarse check against astrometry.net's solution of the neighbouring exposure: after
+    # the exposures' own shift, within 4 px everywhere in the frame.
+    with fits.open(PANOPTES / "solved.fits.fz") as hdus, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)  # its header lacks MJD-OBS
+        other = WCS(next(h.header for h in hdus if h.header.get("CTYPE1")))
+    grid_y, grid_x = np.mgrid[0:ny:35, 0:nx:35]
+    ra, dec = solution.wcs.pixel_to_sky(grid_x.ravel(), grid_y.ravel())
+    ox, oy = other.all_world2pix(ra, dec, 0)
+    dx, dy = ox - grid_x.ravel(), oy - grid_y.ravel()
+    assert np.hypot(np.median(dx), np.median(dy)) < 3.0
+    assert np.max(np.hypot(dx - np.median(dx), dy - np.median(dy))) < 4.0
