@@ -55,4 +55,7 @@ def demo(
     calibrated = sorted(settings.storage_root.glob("calibrate/*/*"))
     if calibrated:
         typer.echo(f"  calibrated frames (e-, with ERROR and MASK HDUs): {calibrated[-1]}")
+    solved = sorted(settings.storage_root.glob("astrometry/*/*"))
+    if solved:
+        typer.echo(f"  astrometry (TAN-SIP WCS, SOURCES and CATALOGUE positions): {solved[-1]}")
     typer.echo(f"ground truth of the simulated night: {next(Path(upload).rglob('truth.h5'))}")

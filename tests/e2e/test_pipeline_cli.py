@@ -18,7 +18,7 @@ def _cli(home: Path, *args: str, check: bool = True, extra_env=None):
 @pytest.fixture(scope="module")
 def demo_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    result = _cli(home, "demo", "--frames", "4", "--size", "128x128")
+    result = _cli(home, "demo", "--frames", "4", "--size", "384x384")
     return home, result
 
 
@@ -29,6 +29,7 @@ DONE = {
     "master_dark": 1,
     "master_flat": 1,
     "calibrate": 4,
+    "astrometry": 4,
 }
 
 
@@ -36,8 +37,8 @@ def test_demo_processes_a_night_end_to_end(demo_home):
     home, result = demo_home
     out = result.stdout
     assert "ingested 36 files into 1 night(s)" in out  # 4 objects, 10+10+12 calibration
-    # frame_qc 36, night_qc 1, three masters, calibrate 4
-    assert "ran 44 tasks" in out and "44 done" in out
+    # frame_qc 36, night_qc 1, three masters, calibrate 4, astrometry 4
+    assert "ran 48 tasks" in out and "48 done" in out
     assert "frame_qc" in out and "night_qc" in out and "calibrate" in out
     plot = Path(out.split("night_qc plot: ")[1].split()[0])
     summary = Path(out.split("night_qc: ")[1].split()[0])
@@ -56,7 +57,7 @@ def test_status_json_and_rerun_does_nothing(demo_home):
     steps = {row["step"]: row for row in status["progress"]}
     assert {name: row["done"] for name, row in steps.items()} == DONE
     assert status["failures"] == [] and status["images"] == {"ingested": 36}
-    assert status["throughput"]["tasks_done"] == 44
+    assert status["throughput"]["tasks_done"] == 48
     again = _cli(home, "run").stdout
     assert "ran 0 tasks" in again and "nothing to do" in again
 
@@ -77,7 +78,7 @@ def test_config_change_reruns_only_downstream(demo_home, tmp_path):
         "[steps.night_qc]\noutlier_sigma = 4.0\n[steps.master_flat]\nmax_structure = 0.03\n"
     )
     result = _cli(home, "run", extra_env=env).stdout
-    assert "ran 5 tasks" in result and "5 done" in result
+    assert "ran 9 tasks" in result and "9 done" in result
 
 
 def test_ingest_command_reports_rejections(tmp_path):

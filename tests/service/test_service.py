@@ -39,10 +39,11 @@ def _outputs(url: str) -> dict[tuple[str, str], tuple[str | None, dict]]:
             .outerjoin(Image, Image.id == Task.image_id)
             .where(Configuration.active.is_(True))
         ).all()
-    assert all(state is TaskState.DONE for *_, state in rows)
+    # Astrometry may fail on these small frames (few catalogue stars); the rest may not.
+    assert all(state is TaskState.DONE for step, *_, state in rows if step != "astrometry")
     return {
-        (step, Path(path).name if path else "night"): (output, qc)
-        for step, path, output, qc, _ in rows
+        (step, Path(path).name if path else "night"): (output, qc, state)
+        for step, path, output, qc, state in rows
     }
 
 
@@ -75,13 +76,16 @@ def test_night_through_scheduler_and_two_workers_matches_local_executor(
     service.worker("w1")
     service.worker("w2")
     service.scheduler()
-    # frame_qc on 38 frames, night_qc, three masters, calibrate on 6 object frames
-    service.wait_finished(38 + 1 + 3 + 6, timeout=240)
+    # frame_qc on 38 frames, night_qc, three masters, calibrate and astrometry on 6 frames
+    service.wait_finished(38 + 1 + 3 + 6 + 6, timeout=240)
     served, local = _outputs(pg_url), _outputs(local_url)
-    assert served.keys() == local.keys() and len(served) == 48
+    assert served.keys() == local.keys() and len(served) == 54
     hosts = set()
-    for key, (path, qc) in served.items():
-        local_path, local_qc = local[key]
+    for key, (path, qc, state) in served.items():
+        local_path, local_qc, local_state = local[key]
+        assert state == local_state, key
+        if path is None:
+            continue
         if key[0] == "frame_qc":
             assert qc == local_qc
             with h5py.File(path) as a, h5py.File(local_path) as b:

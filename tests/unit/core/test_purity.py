@@ -10,6 +10,7 @@ ALLOWED = {
     "scipy",
     "astropy",
     "numba",
+    "sep",
     "math",
     "dataclasses",
     "functools",

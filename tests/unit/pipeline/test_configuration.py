@@ -69,4 +69,5 @@ def test_default_pipeline_is_declared():
         "master_dark",
         "master_flat",
         "calibrate",
+        "astrometry",
     ]
