@@ -18,6 +18,7 @@ the matching radius shrinking to a few times the residual RMS and 3σ outliers l
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -192,6 +193,7 @@ def candidate_seeds(
     verify_radius: float = 3.0,
     min_votes: int = 8,
     stages: tuple[float, ...] = (0.3, 1.0),
+    max_cells: int = 9,
 ) -> Iterator[_Seed]:
     """Similarities mapping image pixels onto the catalogue's tangent plane, best first.
 
@@ -216,6 +218,10 @@ def candidate_seeds(
     image_centres = np.array(
         [((i + 0.5) * nx / cols, (j + 0.5) * ny / rows) for i in range(cols) for j in range(rows)]
     )
+    # One matching cell suffices to seed the fit: use the nine nearest the centre, where
+    # the lens distorts least.
+    from_centre = np.hypot(image_centres[:, 0] - nx / 2, image_centres[:, 1] - ny / 2)
+    image_centres = image_centres[np.argsort(from_centre, kind="stable")[:max_cells]]
     image_members = _window_members(
         image_xy[:, 0], image_xy[:, 1], image_centres, max(nx / cols, ny / rows) / 2, per_cell
     )
@@ -232,8 +238,11 @@ def candidate_seeds(
     catalogue_tree = cKDTree(catalogue_xy)
     best_votes = -1
     searched = np.zeros(len(window_centres), bool)
-    for stage in stages:
-        chosen = ~searched & (distance_from_hint <= stage * farthest + 1e-9)
+    # First the windows within half a frame of the hint (where most frames are), then
+    # the stages' fractions of the whole search radius.
+    limits = [0.5 * max(nx, ny)] + [stage * farthest for stage in stages]
+    for limit in limits:
+        chosen = ~searched & (distance_from_hint <= limit + 1e-9)
         if not chosen.any():
             continue
         searched |= chosen
@@ -296,11 +305,17 @@ def _best_pair(
     left = np.repeat(np.arange(len(pairs)), [len(p) for p in pairs])
     if left.size == 0:
         return [], 0
-    right = np.fromiter((j for p in pairs for j in p), dtype=np.intp, count=left.size)
+    right = np.fromiter(itertools.chain.from_iterable(pairs), dtype=np.intp, count=left.size)
     affine = _affine_from_triangles(
         image_xy[image_vertices[left]], catalogue_xy[catalogue_vertices[right]]
     )
-    singular = np.linalg.svd(np.nan_to_num(affine[:, :2, :]), compute_uv=False)
+    # Singular values of the 2×2 linear parts in closed form: s1 ± s2, with s1 the
+    # similarity part and s2 the anti-similarity (reflection) part.
+    a, b = affine[:, 0, 0], affine[:, 0, 1]
+    c, d = affine[:, 1, 0], affine[:, 1, 1]
+    s1 = 0.5 * np.hypot(a + d, b - c)
+    s2 = 0.5 * np.hypot(a - d, b + c)
+    singular = np.column_stack([s1 + s2, np.abs(s1 - s2)])
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_scale = np.sqrt(singular[:, 0] * singular[:, 1])
         similar = (
@@ -313,14 +328,28 @@ def _best_pair(
     candidates = np.flatnonzero(similar)
     if candidates.size == 0:
         return [], 0
-    # Verify each candidate around its own triangle: the bright sources nearest to it.
+    # Verify each candidate around its own triangle: the bright sources nearest to it;
+    # first cheaply with the 10 nearest (a right map puts several of them on stars),
+    # then the survivors with 60.
     bright = image_xy[: min(len(image_xy), 300)]
+    bright_tree = cKDTree(bright)
     centres = image_xy[image_vertices[left[candidates]]].mean(axis=1)
-    k = min(60, len(bright))
-    _, nearest = cKDTree(bright).query(centres, k)
-    nearest = nearest.reshape(len(candidates), k)
-    points = bright[nearest]  # (C, k, 2)
     maps = affine[candidates]
+    k = min(10, len(bright))
+    _, nearest = bright_tree.query(centres, k)
+    nearest = nearest.reshape(len(candidates), k)
+    points = bright[nearest]
+    mapped = points @ maps[:, :2, :] + maps[:, 2:3, :]
+    reach = np.hypot(*(points - centres[:, None, :]).transpose(2, 0, 1))
+    distance, _ = catalogue_tree.query(mapped.reshape(-1, 2))
+    promising = (distance.reshape(mapped.shape[:2]) < verify_radius + 0.01 * reach).sum(1) >= 4
+    if not promising.any():
+        return [], 0
+    centres, maps = centres[promising], maps[promising]
+    k = min(60, len(bright))
+    _, nearest = bright_tree.query(centres, k)
+    nearest = nearest.reshape(len(centres), k)
+    points = bright[nearest]  # (C, k, 2)
     mapped = points @ maps[:, :2, :] + maps[:, 2:3, :]
     reach = np.hypot(*(points - centres[:, None, :]).transpose(2, 0, 1))
     distance, target = catalogue_tree.query(mapped.reshape(-1, 2))
@@ -391,10 +420,13 @@ def fit_tan_sip(
     norm = max(float(np.max(np.abs(np.concatenate([u, v])))), 1.0)
     design, terms = _design(u, v, order, norm)
     centre = np.asarray(crval, float)
+    # Normal equations, formed once: the design does not change while CRVAL is iterated
+    # (its columns are monomials of coordinates scaled to [-1, 1], well conditioned).
+    normal = design.T @ design
     for _ in range(10):
         xi, eta, _ = tan_project(ra, dec, float(centre[0]), float(centre[1]))
-        sol_xi, *_ = np.linalg.lstsq(design, xi, rcond=None)
-        sol_eta, *_ = np.linalg.lstsq(design, eta, rcond=None)
+        solution = np.linalg.solve(normal, design.T @ np.column_stack([xi, eta]))
+        sol_xi, sol_eta = solution[:, 0], solution[:, 1]
         shift = np.array([sol_xi[0], sol_eta[0]])
         ra0, dec0 = tan_deproject(shift[0], shift[1], float(centre[0]), float(centre[1]))
         centre = np.array([float(ra0), float(dec0)])
@@ -423,21 +455,22 @@ def fit_tan_sip(
 
 
 def _mutual_matches(
-    sx: np.ndarray, sy: np.ndarray, cx: np.ndarray, cy: np.ndarray, radius: float
+    src_tree: cKDTree, cx: np.ndarray, cy: np.ndarray, radius: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (source, catalogue) that are each other's nearest within ``radius``."""
-    ok = np.isfinite(cx) & np.isfinite(cy)
-    cat_index = np.flatnonzero(ok)
-    if cat_index.size == 0 or sx.size == 0:
+    cat_index = np.flatnonzero(np.isfinite(cx) & np.isfinite(cy))
+    if cat_index.size == 0 or src_tree.n == 0:
         return np.zeros(0, np.intp), np.zeros(0, np.intp)
-    cat_tree = cKDTree(np.column_stack([cx[ok], cy[ok]]))
-    src_tree = cKDTree(np.column_stack([sx, sy]))
-    d, nearest_cat = cat_tree.query(np.column_stack([sx, sy]), distance_upper_bound=radius)
-    _, nearest_src = src_tree.query(np.column_stack([cx[ok], cy[ok]]))
+    positions = np.column_stack([cx[cat_index], cy[cat_index]])
+    d, nearest_src = src_tree.query(positions, distance_upper_bound=radius)
     found = np.flatnonzero(np.isfinite(d))
-    mutual = nearest_src[nearest_cat[found]] == found
-    sources = found[mutual]
-    return sources, cat_index[nearest_cat[sources]]
+    if found.size == 0:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    # The other way: each of those sources' nearest catalogue star must be this one.
+    candidates = nearest_src[found]
+    _, back = cKDTree(positions).query(src_tree.data[candidates])
+    mutual = back == found
+    return candidates[mutual], cat_index[found[mutual]]
 
 
 def refine(
@@ -461,8 +494,29 @@ def refine(
     """
     ny, nx = shape
     diagonal = float(np.hypot(nx, ny))
+    # Only catalogue stars that can fall on the frame (with a margin for the seed's error).
+    _, _, cos_c = tan_project(ra, dec, float(wcs.crval[0]), float(wcs.crval[1]))
+    reach_deg = 0.6 * diagonal * wcs.pixel_scale / 3600.0 + 0.05
+    nearby = np.flatnonzero(cos_c > np.cos(np.radians(min(reach_deg, 80.0))))
+    wcs, src, cat, residual = _refine(
+        wcs, sx, sy, np.asarray(ra)[nearby], np.asarray(dec)[nearby], shape, order=order,
+        seed_centre=seed_centre, start_radius=start_radius, min_radius=min_radius, clip=clip,
+    )  # fmt: skip
+    return wcs, src, nearby[cat], residual
+
+
+def _refine(
+    wcs, sx, sy, ra, dec, shape, *, order, seed_centre, start_radius, min_radius, clip,
+    subset=1500,
+):  # fmt: skip
+    ny, nx = shape
+    diagonal = float(np.hypot(nx, ny))
     centre = np.array([nx / 2.0, ny / 2.0]) if seed_centre is None else np.asarray(seed_centre)
     crpix = ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    # Matching happens in the solution's linear (undistorted) plane: sources go through
+    # the SIP polynomials forwards, catalogue stars through TAN and CD only, so no
+    # iterative SIP inversion is needed inside the loop.
+    on_frame = (sx > -0.5) & (sx < nx - 0.5) & (sy > -0.5) & (sy < ny - 0.5)
     # The region around the seed grows until it holds the whole frame (its farthest
     # corner), the order rising with it; then matching radius and fit iterate together.
     whole = float(
@@ -470,19 +524,36 @@ def refine(
             np.hypot(np.array([0, nx, 0, nx]) - centre[0], np.array([0, 0, ny, ny]) - centre[1])
         )
     )
-    reach = 0.25 * diagonal
+    reach = 0.3 * diagonal
     radius = start_radius
     previous: tuple[np.ndarray, np.ndarray] | None = None
     src = cat = np.zeros(0, np.intp)
+    # Until the solution covers the frame at full order, only the brightest stars take
+    # part (enough to fit, cheap to match); then everything, until the matches settle.
+    brightest = np.zeros(len(sx), bool)
+    brightest[: max(subset, 1)] = True
+    catalogue_limit = max(subset // 3, 1)
+    full = False
     for _ in range(40):
         covered = reach >= whole
         wanted = 1 if reach < 0.5 * diagonal else (min(order, 2) if not covered else order)
-        px, py = wcs.sky_to_pixel(ra, dec)
-        inside = (px > -0.5) & (px < nx - 0.5) & (py > -0.5) & (py < ny - 0.5)
-        px = np.where(inside, px, np.nan)
-        src, cat = _mutual_matches(sx, sy, px, py, radius)
-        near = np.hypot(sx[src] - centre[0], sy[src] - centre[1]) <= reach
-        src, cat = src[near], cat[near]
+        near = on_frame & (np.hypot(sx - centre[0], sy - centre[1]) <= reach)
+        if not full:
+            near &= brightest
+        chosen = np.flatnonzero(near)
+        cx, cy = wcs.sky_to_intermediate(ra, dec)
+        if full:
+            # Catalogue stars are among the brightest sources: three times as many suffice.
+            in_frame = (cx > 0) & (cx < nx) & (cy > 0) & (cy < ny)
+            chosen = chosen[: 3 * int(in_frame.sum()) + 200]
+        ux, uy = wcs.distorted(sx[chosen], sy[chosen])
+        if not full:
+            cx = np.where(np.arange(len(ra)) < catalogue_limit, cx, np.nan)
+        margin = radius + 0.05 * diagonal
+        usable = (cx > -margin) & (cx < nx + margin) & (cy > -margin) & (cy < ny + margin)
+        cx = np.where(usable, cx, np.nan)
+        local, cat = _mutual_matches(cKDTree(np.column_stack([ux, uy])), cx, cy, radius)
+        src = chosen[local]
         if src.size < 6:
             raise SolveError(
                 f"only {src.size} catalogue stars matched during the fit; the pattern "
@@ -492,7 +563,7 @@ def refine(
         current = wanted
         while current > 1 and src.size < 3 * (current + 1) * (current + 2) // 2:
             current -= 1
-        residual = np.hypot(sx[src] - px[cat], sy[src] - py[cat])
+        residual = np.hypot(ux[local] - cx[cat], uy[local] - cy[cat])
         keep = np.ones(src.size, bool)
         if src.size > 20:
             spread = 1.4826 * np.median(residual)
@@ -507,15 +578,19 @@ def refine(
             crval=tuple(wcs.crval),
             order=current,
         )
-        fitted_x, fitted_y = wcs.sky_to_pixel(ra[cat], dec[cat])
-        rms = float(np.sqrt(np.mean((sx[src] - fitted_x) ** 2 + (sy[src] - fitted_y) ** 2)))
+        fx, fy = wcs.distorted(sx[src], sy[src])
+        gx, gy = wcs.sky_to_intermediate(ra[cat], dec[cat])
+        rms = float(np.sqrt(np.mean((fx - gx) ** 2 + (fy - gy) ** 2)))
         if not covered:
-            reach = min(whole, reach * 1.6)
+            reach = min(whole, reach * 1.8)
             continue
         settled = previous is not None and np.array_equal(previous[0], src)
         new_radius = max(min_radius, min(radius, 5.0 * rms))
         if settled and new_radius == radius and current == wanted:
-            break
+            if full:
+                break
+            full, previous = True, None
+            continue
         previous = (src, cat)
         radius = new_radius
     px, py = wcs.sky_to_pixel(ra[cat], dec[cat])

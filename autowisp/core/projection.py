@@ -135,6 +135,25 @@ class TanSip:
         eta = self.cd[1, 0] * up + self.cd[1, 1] * vp
         return tan_deproject(xi, eta, float(self.crval[0]), float(self.crval[1]))
 
+    def distorted(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel positions moved by the SIP polynomials (``crpix + (u', v')``): the linear
+        TAN image of the sky, where :meth:`sky_to_intermediate` puts catalogue stars."""
+        u = np.asarray(x, dtype=float) - self.crpix[0]
+        v = np.asarray(y, dtype=float) - self.crpix[1]
+        return u + _poly(self.a, u, v) + self.crpix[0], v + _poly(self.b, u, v) + self.crpix[1]
+
+    def sky_to_intermediate(
+        self, ra: np.ndarray, dec: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Sky positions through TAN and the inverse CD matrix only (no SIP inversion):
+        comparable with :meth:`distorted` source positions, in pixels."""
+        xi, eta, _ = tan_project(ra, dec, float(self.crval[0]), float(self.crval[1]))
+        inverse_cd = np.linalg.inv(self.cd)
+        return (
+            inverse_cd[0, 0] * xi + inverse_cd[0, 1] * eta + self.crpix[0],
+            inverse_cd[1, 0] * xi + inverse_cd[1, 1] * eta + self.crpix[1],
+        )
+
     def sky_to_pixel(
         self, ra: np.ndarray, dec: np.ndarray, *, tolerance: float = 1e-9, max_iter: int = 50
     ) -> tuple[np.ndarray, np.ndarray]:
