@@ -168,3 +168,61 @@ def test_panoptes_frame_solves_offline_to_gaia(no_network):
     dx, dy = ox - grid_x.ravel(), oy - grid_y.ravel()
     assert np.hypot(np.median(dx), np.median(dy)) < 3.0
     assert np.max(np.hypot(dx - np.median(dx), dy - np.median(dy))) < 4.0
+
+
+# -- frames without a pointing: solve-field, or a reason ----------------------------------
+
+
+def _panoptes_context(tmp_path, **parameters):
+    """A StepContext for the PANOPTES crop as a calibrated frame whose raw header lost its
+    pointing."""
+    import datetime as dt
+
+    from autowisp.db.models import ImageType
+    from autowisp.steps.base import ImageInfo, InputProduct, StepContext
+
+    raw = fits.getdata(PANOPTES / "unsolved.fits").astype(np.float32)
+    header = dict(fits.getheader(PANOPTES / "unsolved.fits"))
+    for key in ("RA-MNT", "DEC-MNT", "HA-MNT"):
+        header.pop(key)
+    calibrated = tmp_path / "calibrated.fits"
+    primary = fits.PrimaryHDU(raw - 2048.0)
+    primary.header["EXTNAME"] = "IMAGE"
+    primary.header["BAYERPAT"] = "RGGB"
+    mask = (raw >= header["WHTLVLN"]).astype(np.uint8)  # MaskBit.SATURATED
+    fits.HDUList([primary, fits.ImageHDU(mask, name="MASK")]).writeto(calibrated)
+    image = ImageInfo(
+        1, PANOPTES / "unsolved.fits", ImageType.OBJECT, 120.4,
+        dt.datetime(2016, 9, 9, 8, 12, 26, tzinfo=dt.timezone.utc), 2457640.8433, "RGGB",
+        "012070048413", header,
+    )  # fmt: skip
+    values = {p.name: p.default for p in Astrometry.parameters} | {"pixel_scale": 10.3}
+    return StepContext(
+        task_id=1, step="astrometry", target="image:1", config_version="test",
+        parameters=values | parameters, storage_root=tmp_path / "storage", image=image,
+        inputs={"calibrate": (InputProduct("image:1", 1, calibrated, {}),)},
+    )  # fmt: skip
+
+
+def test_without_pointing_or_solver_the_reason_says_what_to_do(tmp_path):
+    from autowisp.errors import PermanentError
+
+    context = _panoptes_context(tmp_path, blind_solver="no-such-solve-field")
+    with pytest.raises(PermanentError, match="no pointing.*install astrometry.net"):
+        Astrometry().run(context)
+
+
+def test_without_pointing_solve_field_solves_blind(tmp_path):
+    import os
+    import shutil
+
+    if shutil.which("solve-field") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must install astrometry.net (see .ci/run)")
+        pytest.skip("solve-field is not installed (apt-get install astrometry.net)")
+    result = Astrometry().run(_panoptes_context(tmp_path))
+    assert result.qc["solver"] == "solve-field"
+    assert result.qc["matched"] >= 100 and result.qc["rms_px"] < 0.2
+    assert result.qc["pixel_scale"] == pytest.approx(10.3, rel=0.01)
+    header = fits.getheader(tmp_path / "calibrated.fits")
+    assert header["CTYPE1"] == "RA---TAN-SIP"
