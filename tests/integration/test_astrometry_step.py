@@ -193,7 +193,7 @@ def _panoptes_context(tmp_path, **parameters):
     fits.HDUList([primary, fits.ImageHDU(mask, name="MASK")]).writeto(calibrated)
     image = ImageInfo(
         1, PANOPTES / "unsolved.fits", ImageType.OBJECT, 120.4,
-        dt.datetime(2016, 9, 9, 8, 12, 26, tzinfo=dt.timezone.utc), 2457640.8433, "RGGB",
+        dt.datetime(2016, 9, 9, 8, 12, 26, tzinfo=dt.UTC), 2457640.8433, "RGGB",
         "012070048413", header,
     )  # fmt: skip
     values = {p.name: p.default for p in Astrometry.parameters} | {"pixel_scale": 10.3}
@@ -208,7 +208,7 @@ def test_without_pointing_or_solver_the_reason_says_what_to_do(tmp_path):
     from autowisp.errors import PermanentError
 
     context = _panoptes_context(tmp_path, blind_solver="no-such-solve-field")
-    with pytest.raises(PermanentError, match="no pointing.*install astrometry.net"):
+    with pytest.raises(PermanentError, match=r"no pointing.*install astrometry\.net"):
         Astrometry().run(context)
 
 
