@@ -92,14 +92,19 @@ def triangles(
 
 
 def _window_members(
-    x: np.ndarray, y: np.ndarray, centres: np.ndarray, half: float, per_window: int
+    x: np.ndarray,
+    y: np.ndarray,
+    centres: np.ndarray,
+    half: float,
+    per_window: int,
+    tree: cKDTree | None = None,
 ) -> np.ndarray:
     """(W, per_window) indices of the first (brightest) points in each square window,
-    padded with -1."""
+    padded with -1 (``tree``: a k-d tree of the points, if one exists)."""
     members = np.full((len(centres), per_window), -1, dtype=np.intp)
     if len(x) == 0 or len(centres) == 0:
         return members
-    tree = cKDTree(np.column_stack([x, y]))
+    tree = tree if tree is not None else cKDTree(np.column_stack([x, y]))
     found = tree.query_ball_point(centres, half, p=np.inf, return_sorted=True)
     for row, indices in enumerate(found):
         first = indices[:per_window]
@@ -193,7 +198,7 @@ def candidate_seeds(
     verify_radius: float = 3.0,
     min_votes: int = 8,
     stages: tuple[float, ...] = (0.3, 1.0),
-    max_cells: int = 9,
+    max_cells: int = 4,
 ) -> Iterator[_Seed]:
     """Similarities mapping image pixels onto the catalogue's tangent plane, best first.
 
@@ -218,7 +223,7 @@ def candidate_seeds(
     image_centres = np.array(
         [((i + 0.5) * nx / cols, (j + 0.5) * ny / rows) for i in range(cols) for j in range(rows)]
     )
-    # One matching cell suffices to seed the fit: use the nine nearest the centre, where
+    # One matching cell suffices to seed the fit: use the four nearest the centre, where
     # the lens distorts least.
     from_centre = np.hypot(image_centres[:, 0] - nx / 2, image_centres[:, 1] - ny / 2)
     image_centres = image_centres[np.argsort(from_centre, kind="stable")[:max_cells]]
@@ -254,6 +259,7 @@ def candidate_seeds(
             window_centres[chosen],
             half * 1.1,
             int(per_cell * 1.5),
+            catalogue_tree,
         )
         catalogue_vertices, catalogue_inv = _collect(catalogue_xy, members)
         if len(catalogue_vertices) == 0:
@@ -534,6 +540,7 @@ def _refine(
     brightest[: max(subset, 1)] = True
     catalogue_limit = max(subset // 3, 1)
     full = False
+    full_passes = 0
     for _ in range(40):
         covered = reach >= whole
         wanted = 1 if reach < 0.5 * diagonal else (min(order, 2) if not covered else order)
@@ -586,9 +593,11 @@ def _refine(
             continue
         settled = previous is not None and np.array_equal(previous[0], src)
         new_radius = max(min_radius, min(radius, 5.0 * rms))
-        if settled and new_radius == radius and current == wanted:
-            if full:
+        if full:
+            full_passes += 1
+            if full_passes >= FULL_PASSES or (settled and new_radius == radius):
                 break
+        elif settled and new_radius == radius and current == wanted:
             full, previous = True, None
             continue
         previous = (src, cat)
@@ -596,6 +605,10 @@ def _refine(
     px, py = wcs.sky_to_pixel(ra[cat], dec[cat])
     residual = np.hypot(sx[src] - px, sy[src] - py)
     return wcs, src, cat, residual
+
+
+#: Match-and-fit passes with every source and catalogue star, after the bright subset.
+FULL_PASSES = 2
 
 
 def default_order(shape: tuple[int, int]) -> int:

@@ -81,6 +81,15 @@ def load_catalogue() -> np.ndarray:
     return records.astype(GAIA_DTYPE.newbyteorder("="))
 
 
+@lru_cache(maxsize=1)
+def _unit_vectors() -> np.ndarray:
+    """(N, 3) unit vectors of the catalogue stars, computed once per process."""
+    records = load_catalogue()
+    ra = np.radians(records["ra"])
+    dec = np.radians(records["dec"])
+    return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+
+
 def cone_search(ra: float, dec: float, radius: float, *, gmax: float = 99.0) -> CatalogueStars:
     """Catalogue stars within ``radius`` degrees of ``(ra, dec)`` with G ≤ ``gmax``.
 
@@ -90,9 +99,8 @@ def cone_search(ra: float, dec: float, radius: float, *, gmax: float = 99.0) -> 
         raise ValueError(f"cone radius must be in (0, 90] degrees, got {radius!r}")
     records = load_catalogue()
     ra0, dec0 = np.radians(ra), np.radians(dec)
-    ra_r = np.radians(records["ra"])
-    dec_r = np.radians(records["dec"])
-    cos_distance = np.sin(dec0) * np.sin(dec_r) + np.cos(dec0) * np.cos(dec_r) * np.cos(ra_r - ra0)
+    centre = np.array([np.cos(dec0) * np.cos(ra0), np.cos(dec0) * np.sin(ra0), np.sin(dec0)])
+    cos_distance = _unit_vectors() @ centre
     keep = (cos_distance >= np.cos(np.radians(radius))) & (records["phot_g_mean_mag"] <= gmax)
     chosen = records[keep]
     chosen = chosen[np.argsort(chosen["phot_g_mean_mag"], kind="stable")]
