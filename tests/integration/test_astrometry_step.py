@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 import warnings
 from pathlib import Path
 
@@ -204,6 +205,11 @@ def _panoptes_context(tmp_path, **parameters):
     )  # fmt: skip
 
 
+def _with_pointing(context, pointing):
+    header = dict(context.image.header) | {"RA-MNT": pointing[0], "DEC-MNT": pointing[1]}
+    return replace(context, image=replace(context.image, header=header))
+
+
 def test_without_pointing_or_solver_the_reason_says_what_to_do(tmp_path):
     from autowisp.errors import PermanentError
 
@@ -226,3 +232,52 @@ def test_without_pointing_solve_field_solves_blind(tmp_path):
     assert result.qc["pixel_scale"] == pytest.approx(10.3, rel=0.01)
     header = fits.getheader(tmp_path / "calibrated.fits")
     assert header["CTYPE1"] == "RA---TAN-SIP"
+
+
+def test_a_frame_of_empty_sky_fails_with_its_reason(tmp_path):
+    from autowisp.errors import PermanentError
+
+    context = _panoptes_context(tmp_path)
+    rng = np.random.default_rng(8)
+    noise = rng.normal(300.0, 20.0, (700, 700)).astype(np.float32)
+    with fits.open(tmp_path / "calibrated.fits", mode="update") as hdus:
+        hdus["IMAGE"].data = noise
+        hdus["MASK"].data = np.zeros((700, 700), np.uint8)
+    context = _with_pointing(context, (301.56, 44.46))
+    with pytest.raises(PermanentError, match=r"too few sources|no match"):
+        Astrometry().run(context)
+    assert not (tmp_path / "storage").exists() or not list((tmp_path / "storage").rglob("*.fits"))
+
+
+def test_online_catalogue_gives_the_positions_and_is_cached(tmp_path, monkeypatch):
+    """catalogue = 'online': the archive is asked once per field (here a stand-in that
+    answers from the offline catalogue with zero proper motions: no network in tests)."""
+    from autowisp.io import catalogue as catalogue_module
+    from autowisp.io.gaia import cone_search
+
+    asked = []
+
+    def archive(query):
+        asked.append(query)
+        inside = query.split("CIRCLE('ICRS', ")[1].split(")")[0]
+        ra, dec, radius = (float(v) for v in inside.split(","))
+        stars = cone_search(ra, dec, radius)
+        return {
+            "source_id": stars.source_id.tolist(), "ra": stars.ra.tolist(),
+            "dec": stars.dec.tolist(), "pmra": [0.0] * len(stars), "pmdec": [None] * len(stars),
+            "phot_g_mean_mag": stars.gmag.tolist(), "phot_bp_mean_mag": stars.bp.tolist(),
+            "phot_rp_mean_mag": stars.rp.tolist(),
+        }  # fmt: skip
+
+    monkeypatch.setattr(catalogue_module, "_astroquery_fetch", archive)
+    for attempt in range(2):
+        (tmp_path / str(attempt)).mkdir()
+        context = _panoptes_context(tmp_path / str(attempt), catalogue="online")
+        context = replace(
+            _with_pointing(context, (301.56439, 44.456875)), storage_root=tmp_path / "storage"
+        )
+        result = Astrometry().run(context)
+        assert result.qc["catalogue"] == "gaia-dr3-tap"
+        assert result.qc["catalogue_stars"] >= 125
+    assert len(asked) == 1  # the second frame of the field came from the cache
+    assert len(list((tmp_path / "storage" / "catalogue-cache").glob("gaia-*.json"))) == 1
