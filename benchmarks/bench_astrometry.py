@@ -87,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    success_counts()
     have_solve_field = find_solve_field() is not None
     for name, image, hint, scale, saturated in _frames():
         print(f"== {name}")
@@ -136,6 +137,58 @@ def main() -> None:
                 print(f"             solve-field failed: {error}")
         else:
             print("             solve-field not installed")
+
+
+def success_counts(frames: int = 20, seed: int = 3) -> None:
+    """Solve every object frame of a simulated 1024×768 night (30 % cloudy) from its raw
+    file: the header pointing, the pixel scale its FOCALLEN and XPIXSZ imply; count the
+    successes and compare catalogue positions with the true positions."""
+    from autowisp.simulate.night import NightConfig, simulate_night
+    from autowisp.simulate.truth import read_truth
+    from autowisp.steps.astrometry import header_pixel_scale
+
+    with tempfile.TemporaryDirectory() as scratch:
+        simulate_night(
+            Path(scratch),
+            NightConfig(frames=frames, width=1024, height=768, seed=seed, biases=0, darks=0,
+                        flats=0, cloudy_fraction=0.3),
+        )  # fmt: skip
+        truth = read_truth(next(Path(scratch).rglob("truth.h5")))
+        paths = sorted(Path(scratch).rglob("object_*.fits"))
+        solved = {True: [0, 0], False: [0, 0]}
+        errors, times = [], []
+        catalogue = OfflineGaia()
+        for index, path in enumerate(paths):
+            data = fits.getdata(path).astype(float)
+            header = fits.getheader(path)
+            cloudy = bool(truth.object["cloudy"][index])
+            solved[cloudy][1] += 1
+            sources = extract_sources(data, "RGGB", saturated=data >= header["SATURATE"])
+            hint = (header["RA-MNT"], header["DEC-MNT"])
+            start = time.perf_counter()
+            stars = catalogue.cone(*hint, 11.0, epoch=2024.7)
+            try:
+                solution = solve(sources.x, sources.y, stars.ra, stars.dec, data.shape,
+                                 hint=hint, pixel_scale=header_pixel_scale(header))  # fmt: skip
+            except ValueError as error:
+                print(f"  {path.name}: {error}")
+                continue
+            times.append(time.perf_counter() - start)
+            solved[cloudy][0] += 1
+            signal = np.nansum(truth.object["aperture_signal"][index, :, :, 1], axis=1)
+            noise = np.sqrt(np.nansum(truth.object["aperture_sigma"][index, :, :, 1] ** 2, 1))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                bright = truth.object["rendered"][index] & (signal / noise > 100)
+            x, y = solution.wcs.sky_to_pixel(truth.stars["ra"][bright], truth.stars["dec"][bright])
+            errors.append(np.hypot(x - truth.object["x"][index][bright],
+                                   y - truth.object["y"][index][bright]))  # fmt: skip
+    error = np.concatenate(errors) if errors else np.zeros(0)
+    print(f"== simulated night, {len(paths)} frames of 1024x768")
+    print(f"solved: clear {solved[False][0]}/{solved[False][1]}, "
+          f"cloudy {solved[True][0]}/{solved[True][1]}; median solve (with cone) "
+          f"{np.median(times):.3f} s")  # fmt: skip
+    print(f"catalogue positions vs truth, S/N>100 ({error.size} star-frames): RMS "
+          f"{np.sqrt(np.mean(error**2)):.4f} px, max {error.max():.3f} px")  # fmt: skip
 
 
 if __name__ == "__main__":
