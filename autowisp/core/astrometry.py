@@ -335,8 +335,7 @@ def _best_pair(
     if candidates.size == 0:
         return [], 0
     # Verify each candidate around its own triangle: the bright sources nearest to it;
-    # first cheaply with the 10 nearest (a right map puts several of them on stars),
-    # then the survivors with 60.
+    # first cheaply with the 10 nearest, then the most promising with 60.
     bright = image_xy[: min(len(image_xy), 300)]
     bright_tree = cKDTree(bright)
     centres = image_xy[image_vertices[left[candidates]]].mean(axis=1)
@@ -348,9 +347,10 @@ def _best_pair(
     mapped = points @ maps[:, :2, :] + maps[:, 2:3, :]
     reach = np.hypot(*(points - centres[:, None, :]).transpose(2, 0, 1))
     distance, _ = catalogue_tree.query(mapped.reshape(-1, 2))
-    promising = (distance.reshape(mapped.shape[:2]) < verify_radius + 0.01 * reach).sum(1) >= 4
-    if not promising.any():
-        return [], 0
+    cheap = (distance.reshape(mapped.shape[:2]) < verify_radius + 0.01 * reach).sum(1)
+    # The best few hundred go on (a sparse small frame may have only its triangle's own
+    # three stars among the ten).
+    promising = cheap >= max(3, np.sort(cheap)[-min(256, cheap.size)])
     centres, maps = centres[promising], maps[promising]
     k = min(60, len(bright))
     _, nearest = bright_tree.query(centres, k)

@@ -10,13 +10,13 @@ from autowisp.io.gaia import cone_search
 SHAPE = (900, 1200)
 
 
-def _truth_wcs(rotation=37.0, flip=False, scale=10.3, centre=(301.0, 44.0), k1=3e-8):
+def _truth_wcs(rotation=37.0, flip=False, scale=10.3, centre=(301.0, 44.0), k1=3e-8, shape=SHAPE):
     theta = np.radians(rotation)
     cd = scale / 3600 * np.array([[-np.cos(theta), np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     if flip:
         cd = cd @ np.diag([-1.0, 1.0])
     a, b = sip_from_lens(k1=k1, p1=2e-6, order=3)
-    crpix = np.array([(SHAPE[1] - 1) / 2 + 13.0, (SHAPE[0] - 1) / 2 - 7.0])
+    crpix = np.array([(shape[1] - 1) / 2 + 13.0, (shape[0] - 1) / 2 - 7.0])
     return TanSip(crpix, np.array(centre), cd, a, b)
 
 
@@ -66,22 +66,24 @@ def test_fit_refuses_too_few_stars():
                     crpix=(0, 0), crval=(1.0, 1.0), order=3)  # fmt: skip
 
 
-def _scene(truth, rng, *, dropped=0.2, spurious=0.3, noise=0.1, gmax=10.0):
+def _scene(
+    truth, rng, *, dropped=0.2, spurious=0.3, noise=0.1, gmax=10.0, shape=SHAPE, fakes=(6, 10)
+):
     """Sources of a frame: catalogue stars through ``truth``, some lost, some extra."""
     stars = cone_search(*truth.crval, 6.0, gmax=gmax)
     x, y = truth.sky_to_pixel(stars.ra, stars.dec)
-    inside = np.flatnonzero((x >= 0) & (x < SHAPE[1] - 1) & (y >= 0) & (y < SHAPE[0] - 1))
+    inside = np.flatnonzero((x >= 0) & (x < shape[1] - 1) & (y >= 0) & (y < shape[0] - 1))
     kept = inside[rng.random(inside.size) > dropped]
     n_fake = int(spurious * kept.size)
     sx = np.concatenate(
-        [x[kept] + rng.normal(0, noise, kept.size), rng.uniform(0, SHAPE[1], n_fake)]
+        [x[kept] + rng.normal(0, noise, kept.size), rng.uniform(0, shape[1], n_fake)]
     )
     sy = np.concatenate(
-        [y[kept] + rng.normal(0, noise, kept.size), rng.uniform(0, SHAPE[0], n_fake)]
+        [y[kept] + rng.normal(0, noise, kept.size), rng.uniform(0, shape[0], n_fake)]
     )
     # Brightness order: catalogue order with some scatter, fakes anywhere.
     brightness = np.concatenate([-stars.gmag[kept] + rng.normal(0, 0.3, kept.size),
-                                 rng.uniform(-10, -6, n_fake)])  # fmt: skip
+                                 rng.uniform(-fakes[1], -fakes[0], n_fake)])  # fmt: skip
     order = np.argsort(-brightness)
     true_xy = np.concatenate([np.column_stack([x[kept], y[kept]]), np.full((n_fake, 2), np.nan)])
     return sx[order], sy[order], true_xy[order]
@@ -123,3 +125,23 @@ def test_empty_sky_and_too_few_sources_fail_with_their_reason():
         solve(x, y, stars.ra, stars.dec, SHAPE, hint=(301.0, 44.0), pixel_scale=10.3)
     with pytest.raises(SolveError, match="too few sources"):
         solve(x[:3], y[:3], stars.ra, stars.dec, SHAPE, hint=(301.0, 44.0), pixel_scale=10.3)
+
+
+def test_a_small_sparse_frame_solves():
+    """384×384 px (1.1°): about 25 catalogue stars, a fifth of them lost, many extra
+    sources; the demo's frames are this size."""
+    shape = (384, 384)
+    truth = _truth_wcs(rotation=-23.5, shape=shape, k1=0.0)
+    rng = np.random.default_rng(6)
+    # Twice as many extra sources as catalogue stars, as bright as the catalogue's
+    # faintest (G 9–12: the stars just below the catalogue's limit).
+    sx, sy, _ = _scene(truth, rng, spurious=2.0, shape=shape, fakes=(9, 12))
+    hint = (truth.crval[0] + 0.4, truth.crval[1] - 0.3)
+    stars = cone_search(*hint, 11.0)
+    solution = solve(sx, sy, stars.ra, stars.dec, shape, hint=hint, pixel_scale=10.3 * 1.1)
+    assert solution.matched >= 12
+    grid_y, grid_x = np.mgrid[0:384:32, 0:384:32]
+    ra, dec = truth.pixel_to_sky(grid_x.ravel(), grid_y.ravel())
+    px, py = solution.wcs.sky_to_pixel(ra, dec)
+    error = np.hypot(px - grid_x.ravel(), py - grid_y.ravel())
+    assert np.sqrt(np.mean(error**2)) < 0.1  # 0.1 px centroids, ~15 stars
