@@ -12,7 +12,8 @@ import numpy as np
 from astropy.io import fits
 
 from autowisp.core.bayer import channels
-from autowisp.core.calibration import calibrate_frame
+from autowisp.core.calibration import MaskBit, calibrate_frame
+from autowisp.core.cosmics import cosmic_ray_mask
 from autowisp.db.models import ImageType, Scope
 from autowisp.errors import PermanentError
 from autowisp.io.fits import read_image
@@ -32,6 +33,13 @@ class Calibrate(Step):
         Parameter("gain", 0.0, "e⁻/ADU", "0: the master flat's photon-transfer gain."),
         Parameter("read_noise", 0.0, "e⁻", "0: the master flat's photon-transfer value."),
         Parameter("saturation_adu", 0, "ADU", "0: the header's SATURATE, else 15000."),
+        Parameter(
+            "cosmic_ray_sigma",
+            12.0,
+            "σ",
+            "Peak of a cosmic-ray hit above the background (groups of at most 6 pixels "
+            "above 2σ); 0 disables the search.",
+        ),
         Parameter(
             "uncalibrated_cameras",
             [],
@@ -87,6 +95,7 @@ class Calibrate(Step):
             flat_error=flat["ERROR"],
             hot=dark["HOT"].astype(bool),
         )
+        hits = self._cosmic_rays(context, calibrated, mask, image.layout)
         out = fits.Header()
         for key in ("DATE-OBS", "EXPTIME", "CAMSN", "INSTRUME", "RA-MNT", "DEC-MNT"):
             if key in header:
@@ -112,8 +121,19 @@ class Calibrate(Step):
                 else None,
                 "saturated_fraction": float(np.mean(raw >= saturation)),
                 "masked_fraction": float(1 - good.mean()),
+                "cosmic_ray_pixels": hits,
             },
         )
+
+    @staticmethod
+    def _cosmic_rays(context: StepContext, calibrated, mask, layout: str) -> int:
+        """Flag cosmic-ray hits in ``mask`` (in place); the number of pixels flagged."""
+        sigma = float(context.parameters["cosmic_ray_sigma"])
+        if sigma <= 0:
+            return 0
+        found = cosmic_ray_mask(calibrated, layout, bad=mask != 0, threshold=sigma)
+        mask[found] |= np.uint8(MaskBit.COSMIC_RAY)
+        return int(found.sum())
 
     def _uncalibrated(self, context: StepContext) -> StepResult:
         """No masters exist for this camera and it may proceed: subtract a bias level only,
@@ -140,6 +160,7 @@ class Calibrate(Step):
             read_noise=read_noise,
             saturation=saturation,
         )
+        hits = self._cosmic_rays(context, calibrated, mask, image.layout)
         out = fits.Header()
         out["BUNIT"] = "electron" if context.parameters["gain"] else "adu"
         out["BAYERPAT"] = image.layout
@@ -148,5 +169,10 @@ class Calibrate(Step):
         path = context.output_path("fits")
         write_product(path, {"IMAGE": calibrated, "ERROR": error, "MASK": mask}, out)
         return StepResult(
-            path, {"uncalibrated": True, "saturated_fraction": float(np.mean(raw >= saturation))}
+            path,
+            {
+                "uncalibrated": True,
+                "saturated_fraction": float(np.mean(raw >= saturation)),
+                "cosmic_ray_pixels": hits,
+            },
         )

@@ -116,6 +116,15 @@ def test_calibrated_frames_carry_error_mask_and_provenance(calibrated_night):
     assert np.all(mask[truth.calibration["dead"]] & MaskBit.LOW_RESPONSE)
     assert (mask[truth.calibration["hot"]] & MaskBit.HOT).astype(bool).mean() >= 0.95
     assert np.all(np.isfinite(product["IMAGE"])) and np.all(product["ERROR"] > 0)
+    # Cosmic-ray hits: every flagged pixel is a true hit of some frame of the night.
+    hits = {(int(x), int(y)) for _, x, y, _ in truth.object["cosmic_rays"]}
+    flagged = 0
+    for path, qc in ((Path(r[2]), r[3]) for r in rows if r[0] == "calibrate"):
+        rows_, cols_ = np.nonzero(read_master(path)["MASK"] & MaskBit.COSMIC_RAY)
+        assert qc["cosmic_ray_pixels"] == rows_.size
+        assert {(int(x), int(y)) for x, y in zip(cols_, rows_, strict=True)} <= hits
+        flagged += rows_.size
+    assert flagged > 0
 
 
 def _run_night(tmp_path, files, parameters=None):
