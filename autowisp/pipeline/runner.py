@@ -34,6 +34,7 @@ from autowisp.db.models import (
 from autowisp.db.models import Step as StepRow
 from autowisp.db.session import session_scope
 from autowisp.errors import PermanentError
+from autowisp.io.fits import header_iso
 from autowisp.pipeline import state
 from autowisp.steps.base import ImageInfo, InputProduct, NightInfo, StepContext
 from autowisp.steps.registry import Registry
@@ -129,8 +130,9 @@ def build_context(
             InputProduct(target, image_id, Path(path) if path else None, qc or {})
             for target, image_id, path, qc in session.execute(query.order_by(Task.id))
         )
+    iso = _iso_of(step, image, night)
     for master in step.master_inputs:
-        inputs[master] = _nearest_master(session, master, task.night_id)
+        inputs[master] = _nearest_master(session, master, task.night_id, iso)
     return StepContext(
         task_id=task.id,
         step=step.name,
@@ -177,8 +179,22 @@ def _in_session(url: str, work: Callable[[Session], T]) -> T:
     return with_db_retry(action)
 
 
-def _nearest_master(session: Session, step: str, night_id: int | None) -> tuple[InputProduct, ...]:
-    """The done output of night step ``step`` from the camera's night nearest in date."""
+def _iso_of(step, image: ImageInfo | None, night: NightInfo | None) -> int | None:
+    """The ISO the masters must match: the frame's, or most of the night's frames'."""
+    if image is not None:
+        return header_iso(image.header)
+    if night is None:
+        return None
+    isos = [header_iso(i.header) for i in night.images if i.image_type in step.image_types]
+    known = [iso for iso in isos if iso is not None]
+    return min(set(known), key=lambda iso: (-known.count(iso), iso)) if known else None
+
+
+def _nearest_master(
+    session: Session, step: str, night_id: int | None, iso: int | None = None
+) -> tuple[InputProduct, ...]:
+    """The done output of night step ``step`` from the camera's night nearest in date,
+    among masters of the same ISO when both sides know theirs."""
     if night_id is None:
         return ()
     night = session.get(Night, night_id)
@@ -196,6 +212,8 @@ def _nearest_master(session: Session, step: str, night_id: int | None) -> tuple[
             Night.camera_id == night.camera_id,
         )
     ).all()
+    if iso is not None:
+        rows = [r for r in rows if (r.qc or {}).get("iso") in (None, iso)]
     if not rows:
         return ()
     # Nearest night first; between two equally near, the earlier one.

@@ -16,7 +16,7 @@ from autowisp.core.calibration import MaskBit, calibrate_frame
 from autowisp.core.cosmics import cosmic_ray_mask
 from autowisp.db.models import ImageType, Scope
 from autowisp.errors import PermanentError
-from autowisp.io.fits import read_image
+from autowisp.io.fits import header_iso, read_image
 from autowisp.io.stacks import write_product
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
 from autowisp.steps.masters import read_master
@@ -66,7 +66,9 @@ class Calibrate(Step):
             if not products or products[0].output_path is None:
                 if image.camera_serial in context.parameters["uncalibrated_cameras"]:
                     return self._uncalibrated(context)
-                raise PermanentError(f"no {step} of this camera for {image.path.name}")
+                iso = header_iso(image.header)
+                at = f" at ISO {iso}" if iso is not None else ""
+                raise PermanentError(f"no {step} of this camera{at} for {image.path.name}")
             masters[step] = (products[0].output_path, read_master(products[0].output_path))
         raw, header = read_image(image.path)
         flat_header = masters["master_flat"][1]["header"]

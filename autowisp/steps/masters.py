@@ -18,7 +18,7 @@ from autowisp.core.bayer import channels
 from autowisp.core.calibration import clipped_stack, photon_transfer
 from autowisp.db.models import ImageType, Scope
 from autowisp.errors import PermanentError
-from autowisp.io.fits import image_hdu_index, read_image
+from autowisp.io.fits import header_iso, image_hdu_index, read_image
 from autowisp.io.stacks import band_rows, read_bands, write_product
 from autowisp.steps.base import ImageInfo, Parameter, Step, StepContext, StepResult
 
@@ -43,6 +43,29 @@ def _frames(context: StepContext, kind: ImageType) -> list[ImageInfo]:
     if context.night is None:
         raise PermanentError(f"{context.step} needs a night target, got {context.target!r}")
     return [image for image in context.night.images if image.image_type is kind]
+
+
+def _one_iso(
+    frames: list[ImageInfo], kind: str
+) -> tuple[list[ImageInfo], list[tuple[ImageInfo, str]], int | None]:
+    """The frames at the night's most common ISO, the others with the reason, the ISO.
+
+    A DSLR's bias level, noise and gain change with ISO: frames at different ISOs are
+    never stacked together. Frames whose header gives no ISO go with any.
+    """
+    isos = [header_iso(image.header) for image in frames]
+    known = [iso for iso in isos if iso is not None]
+    if not known:
+        return frames, [], None
+    counts = {iso: known.count(iso) for iso in set(known)}
+    chosen = min(counts, key=lambda iso: (-counts[iso], iso))
+    kept = [f for f, iso in zip(frames, isos, strict=True) if iso in (None, chosen)]
+    rejected = [
+        (f, f"ISO {iso}: the night's {kind} frames are mostly ISO {chosen}")
+        for f, iso in zip(frames, isos, strict=True)
+        if iso not in (None, chosen)
+    ]
+    return kept, rejected, chosen
 
 
 def _check_count(
@@ -99,6 +122,9 @@ def _header(context: StepContext, frames: list[ImageInfo], unit: str) -> fits.He
     header["CONFIG"] = (context.config_version, "configuration version of the step")
     header["BUNIT"] = unit
     header["NFRAMES"] = (len(frames), "frames stacked")
+    iso = next((header_iso(f.header) for f in frames if header_iso(f.header)), None)
+    if iso is not None:
+        header["ISO"] = (iso, "ISO of the frames stacked")
     header["CAMSN"] = context.night.camera_serial if context.night else ""
     if context.night and context.night.layout != "MONO":
         header["BAYERPAT"] = context.night.layout
@@ -115,18 +141,20 @@ class MasterBias(Step):
     parameters = COMMON
 
     def run(self, context: StepContext) -> StepResult:
-        frames = _frames(context, ImageType.BIAS)
-        _check_count(context, frames, "bias")
+        frames, rejected, iso = _one_iso(_frames(context, ImageType.BIAS), "bias")
+        _check_count(context, frames, "bias", rejected)
         images = _stack(context, frames, None)
         path = context.output_path("fits")
-        write_product(path, images, _header(context, frames, "adu"))
+        write_product(path, images, _rejections(_header(context, frames, "adu"), rejected))
         master = images["MASTER"]
         return StepResult(
             path,
             {
                 "frames": len(frames),
+                "iso": iso,
                 "median_adu": float(np.median(master)),
                 "median_error_adu": float(np.median(images["ERROR"])),
+                "rejected": {str(i.path): r for i, r in rejected},
             },
         )
 
@@ -141,7 +169,8 @@ class MasterDark(Step):
 
     def run(self, context: StepContext) -> StepResult:
         frames = [f for f in _frames(context, ImageType.DARK) if f.exptime > 0]
-        _check_count(context, frames, "dark")
+        frames, rejected, iso = _one_iso(frames, "dark")
+        _check_count(context, frames, "dark", rejected)
         bias_master = _upstream(context, "master_bias")
         bias = bias_master["MASTER"]
 
@@ -160,12 +189,18 @@ class MasterDark(Step):
         hot = rate > median + float(context.parameters["hot_sigma"]) * max(spread, 1e-6)
         images["HOT"] = hot.astype(np.uint8)
         path = context.output_path("fits")
-        header = _header(context, frames, "adu/s")
+        header = _rejections(_header(context, frames, "adu/s"), rejected)
         header["HOTPIX"] = (int(hot.sum()), "pixels flagged hot")
         write_product(path, images, header)
         return StepResult(
             path,
-            {"frames": len(frames), "median_rate_adu_s": median, "hot_pixels": int(hot.sum())},
+            {
+                "frames": len(frames),
+                "iso": iso,
+                "median_rate_adu_s": median,
+                "hot_pixels": int(hot.sum()),
+                "rejected": {str(i.path): r for i, r in rejected},
+            },
         )
 
 
@@ -189,13 +224,13 @@ class MasterFlat(Step):
     )
 
     def run(self, context: StepContext) -> StepResult:
-        frames = _frames(context, ImageType.FLAT)
+        frames, rejected, iso = _one_iso(_frames(context, ImageType.FLAT), "flat")
         bias_master = _upstream(context, "master_bias")
         bias = bias_master["MASTER"]
         dark = _upstream(context, "master_dark")["MASTER"]
         layout = context.night.layout if context.night else "MONO"
         chans = channels(layout)
-        kept, rejected, levels = [], [], {}
+        kept, levels = [], {}
         saturation = float(context.parameters["saturation_adu"])
         normalised = {}
         for image in frames:
@@ -238,9 +273,7 @@ class MasterFlat(Step):
             norm = float(np.median(view))
             view /= norm
             channel.view(images["ERROR"])[...] /= norm
-        header = _header(context, kept, "")
-        for image, reason in rejected:
-            header.add_history(f"rejected {image.path}: {reason}")
+        header = _rejections(_header(context, kept, ""), rejected)
         gain, read_noise = self._photon_transfer(kept, context, bias, dark, chans)
         header["GAIN"] = (gain, "[e-/ADU] photon transfer, this night's flats")
         header["RDNOISE"] = (read_noise, "[e-] photon transfer, this night's biases")
@@ -250,6 +283,7 @@ class MasterFlat(Step):
             path,
             {
                 "frames": len(kept),
+                "iso": iso,
                 "gain": gain,
                 "read_noise": read_noise,
                 "rejected": {str(i.path): r for i, r in rejected},
@@ -258,7 +292,12 @@ class MasterFlat(Step):
 
     @staticmethod
     def _photon_transfer(kept, context, bias, dark, chans) -> tuple[float, float]:
-        biases = [i for i in context.night.images if i.image_type is ImageType.BIAS][:2]
+        iso = header_iso(kept[0].header) if kept else None
+        biases = [
+            i
+            for i in context.night.images
+            if i.image_type is ImageType.BIAS and header_iso(i.header) in (None, iso)
+        ][:2]
         if len(kept) < 2 or len(biases) < 2:
             raise PermanentError("photon transfer needs two usable flats and two biases")
         flat_a, flat_b = (read_image(i.path)[0] for i in kept[:2])
@@ -273,6 +312,12 @@ class MasterFlat(Step):
             gains.append(gain)
             noises.append(noise)
         return float(np.median(gains)), float(np.median(noises))
+
+
+def _rejections(header: fits.Header, rejected: list[tuple[ImageInfo, str]]) -> fits.Header:
+    for image, reason in rejected:
+        header.add_history(f"rejected {image.path}: {reason}")
+    return header
 
 
 def _block_means(image: np.ndarray, block: int) -> np.ndarray:

@@ -287,3 +287,49 @@ def test_a_camera_may_proceed_uncalibrated_and_says_so(small_night, tmp_path):
         assert product["header"]["UNCALIB"] is True
         # The bias level is gone: the sky (~300 e-/px here) is what is left, in ADU.
         assert 50 < np.median(product["IMAGE"]) < 400
+
+
+def _with_iso(paths, iso, directory):
+    """Copies of ``paths`` whose headers say ``iso``."""
+    from astropy.io import fits
+
+    directory.mkdir(exist_ok=True)
+    copies = []
+    for path in paths:
+        with fits.open(path) as hdus:
+            header = hdus[0].header.copy()
+            header["ISO"] = iso
+            fits.PrimaryHDU(hdus[0].data, header).writeto(directory / path.name)
+        copies.append(directory / path.name)
+    return copies
+
+
+def test_frames_of_another_iso_are_neither_stacked_nor_calibrated_together(small_night, tmp_path):
+    night = sorted(p for p in small_night.iterdir() if p.is_dir())[0]
+    frames = sorted(night.rglob("*.fits"))
+    biases = [f for f in frames if f.name.startswith("bias")]
+    objects = [f for f in frames if f.name.startswith("object")]
+    others = [f for f in frames if f.name.startswith(("dark", "flat"))]
+    upload = tmp_path / "upload"
+    _with_iso([*biases[:3], objects[0]], 400, upload)
+    for path in [*biases[3:], *others, *objects[1:]]:
+        (upload / path.name).write_bytes(path.read_bytes())
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    ingest_paths(url, [upload])
+    run_local(url, tmp_path / "storage", REGISTRY, jobs=1,
+              step_parameters={"master_bias": {"min_frames": 5}})  # fmt: skip
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(StepRow.name, Task.state, Task.qc, Task.last_error, Task.image_id).join(
+                StepRow, StepRow.id == Task.step_id
+            )
+        ).all()
+    bias = next(r for r in rows if r.name == "master_bias")
+    assert bias.state is TaskState.DONE and bias.qc["frames"] == 7 and bias.qc["iso"] == 100
+    assert sorted(Path(p).name for p in bias.qc["rejected"]) == [b.name for b in biases[:3]]
+    assert all("ISO 400" in reason for reason in bias.qc["rejected"].values())
+    calibrated = [r for r in rows if r.name == "calibrate"]
+    dead = [r for r in calibrated if r.state is TaskState.DEAD]
+    assert len(dead) == 1 and "no master_bias of this camera at ISO 400" in dead[0].last_error
+    assert sum(r.state is TaskState.DONE for r in calibrated) == len(objects) - 1
