@@ -20,12 +20,17 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from autowisp.core.bayer import channel_index_map
+
 __all__ = [
     "MaskBit",
     "StackResult",
     "calibrate_frame",
     "clipped_stack",
+    "overscan_levels",
+    "parse_section",
     "photon_transfer",
+    "robust_level",
 ]
 
 
@@ -195,6 +200,7 @@ def calibrate_frame(
     flat_error: np.ndarray | float = 0.0,
     hot: np.ndarray | None = None,
     low_response: float = 0.5,
+    overscan: np.ndarray | float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Calibrated image and its error (both e⁻ per pixel, before the flat) and mask.
 
@@ -208,14 +214,16 @@ def calibrate_frame(
     bias_error, dark_error, flat_error : the masters' errors (same units).
     hot : pixels known to be hot (from the dark master), masked.
     low_response : flat values below this are masked as dead or low-response.
+    overscan : this frame's overscan level (ADU, per pixel or scalar), removed first; the
+        bias master is then the bias pattern above the overscan level.
     """
     raw = np.asarray(raw, dtype=np.float64)
-    signal_adu = raw - bias - dark_rate * exptime
+    signal_adu = raw - overscan - bias - dark_rate * exptime
     with np.errstate(divide="ignore", invalid="ignore"):
         image = signal_adu * gain / flat
         # Poisson of every detected electron (light and dark current), read noise, and
         # the masters' errors.
-        detected = np.maximum((raw - bias) * gain, 0.0)
+        detected = np.maximum((raw - overscan - bias) * gain, 0.0)
         variance_e = (
             detected
             + np.square(read_noise)
@@ -240,3 +248,52 @@ def calibrate_frame(
     image[bad] = 0.0
     error[bad] = np.inf
     return image.astype(np.float32), error.astype(np.float32), mask
+
+
+def parse_section(text: str) -> tuple[slice, slice]:
+    """A FITS/IRAF section ``[x1:x2,y1:y2]`` (1-based, inclusive) as numpy (rows, columns)
+    slices. Raises ``ValueError`` naming the text when it is not one."""
+    body = str(text).strip()
+    try:
+        if not (body.startswith("[") and body.endswith("]")):
+            raise ValueError
+        columns, rows = body[1:-1].split(",")
+        x1, x2 = (int(v) for v in columns.split(":"))
+        y1, y2 = (int(v) for v in rows.split(":"))
+    except ValueError:
+        raise ValueError(f"not a FITS section [x1:x2,y1:y2]: {text!r}") from None
+    if x1 < 1 or y1 < 1 or x2 < x1 or y2 < y1:
+        raise ValueError(f"empty or reversed section: {text!r}")
+    return slice(y1 - 1, y2), slice(x1 - 1, x2)
+
+
+def overscan_levels(raw: np.ndarray, biassec: tuple[slice, slice], layout: str) -> np.ndarray:
+    """Bias level of each mosaic channel in the overscan region, ADU: a full-frame map
+    holding every pixel's channel level (the clipped mean of that channel's overscan pixels).
+
+    Channels follow the frame's own pixel parity (``layout`` is ``image[0:2, 0:2]``).
+    """
+    raw = np.asarray(raw)
+    region = np.zeros(raw.shape, bool)
+    region[biassec] = True
+    if not region.any():
+        raise ValueError("the overscan section lies outside the frame")
+    index = channel_index_map(layout, raw.shape)
+    levels = np.zeros(raw.shape, dtype=np.float64)
+    for channel in np.unique(index):
+        inside = region & (index == channel)
+        if not inside.any():
+            raise ValueError(f"the overscan section holds no pixel of channel {channel}")
+        levels[index == channel] = robust_level(raw[inside])
+    return levels
+
+
+def robust_level(values: np.ndarray, clip: float = 5.0) -> float:
+    """Mean of ``values`` within ``clip`` robust σ of their median: unlike the median of
+    quantised ADU, it is not rounded to half an ADU, and a hit pixel does not move it."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    centre = float(np.median(values))
+    spread = 1.4826 * float(np.median(np.abs(values - centre)))
+    if spread == 0:
+        return float(np.mean(values))
+    return float(np.mean(values[np.abs(values - centre) <= clip * spread]))

@@ -51,6 +51,8 @@ class CameraSpec:
     bias_level: float = 2048.0  # ADU
     saturation_adu: int = 15000
     iso: int = 100
+    overscan_columns: int = 0  # columns of bias-only pixels read out after each row
+    bias_drift: float = 0.0  # ADU rms of the bias level's change from frame to frame
     dark_current: float = 0.04  # e⁻/s/px
     hot_pixel_fraction: float = 5e-4
     dead_pixel_fraction: float = 2e-5
@@ -213,6 +215,7 @@ class Exposure:
     cosmic_rays: np.ndarray  # (k, 3): x, y, electrons of each hit pixel
     mean: np.ndarray  # (ny, nx) mean electrons given the scintillation draw
     apertures: ApertureStats  # prediction for the radii asked
+    bias_offset: float = 0.0  # ADU added to the whole frame's bias level (drift)
 
 
 def _channel_flux(detector: Detector, flux: np.ndarray) -> np.ndarray:
@@ -310,12 +313,25 @@ def cosmic_ray_hits(
     return np.array(hits, dtype=float).reshape(-1, 3)
 
 
-def read_out(detector: Detector, electrons: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Add read noise, convert to ADU with the bias, quantise and clip: uint16 raw."""
+def read_out(
+    detector: Detector, electrons: np.ndarray, rng: np.random.Generator, offset: float = 0.0
+) -> np.ndarray:
+    """Add read noise, convert to ADU with the bias (plus ``offset``), quantise and clip:
+    uint16 raw, with the camera's overscan columns (bias and read noise only) appended."""
     spec = detector.spec
     adu = (
-        detector.bias + (electrons + rng.normal(0.0, spec.read_noise, electrons.shape)) / spec.gain
+        detector.bias
+        + offset
+        + (electrons + rng.normal(0.0, spec.read_noise, electrons.shape)) / spec.gain
     )
+    if spec.overscan_columns:
+        ny = electrons.shape[0]
+        overscan = (
+            spec.bias_level
+            + offset
+            + rng.normal(0.0, spec.read_noise, (ny, spec.overscan_columns)) / spec.gain
+        )
+        adu = np.hstack([adu, overscan])
     return np.clip(np.rint(adu), 0, spec.saturation_adu).astype(np.uint16)
 
 
@@ -340,4 +356,5 @@ def expose(
         np.add.at(electrons, (hits[:, 1].astype(int), hits[:, 0].astype(int)), hits[:, 2])
     else:
         hits = np.zeros((0, 3))
-    return Exposure(read_out(detector, electrons, rng), factor, hits, mean, stats)
+    offset = float(rng.normal(0.0, detector.spec.bias_drift)) if detector.spec.bias_drift else 0.0
+    return Exposure(read_out(detector, electrons, rng, offset), factor, hits, mean, stats, offset)

@@ -60,6 +60,8 @@ class NightConfig:
     seeing: float = 2.0  # on-axis FWHM, px
     cloudy_fraction: float = 0.1
     pointing_error: float = 0.5  # largest error of the header pointing, deg
+    overscan_columns: int = 0  # bias-only columns at each row's end (BIASSEC in headers)
+    bias_drift: float = 0.0  # ADU rms of the bias level's change from frame to frame
     apertures: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0)
     site: observing.Site = field(default_factory=observing.Site)
 
@@ -144,6 +146,8 @@ def plan_cameras(config: NightConfig, rng: np.random.Generator) -> list[CameraPl
             pixel_scale=config.pixel_scale,
             gain=float(rng.uniform(1.4, 1.8)),
             read_noise=float(rng.uniform(6.0, 8.0)),
+            overscan_columns=config.overscan_columns,
+            bias_drift=config.bias_drift,
         )
         if index == 0:
             centre = (config.ra, config.dec)
@@ -237,6 +241,11 @@ def _header(config: NightConfig, plan: CameraPlan, kind: str, jd_start: float, e
     if config.layout != "MONO":
         header["BAYERPAT"] = (config.layout, "Bayer layout of image[0:2, 0:2]")
     header["ISO"] = spec.iso
+    if spec.overscan_columns:
+        # IRAF convention: 1-based, inclusive, [columns,rows].
+        columns = f"{spec.width + 1}:{spec.width + spec.overscan_columns}"
+        header["BIASSEC"] = (f"[{columns},1:{spec.height}]", "overscan region")
+        header["DATASEC"] = (f"[1:{spec.width},1:{spec.height}]", "light-sensitive region")
     # What the lens says, as EXIF would: its nominal focal length (a multiple of 5 mm),
     # so the pixel scale it implies is a few per cent off the true one.
     focal = 206.265 * spec.pixel_size / spec.pixel_scale

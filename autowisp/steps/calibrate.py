@@ -19,7 +19,7 @@ from autowisp.errors import PermanentError
 from autowisp.io.fits import header_iso, read_image
 from autowisp.io.stacks import write_product
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
-from autowisp.steps.masters import read_master
+from autowisp.steps.masters import OVERSCAN, overscan_of, read_master
 
 __all__ = ["Calibrate"]
 
@@ -30,6 +30,7 @@ class Calibrate(Step):
     master_inputs = ("master_bias", "master_dark", "master_flat")
     image_types = frozenset({ImageType.OBJECT})
     parameters = (
+        OVERSCAN,
         Parameter("gain", 0.0, "e⁻/ADU", "0: the master flat's photon-transfer gain."),
         Parameter("read_noise", 0.0, "e⁻", "0: the master flat's photon-transfer value."),
         Parameter("saturation_adu", 0, "ADU", "0: the header's SATURATE, else 15000."),
@@ -70,7 +71,8 @@ class Calibrate(Step):
                 at = f" at ISO {iso}" if iso is not None else ""
                 raise PermanentError(f"no {step} of this camera{at} for {image.path.name}")
             masters[step] = (products[0].output_path, read_master(products[0].output_path))
-        raw, header = read_image(image.path)
+        whole, header = read_image(image.path)
+        raw, overscan = overscan_of(image, whole, context.parameters)
         flat_header = masters["master_flat"][1]["header"]
         gain = float(context.parameters["gain"]) or float(flat_header["GAIN"])
         read_noise = float(context.parameters["read_noise"]) or float(flat_header["RDNOISE"])
@@ -96,6 +98,7 @@ class Calibrate(Step):
             dark_error=dark["ERROR"],
             flat_error=flat["ERROR"],
             hot=dark["HOT"].astype(bool),
+            overscan=overscan,
         )
         hits = self._cosmic_rays(context, calibrated, mask, image.layout)
         out = fits.Header()
@@ -141,12 +144,15 @@ class Calibrate(Step):
         """No masters exist for this camera and it may proceed: subtract a bias level only,
         and say so in the header and the QC figures."""
         image = context.image
-        raw, header = read_image(image.path)
+        whole, header = read_image(image.path)
+        raw, overscan = overscan_of(image, whole, context.parameters)
         level = float(context.parameters["uncalibrated_bias_adu"])
         bias = np.zeros(raw.shape, dtype=np.float64)
-        for channel in channels(image.layout):
-            view = channel.view(raw).astype(np.float64)
-            channel.view(bias)[...] = level or float(np.percentile(view, 0.1))
+        has_overscan = overscan.shape == raw.shape
+        if not has_overscan:  # with an overscan, its level is the bias level
+            for channel in channels(image.layout):
+                view = channel.view(raw).astype(np.float64)
+                channel.view(bias)[...] = level or float(np.percentile(view, 0.1))
         gain = float(context.parameters["gain"]) or 1.0
         read_noise = float(context.parameters["read_noise"])
         saturation = float(context.parameters["saturation_adu"]) or float(
@@ -161,13 +167,17 @@ class Calibrate(Step):
             gain=gain,
             read_noise=read_noise,
             saturation=saturation,
+            overscan=overscan,
         )
         hits = self._cosmic_rays(context, calibrated, mask, image.layout)
         out = fits.Header()
         out["BUNIT"] = "electron" if context.parameters["gain"] else "adu"
         out["BAYERPAT"] = image.layout
         out["UNCALIB"] = (True, "no bias, dark or flat master: bias level only")
-        out.add_history(f"bias level estimated per channel: {sorted(set(bias.flat))[:4]}")
+        if has_overscan:
+            out.add_history("bias level: the frame's overscan")
+        else:
+            out.add_history(f"bias level estimated per channel: {sorted(set(bias.flat))[:4]}")
         path = context.output_path("fits")
         write_product(path, {"IMAGE": calibrated, "ERROR": error, "MASK": mask}, out)
         return StepResult(

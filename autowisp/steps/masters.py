@@ -14,8 +14,14 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from autowisp.core.bayer import channels
-from autowisp.core.calibration import clipped_stack, photon_transfer
+from autowisp.core.bayer import channel_index_map, channels
+from autowisp.core.calibration import (
+    clipped_stack,
+    overscan_levels,
+    parse_section,
+    photon_transfer,
+    robust_level,
+)
 from autowisp.db.models import ImageType, Scope
 from autowisp.errors import PermanentError
 from autowisp.io.fits import header_iso, image_hdu_index, read_image
@@ -29,6 +35,53 @@ COMMON = (
     Parameter("sigma", 5.0, "σ", "Clipping threshold."),
     Parameter("memory_limit_mb", 150.0, "MiB", "Memory for the frames being stacked."),
 )
+
+#: Shared by the master steps and calibrate: where a camera type's overscan is.
+OVERSCAN = Parameter(
+    "overscan",
+    {},
+    "",
+    "Camera model (INSTRUME) -> {biassec = '[x1:x2,y1:y2]', datasec = '[...]'} for "
+    "cameras whose headers lack BIASSEC and DATASEC; without either, no overscan.",
+)
+COMMON = (*COMMON, OVERSCAN)
+
+
+def frame_sections(
+    image: ImageInfo, parameters
+) -> tuple[tuple[slice, slice] | None, tuple[slice, slice] | None]:
+    """(light-sensitive section, overscan section) of a raw frame, as numpy slices, from
+    its header's DATASEC/BIASSEC or the ``overscan`` parameter for its camera model."""
+    header = image.header
+    configured = dict(parameters.get("overscan") or {}).get(str(header.get("INSTRUME", "")), {})
+    biassec = header.get("BIASSEC") or configured.get("biassec")
+    datasec = header.get("DATASEC") or configured.get("datasec")
+    try:
+        data = parse_section(datasec) if datasec else None
+        bias = parse_section(biassec) if biassec else None
+    except ValueError as error:
+        raise PermanentError(f"{image.path.name}: {error}") from error
+    if bias is not None and data is None:
+        raise PermanentError(
+            f"{image.path.name}: an overscan section (BIASSEC) needs the light-sensitive "
+            "section too (DATASEC, or datasec in the overscan parameter)"
+        )
+    if data is not None and image.layout != "MONO" and (data[0].start % 2 or data[1].start % 2):
+        raise PermanentError(
+            f"{image.path.name}: DATASEC {datasec} starts on an odd row or column, which "
+            "would shift the Bayer pattern"
+        )
+    return data, bias
+
+
+def overscan_of(image: ImageInfo, raw: np.ndarray, parameters) -> tuple[np.ndarray, np.ndarray]:
+    """The light-sensitive part of ``raw`` and its overscan level there (ADU, 0 without
+    an overscan)."""
+    data, bias = frame_sections(image, parameters)
+    if bias is None:
+        return (raw if data is None else raw[data]), np.zeros(1)
+    levels = overscan_levels(raw, bias, image.layout)
+    return raw[data], levels[data]
 
 
 def read_master(path: Path) -> dict[str, np.ndarray]:
@@ -105,15 +158,49 @@ def _upstream(context: StepContext, step: str) -> dict[str, np.ndarray]:
 
 
 def _stack(context: StepContext, frames: list[ImageInfo], transform) -> dict[str, np.ndarray]:
-    height, width = _check_shapes(frames)
+    """Clipped stack of the frames' light-sensitive region, each frame's overscan level
+    removed first; ``transform(index, band, rows)`` calibrates a band of that region."""
+    full = _check_shapes(frames)
+    data_section, bias_section = frame_sections(frames[0], context.parameters)
+    window = data_section or (slice(0, full[0]), slice(0, full[1]))
+    y0, y1, _ = window[0].indices(full[0])
+    x0, x1, _ = window[1].indices(full[1])
+    height, width = y1 - y0, x1 - x0
+    if bias_section is not None:
+        layout = frames[0].layout
+        channel_map = channel_index_map(layout, full)
+        levels = [_overscan_by_channel(f.path, bias_section, channel_map) for f in frames]
+        window_map = channel_map[window]
+
+        def corrected(index: int, band: np.ndarray, rows: slice) -> np.ndarray:
+            band = band - levels[index][window_map[rows]]
+            return transform(index, band, rows) if transform else band
+
+        step = corrected
+    else:
+        step = transform
     rows = band_rows(len(frames), width, float(context.parameters["memory_limit_mb"]))
     value = np.empty((height, width), np.float32)
     error = np.empty((height, width), np.float32)
     used = np.empty((height, width), np.int16)
-    for band, data in read_bands([f.path for f in frames], rows, transform):
+    for band, data in read_bands([f.path for f in frames], rows, step, window):
         result = clipped_stack(data, sigma=float(context.parameters["sigma"]))
         value[band], error[band], used[band] = result.value, result.error, result.used
     return {"MASTER": value, "ERROR": error, "USED": used}
+
+
+def _overscan_by_channel(path: Path, section: tuple[slice, slice], channel_map) -> np.ndarray:
+    """Level of each channel's pixels in a frame's overscan section, ADU."""
+    with fits.open(path, memmap=False) as hdus:
+        values = np.asarray(hdus[image_hdu_index(hdus)].section[section], dtype=np.float64)
+    where = channel_map[section]
+    levels = np.zeros(int(channel_map.max()) + 1)
+    for channel in range(levels.size):
+        chosen = values[where == channel]
+        if chosen.size == 0:
+            raise PermanentError(f"{path.name}: the overscan holds no pixel of channel {channel}")
+        levels[channel] = robust_level(chosen)
+    return levels
 
 
 def _header(context: StepContext, frames: list[ImageInfo], unit: str) -> fits.Header:
@@ -234,9 +321,10 @@ class MasterFlat(Step):
         saturation = float(context.parameters["saturation_adu"])
         normalised = {}
         for image in frames:
-            raw, header = read_image(image.path)
+            whole, header = read_image(image.path)
+            raw, overscan = overscan_of(image, whole, context.parameters)
             level_limit = saturation or float(header.get("SATURATE", 15000))
-            signal = raw.astype(np.float32) - bias - dark * image.exptime
+            signal = raw.astype(np.float32) - overscan - bias - dark * image.exptime
             median = float(np.median(signal))
             if median < float(context.parameters["min_level"]) * (level_limit - np.median(bias)):
                 rejected.append((image, f"under-exposed: level {median:.0f} ADU"))
@@ -300,8 +388,13 @@ class MasterFlat(Step):
         ][:2]
         if len(kept) < 2 or len(biases) < 2:
             raise PermanentError("photon transfer needs two usable flats and two biases")
-        flat_a, flat_b = (read_image(i.path)[0] for i in kept[:2])
-        bias_a, bias_b = (read_image(i.path)[0] for i in biases)
+
+        def science(image):
+            raw, overscan = overscan_of(image, read_image(image.path)[0], context.parameters)
+            return raw.astype(np.float64) - overscan
+
+        flat_a, flat_b = (science(i) for i in kept[:2])
+        bias_a, bias_b = (science(i) for i in biases)
         gains, noises = [], []
         for channel in chans:
             gain, noise = photon_transfer(

@@ -333,3 +333,53 @@ def test_frames_of_another_iso_are_neither_stacked_nor_calibrated_together(small
     dead = [r for r in calibrated if r.state is TaskState.DEAD]
     assert len(dead) == 1 and "no master_bias of this camera at ISO 400" in dead[0].last_error
     assert sum(r.state is TaskState.DONE for r in calibrated) == len(objects) - 1
+
+
+def test_an_overscan_follows_the_bias_level_from_frame_to_frame(tmp_path):
+    """A camera whose bias level drifts by 20 ADU rms from frame to frame, with 16
+    overscan columns (BIASSEC/DATASEC in the headers): masters and frames are taken
+    relative to their own overscan, and the overscan is cut from the products."""
+    from autowisp.simulate.night import NightConfig, simulate_night
+
+    simulate_night(
+        tmp_path / "upload",
+        NightConfig(frames=4, width=320, height=256, seed=4, overscan_columns=16,
+                    bias_drift=20.0, cloudy_fraction=0.0),
+    )  # fmt: skip
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    ingest_paths(url, [tmp_path / "upload"])
+    run_local(url, tmp_path / "storage", REGISTRY, jobs=2)
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(StepRow.name, Task.state, Task.output_path, Task.qc, Task.last_error)
+            .join(StepRow, StepRow.id == Task.step_id)
+            .order_by(Task.image_id)
+        ).all()
+    assert all(r.state is TaskState.DONE for r in rows), [r.last_error for r in rows]
+    truth = read_truth(next((tmp_path / "upload").rglob("truth.h5")))
+    bias = read_master(next(r.output_path for r in rows if r.name == "master_bias"))
+    assert bias["MASTER"].shape == (256, 320)
+    # The master bias is the bias pattern above the overscan level.
+    pull = (bias["MASTER"] - (truth.calibration["bias"] - truth.camera["bias_level"])) / bias[
+        "ERROR"
+    ]
+    assert abs(np.mean(pull)) < 0.1 and 0.85 < np.std(pull) < 1.2
+    # Each frame's sky level, per channel, against the truth: the drift (20 ADU rms, about
+    # 30 e-) is gone. (The median of a frame sits ~10 e- above the sky because of its
+    # stars, the same with no drift and no overscan; what must not vary is the offset.)
+    flat = truth.calibration["flat"]
+    offsets = []
+    for frame, row in enumerate(r for r in rows if r.name == "calibrate"):
+        image = read_master(row.output_path)["IMAGE"]
+        assert image.shape == (256, 320)
+        offsets.append(
+            [
+                np.median(channel.view(image))
+                - truth.object["sky"][frame][index] * np.median(channel.view(flat))
+                for index, channel in enumerate(channels("RGGB"))
+            ]
+        )
+    offsets = np.array(offsets)
+    assert np.all(np.abs(offsets) < 15.0)
+    assert np.all(np.std(offsets, axis=0) < 2.0), offsets
