@@ -265,6 +265,7 @@ class Astrometry(Step):
         for key, value in qc.items():
             if isinstance(value, (int, float, bool, str)) and len(key) <= 8:
                 primary.header[key.upper()] = value
+        primary.header["UNCALIB"] = (qc["uncalibrated"], "frame calibrated without masters")
         primary.header["MATCHED"] = qc["matched"]
         primary.header["RMSPX"] = (qc["rms_px"], "[px] RMS residual of the fit")
         star_of_source = np.full(len(sources), -1, dtype=np.int64)
