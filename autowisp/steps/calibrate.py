@@ -19,7 +19,13 @@ from autowisp.errors import PermanentError
 from autowisp.io.fits import header_iso, read_image
 from autowisp.io.stacks import write_product
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
-from autowisp.steps.masters import OVERSCAN, overscan_of, read_master
+from autowisp.steps.masters import (
+    OVERSCAN,
+    check_overscan_agrees,
+    frame_sections,
+    overscan_of,
+    read_master,
+)
 
 __all__ = ["Calibrate"]
 
@@ -73,6 +79,9 @@ class Calibrate(Step):
             masters[step] = (products[0].output_path, read_master(products[0].output_path))
         whole, header = read_image(image.path)
         raw, overscan = overscan_of(image, whole, context.parameters)
+        bias_section = frame_sections(image, context.parameters)[1]
+        for step, (_, master) in masters.items():
+            check_overscan_agrees(master, step, bias_section)
         flat_header = masters["master_flat"][1]["header"]
         gain = float(context.parameters["gain"]) or float(flat_header["GAIN"])
         read_noise = float(context.parameters["read_noise"]) or float(flat_header["RDNOISE"])

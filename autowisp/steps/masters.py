@@ -154,7 +154,23 @@ def _upstream(context: StepContext, step: str) -> dict[str, np.ndarray]:
     products = context.inputs.get(step, ())
     if not products or products[0].output_path is None:
         raise PermanentError(f"{context.step} found no {step} of this camera")
-    return read_master(products[0].output_path)
+    master = read_master(products[0].output_path)
+    frames = [i for i in context.night.images] if context.night else []
+    if frames:
+        check_overscan_agrees(master, step, frame_sections(frames[0], context.parameters)[1])
+    return master
+
+
+def check_overscan_agrees(master, step: str, bias_section) -> None:
+    """Refuse a master taken with a different overscan handling than the frame's (for
+    example an overscan configured for calibrate but not for the master steps)."""
+    relative = bool(master["header"].get("OVERSCN", False))
+    if relative != (bias_section is not None):
+        raise PermanentError(
+            f"{step} was made {'with' if relative else 'without'} overscan correction but "
+            f"this frame is {'not ' if relative else ''}corrected: set the same overscan "
+            "parameter for master_bias, master_dark, master_flat and calibrate"
+        )
 
 
 def _stack(context: StepContext, frames: list[ImageInfo], transform) -> dict[str, np.ndarray]:
@@ -209,6 +225,8 @@ def _header(context: StepContext, frames: list[ImageInfo], unit: str) -> fits.He
     header["CONFIG"] = (context.config_version, "configuration version of the step")
     header["BUNIT"] = unit
     header["NFRAMES"] = (len(frames), "frames stacked")
+    relative = bool(frames) and frame_sections(frames[0], context.parameters)[1] is not None
+    header["OVERSCN"] = (relative, "levels relative to each frame's overscan")
     iso = next((header_iso(f.header) for f in frames if header_iso(f.header)), None)
     if iso is not None:
         header["ISO"] = (iso, "ISO of the frames stacked")

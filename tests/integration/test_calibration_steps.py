@@ -383,3 +383,17 @@ def test_an_overscan_follows_the_bias_level_from_frame_to_frame(tmp_path):
     offsets = np.array(offsets)
     assert np.all(np.abs(offsets) < 15.0)
     assert np.all(np.std(offsets, axis=0) < 2.0), offsets
+
+
+def test_an_overscan_configured_for_calibrate_only_is_refused(small_night, tmp_path):
+    from astropy.io import fits
+
+    night = sorted(p for p in small_night.iterdir() if p.is_dir())[0]
+    frames = sorted(night.rglob("*.fits"))
+    model = fits.getheader(next(f for f in frames if f.name.startswith("object")))["INSTRUME"]
+    overscan = {model: {"biassec": "[311:320,1:256]", "datasec": "[1:310,1:256]"}}
+    outcome = _run_night(tmp_path, frames, {"calibrate": {"overscan": overscan}})
+    state, error = outcome["calibrate"]
+    assert state is TaskState.DEAD
+    assert "master_bias was made without overscan correction" in error
+    assert "set the same overscan parameter" in error
