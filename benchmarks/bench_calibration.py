@@ -93,7 +93,11 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--write", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write:
+        _write(Path(args.write), args.frames)
+        return
     if args.case:
         paths = sorted(Path(args.dir).glob("*.fits"))
         result = CASES[args.case](paths)
@@ -102,7 +106,14 @@ def main() -> None:
         return
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
-        _write(Path(scratch), args.frames)
+        # The frames are written by a child process: Linux keeps a process's peak RSS
+        # across fork and exec, so a parent that had held the frames would lend its
+        # peak to every case measured after it.
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.bench_calibration", "--write", scratch,
+             "--frames", str(args.frames)],
+            check=True,
+        )  # fmt: skip
         for case in CASES:
             command = [
                 sys.executable,
