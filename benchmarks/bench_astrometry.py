@@ -109,15 +109,16 @@ def main() -> None:
             print("            photutils not installed")
         ny, nx = image.shape
         half_diagonal = 0.5 * np.hypot(nx, ny) * scale * 1.2 / 3600
-        catalogue = OfflineGaia().cone(hint[0], hint[1], 10.0 + half_diagonal, epoch=2020.0)
-        solve_t, solution = _best_of(
-            lambda image=image, sources=sources, catalogue=catalogue, hint=hint, scale=scale: solve(
-                sources.x, sources.y, catalogue.ra, catalogue.dec, image.shape, hint=hint,
-                pixel_scale=scale,
-            ),
-            args.repeats,
-        )  # fmt: skip
-        print(f"solve (hint): ours {solve_t:.3f} s, {solution.matched} stars, "
+        OfflineGaia().cone(0.0, 0.0, 1.0, epoch=2020.0)  # load the catalogue once
+
+        def ours(image=image, sources=sources, hint=hint, scale=scale, radius=half_diagonal):
+            # The catalogue cone is part of the time, as loading its index is solve-field's.
+            catalogue = OfflineGaia().cone(hint[0], hint[1], 10.0 + radius, epoch=2020.0)
+            return solve(sources.x, sources.y, catalogue.ra, catalogue.dec, image.shape,
+                         hint=hint, pixel_scale=scale)  # fmt: skip
+
+        solve_t, solution = _best_of(ours, args.repeats)
+        print(f"solve (hint): ours {solve_t:.3f} s with the cone search, {solution.matched} stars, "
               f"RMS {solution.rms_px:.3f} px, offset {solution.pointing_offset_deg:.2f} deg")  # fmt: skip
         if have_solve_field:
             try:

@@ -243,9 +243,9 @@ def candidate_seeds(
     catalogue_tree = cKDTree(catalogue_xy)
     best_votes = -1
     searched = np.zeros(len(window_centres), bool)
-    # First the windows within half a frame of the hint (where most frames are), then
+    # First the windows within two cells of the hint (where most frames are), then
     # the stages' fractions of the whole search radius.
-    limits = [0.5 * max(nx, ny)] + [stage * farthest for stage in stages]
+    limits = [STAGE0_CELLS * cell] + [stage * farthest for stage in stages]
     for limit in limits:
         chosen = ~searched & (distance_from_hint <= limit + 1e-9)
         if not chosen.any():
@@ -392,8 +392,15 @@ def _best_pair(
 
 def _design(u: np.ndarray, v: np.ndarray, order: int, norm: float) -> tuple[np.ndarray, list]:
     terms = [(p, q) for p in range(order + 1) for q in range(order + 1 - p)]
-    columns = [(u / norm) ** p * (v / norm) ** q for p, q in terms]
-    return np.stack(columns, axis=1), terms
+    un, vn = u / norm, v / norm
+    u_powers, v_powers = [np.ones_like(un)], [np.ones_like(vn)]
+    for _ in range(order):
+        u_powers.append(u_powers[-1] * un)
+        v_powers.append(v_powers[-1] * vn)
+    design = np.empty((un.size, len(terms)))
+    for column, (p, q) in enumerate(terms):
+        np.multiply(u_powers[p], v_powers[q], out=design[:, column])
+    return design, terms
 
 
 def fit_tan_sip(
@@ -436,7 +443,7 @@ def fit_tan_sip(
         shift = np.array([sol_xi[0], sol_eta[0]])
         ra0, dec0 = tan_deproject(shift[0], shift[1], float(centre[0]), float(centre[1]))
         centre = np.array([float(ra0), float(dec0)])
-        if np.hypot(*shift) < 1e-10:
+        if np.hypot(*shift) < 1e-9:  # deg: 4 µas
             break
     index = {term: i for i, term in enumerate(terms)}
     cd = (
@@ -589,7 +596,7 @@ def _refine(
         gx, gy = wcs.sky_to_intermediate(ra[cat], dec[cat])
         rms = float(np.sqrt(np.mean((fx - gx) ** 2 + (fy - gy) ** 2)))
         if not covered:
-            reach = min(whole, reach * 1.8)
+            reach = min(whole, reach * 2.2)
             continue
         settled = previous is not None and np.array_equal(previous[0], src)
         new_radius = max(min_radius, min(radius, 5.0 * rms))
@@ -607,8 +614,11 @@ def _refine(
     return wcs, src, cat, residual
 
 
+#: The first search covers catalogue windows within this many cells of the hint.
+STAGE0_CELLS = 2.0
+
 #: Match-and-fit passes with every source and catalogue star, after the bright subset.
-FULL_PASSES = 2
+FULL_PASSES = 1
 
 
 def default_order(shape: tuple[int, int]) -> int:
