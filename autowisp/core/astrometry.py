@@ -353,9 +353,10 @@ def _best_pair(
     reach = np.hypot(*(points - centres[:, None, :]).transpose(2, 0, 1))
     distance, _ = catalogue_tree.query(mapped.reshape(-1, 2))
     cheap = (distance.reshape(mapped.shape[:2]) < verify_radius + 0.01 * reach).sum(1)
-    # The best few hundred go on (a sparse small frame may have only its triangle's own
-    # three stars among the ten).
-    promising = cheap >= max(3, np.sort(cheap)[-min(256, cheap.size)])
+    # The best VERIFIED go on, with at least three hits (a sparse small frame may have
+    # only its triangle's own three stars among the ten).
+    promising = np.argsort(-cheap, kind="stable")[:VERIFIED]
+    promising = promising[cheap[promising] >= 3]
     centres, maps = centres[promising], maps[promising]
     k = min(60, len(bright))
     _, nearest = bright_tree.query(centres, k)
@@ -618,6 +619,9 @@ def _refine(
     residual = np.hypot(sx[src] - px, sy[src] - py)
     return wcs, src, cat, residual
 
+
+#: Candidate maps verified with 60 sources, after the cheap 10-source test.
+VERIFIED = 128
 
 #: The first search covers catalogue windows within this many cells of the hint.
 STAGE0_CELLS = 2.0
