@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
-from autowisp.core.astrometry import SolveError, refine, solve
+from autowisp.core.astrometry import SolveError, default_order, refine, solve
 from autowisp.core.calibration import MaskBit
 from autowisp.core.extraction import extract_sources
 from autowisp.db.models import ImageType, Scope
@@ -231,8 +231,6 @@ class Astrometry(Step):
         ny, nx = shape
         centre = rough.pixel_to_sky(np.array((nx - 1) / 2), np.array((ny - 1) / 2))
         stars = OfflineGaia().cone(float(centre[0]), float(centre[1]), half_diagonal, epoch=epoch)
-        from autowisp.core.astrometry import default_order
-
         wcs, src, cat, residual = refine(
             rough, sources.x, sources.y, stars.ra, stars.dec, shape,
             order=order or default_order(shape), start_radius=3.0,
