@@ -281,3 +281,24 @@ def test_online_catalogue_gives_the_positions_and_is_cached(tmp_path, monkeypatc
         assert result.qc["catalogue_stars"] >= 125
     assert len(asked) == 1  # the second frame of the field came from the cache
     assert len(list((tmp_path / "storage" / "catalogue-cache").glob("gaia-*.json"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("offset", "scale_factor", "flip"),
+    [((6.0, -7.0), 1.0, False), ((-9.0, 3.0), 1.18, False), ((-6.0, -6.0), 0.85, True)],
+)
+def test_panoptes_frame_solves_far_from_its_pointing(offset, scale_factor, flip, no_network):
+    """Hints 7–9.5° from the field, the scale 15–18 % off, a mirrored copy."""
+    raw = fits.getdata(PANOPTES / "unsolved.fits").astype(float)
+    header = fits.getheader(PANOPTES / "unsolved.fits")
+    if flip:
+        raw = np.ascontiguousarray(raw[:, ::-1])
+    sources = extract_sources(raw, "RGGB", saturated=raw >= header["WHTLVLN"])
+    hint = (header["RA-MNT"] + offset[0], header["DEC-MNT"] + offset[1])
+    stars = OfflineGaia().cone(*hint, 10.0 + 1.5, epoch=2016.7)
+    solution = solve(sources.x, sources.y, stars.ra, stars.dec, raw.shape, hint=hint,
+                     pixel_scale=10.3 * scale_factor)  # fmt: skip
+    assert solution.pointing_offset_deg > 7.0
+    assert solution.matched >= 110 and solution.rms_px < 0.2
+    assert solution.parity == (-1 if flip else 1)
+    assert solution.wcs.pixel_scale == pytest.approx(10.306, abs=0.01)
