@@ -1,9 +1,13 @@
 """calibrate: an object frame calibrated with its camera's nearest masters, error and mask.
 
-C(I) = (I − B0 − τI · Ḋ0) / (F0/‖F0‖) in electrons, with the gain and read noise that
-master_flat measured by photon transfer (or given as parameters). Written as FITS with
-``IMAGE`` (e⁻), ``ERROR`` (e⁻) and ``MASK`` (:class:`autowisp.core.calibration.MaskBit`)
-HDUs; the header names the masters used and carries the Bayer layout.
+C(I) = (I − O(I) − B0 − τI · Ḋ0) / (F0/‖F0‖) in electrons, with O(I) the frame's own
+overscan level where the camera has an overscan (BIASSEC/DATASEC or the ``overscan``
+parameter; the product is cut to the light-sensitive region), the nearest masters of the
+camera at the frame's ISO, and the gain and read noise that master_flat measured by
+photon transfer (or given as parameters). Cosmic-ray hits away from stars are flagged
+(:mod:`autowisp.core.cosmics`). Written as FITS with ``IMAGE`` (e⁻), ``ERROR`` (e⁻) and
+``MASK`` (:class:`autowisp.core.calibration.MaskBit`) HDUs; the header names the masters
+used and carries the Bayer layout.
 """
 
 from __future__ import annotations
