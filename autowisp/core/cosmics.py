@@ -56,12 +56,13 @@ def cosmic_ray_mask(
         Largest sum of the peak's eight same-colour neighbours (outside its group), as a
         fraction of the peak, that a hit may have.
     """
-    data = np.asarray(image, dtype=np.float64)
+    data = np.asarray(image, dtype=np.float32)
     known = np.zeros(data.shape, bool) if bad is None else np.asarray(bad, bool)
     known = known | ~np.isfinite(data)
-    clean = np.where(known, 0.0, data)
+    clean = np.where(known, np.float32(0.0), data)
     back, rms = background_map(clean, layout, mask=known)
-    significance = (clean - back) / np.where(rms > 0, rms, np.inf)
+    rms[~(rms > 0)] = np.inf
+    significance = np.divide(np.subtract(clean, back, out=back), rms, out=rms)
     significance[known] = 0.0
     above = significance > low
     labels, count = ndimage.label(above, structure=np.ones((3, 3), bool))

@@ -78,7 +78,7 @@ def background_map(
 
     ``box`` is the mesh size in pixels of a channel's sub-image.
     """
-    image = np.asarray(image, dtype=np.float64)
+    image = np.asarray(image, dtype=np.float32)
     back = np.empty_like(image)
     rms = np.empty_like(image)
     for channel in channels(layout):
@@ -127,7 +127,9 @@ def extract_sources(
     max_windowed : int
         Refine the positions of this many of the brightest with windowed centroids.
     """
-    data = np.asarray(image, dtype=np.float64)
+    # Single precision throughout (a full frame's float64 copies took 1 GB): ample for
+    # pixel values and for centroids to a thousandth of a pixel.
+    data = np.asarray(image, dtype=np.float32)
     if data.ndim != 2:
         raise ValueError(f"source extraction needs a 2-D image, got shape {data.shape}")
     bad = ~np.isfinite(data)
@@ -136,17 +138,18 @@ def extract_sources(
     flat_top = np.zeros(data.shape, bool) if saturated is None else np.asarray(saturated, bool)
     bad &= ~flat_top
     if bad.any():
-        data = np.where(bad, 0.0, data)
+        data = np.where(bad, np.float32(0.0), data)
     back, rms = background_map(data, layout, mask=bad | flat_top, box=box)
-    residual = data - back
+    residual = np.subtract(data, back, out=back)  # the background is not needed again
     residual[bad] = 0.0
     typical_rms = float(
         np.median(rms[:: max(1, rms.shape[0] // 64), :: max(1, rms.shape[1] // 64)])
     )
-    rms = np.where(np.isfinite(rms) & (rms > 0), rms, typical_rms)
+    rms[~(np.isfinite(rms) & (rms > 0))] = typical_rms
     # Detection on the residual in units of its local noise (one threshold for every
     # channel, as an error map would give, at half sep's cost with a map).
-    significance = np.ascontiguousarray(residual / rms, dtype=np.float32)
+    significance = np.divide(residual, rms, out=rms)
+    del rms
     sep.set_extract_pixstack(max(300_000, data.size // 10))
     sep.set_sub_object_limit(4096)
     sep_mask = bad if bad.any() else None
@@ -162,7 +165,7 @@ def extract_sources(
         # detections match no catalogue star and do not harm the solution.
         clean=False,
     )
-    residual = np.ascontiguousarray(residual, dtype=np.float32)
+    del significance
     if found.size == 0:
         return _empty(typical_rms)
     order = np.argsort(-found["flux"], kind="stable")[:max_sources]
