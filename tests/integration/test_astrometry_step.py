@@ -12,18 +12,12 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy.spatial import cKDTree
-from sqlalchemy import select
 
 from autowisp.core.astrometry import solve
 from autowisp.core.extraction import extract_sources
 from autowisp.core.projection import TanSip
-from autowisp.db.migrate import upgrade
-from autowisp.db.models import Configuration, Task, TaskState
-from autowisp.db.models import Step as StepRow
-from autowisp.db.session import session_scope
-from autowisp.ingest.ingest import ingest_paths
+from autowisp.db.models import TaskState
 from autowisp.io.catalogue import OfflineGaia
-from autowisp.pipeline.local import run_local
 from autowisp.simulate.night import NightConfig, simulate_night
 from autowisp.simulate.truth import read_truth
 from autowisp.steps.astrometry import Astrometry
@@ -31,6 +25,7 @@ from autowisp.steps.calibrate import Calibrate
 from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
 from autowisp.steps.registry import Registry
 from tests.conftest import SHARED_DATA
+from tests.integration.conftest import process_upload
 
 REGISTRY = Registry([MasterBias, MasterDark, MasterFlat, Calibrate, Astrometry])
 
@@ -43,18 +38,7 @@ def solved_night(tmp_path_factory):
         home / "upload",
         NightConfig(frames=6, width=768, height=512, seed=5, cloudy_fraction=0.5),
     )  # fmt: skip
-    url = f"sqlite:///{home / 'db.sqlite'}"
-    upgrade(url)
-    ingest_paths(url, [home / "upload"])
-    run_local(url, home / "storage", REGISTRY, jobs=2)
-    with session_scope(url) as session:
-        rows = session.execute(
-            select(Task.target, Task.state, Task.output_path, Task.qc, Task.last_error)
-            .join(StepRow, StepRow.id == Task.step_id)
-            .join(Configuration, Configuration.id == Task.configuration_id)
-            .where(Configuration.active.is_(True), StepRow.name == "astrometry")
-            .order_by(Task.image_id)
-        ).all()
+    rows = [r for r in process_upload(home, home / "upload", REGISTRY) if r.name == "astrometry"]
     truth = read_truth(next((home / "upload").rglob("truth.h5")))
     return rows, truth
 

@@ -24,6 +24,7 @@ from autowisp.simulate.truth import read_truth
 from autowisp.steps.calibrate import Calibrate
 from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat, read_master
 from autowisp.steps.registry import Registry
+from tests.integration.conftest import process_upload
 
 REGISTRY = Registry([MasterBias, MasterDark, MasterFlat, Calibrate])
 
@@ -346,16 +347,7 @@ def test_an_overscan_follows_the_bias_level_from_frame_to_frame(tmp_path):
         NightConfig(frames=4, width=320, height=256, seed=4, overscan_columns=16,
                     bias_drift=20.0, cloudy_fraction=0.0),
     )  # fmt: skip
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    upgrade(url)
-    ingest_paths(url, [tmp_path / "upload"])
-    run_local(url, tmp_path / "storage", REGISTRY, jobs=2)
-    with session_scope(url) as session:
-        rows = session.execute(
-            select(StepRow.name, Task.state, Task.output_path, Task.qc, Task.last_error)
-            .join(StepRow, StepRow.id == Task.step_id)
-            .order_by(Task.image_id)
-        ).all()
+    rows = process_upload(tmp_path, tmp_path / "upload", REGISTRY)
     assert all(r.state is TaskState.DONE for r in rows), [r.last_error for r in rows]
     truth = read_truth(next((tmp_path / "upload").rglob("truth.h5")))
     bias = read_master(next(r.output_path for r in rows if r.name == "master_bias"))
