@@ -144,8 +144,8 @@ def _tile_variance(image: np.ndarray, tile: int) -> float:
     """Median over ``tile``×``tile`` blocks of each block's variance: immune to smooth
     gradients across the frame and to the few blocks hit by cosmic rays or hot pixels."""
     ny, nx = (d - d % tile for d in image.shape)
-    blocks = image[:ny, :nx].reshape(ny // tile, tile, nx // tile, tile).swapaxes(1, 2)
-    blocks = blocks.reshape(-1, tile * tile)
+    tiled = image[:ny, :nx].reshape(ny // tile, tile, nx // tile, tile).swapaxes(1, 2)
+    blocks = tiled.reshape(-1, tile * tile)
     if blocks.shape[0] == 0:
         raise ValueError(f"image {image.shape} is smaller than one {tile}×{tile} tile")
     return float(np.median(np.var(blocks, axis=1, ddof=1)))

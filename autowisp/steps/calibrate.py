@@ -157,6 +157,8 @@ class Calibrate(Step):
         """No masters exist for this camera and it may proceed: subtract a bias level only,
         and say so in the header and the QC figures."""
         image = context.image
+        if image is None:
+            raise PermanentError(f"calibrate needs an image target, got {context.target!r}")
         whole, header = read_image(image.path)
         raw, overscan = overscan_of(image, whole, context.parameters)
         level = float(context.parameters["uncalibrated_bias_adu"])

@@ -30,7 +30,7 @@ from autowisp.steps.base import ImageInfo, Parameter, Step, StepContext, StepRes
 
 __all__ = ["MasterBias", "MasterDark", "MasterFlat", "read_master"]
 
-COMMON = (
+COMMON: tuple[Parameter, ...] = (
     Parameter("min_frames", 10, "", "Fewest frames a master may be made of."),
     Parameter("sigma", 5.0, "σ", "Clipping threshold."),
     Parameter("memory_limit_mb", 150.0, "MiB", "Memory for the frames being stacked."),
@@ -139,7 +139,7 @@ def _check_count(
 
 
 def _check_shapes(frames: list[ImageInfo]) -> tuple[int, int]:
-    shapes = {}
+    shapes: dict[tuple[int, int], list[ImageInfo]] = {}
     for image in frames:
         with fits.open(image.path) as hdus:
             header = hdus[image_hdu_index(hdus)].header
