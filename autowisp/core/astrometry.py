@@ -25,11 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from autowisp.core.projection import TanSip, tan_deproject, tan_project
+from autowisp.core.projection import (
+    TanSip,
+    angular_separation,
+    monomials,
+    tan_deproject,
+    tan_project,
+)
 
 __all__ = [
     "Solution",
     "SolveError",
+    "check_fit",
     "fit_tan_sip",
     "match_triangles",
     "refine",
@@ -345,29 +352,27 @@ def _best_pair(
     bright_tree = _tree(bright)
     centres = image_xy[image_vertices[left[candidates]]].mean(axis=1)
     maps = affine[candidates]
-    k = min(10, len(bright))
-    _, nearest = bright_tree.query(centres, k)
-    nearest = nearest.reshape(len(candidates), k)
-    points = bright[nearest]
-    mapped = points @ maps[:, :2, :] + maps[:, 2:3, :]
-    reach = np.hypot(*(points - centres[:, None, :]).transpose(2, 0, 1))
-    distance, _ = catalogue_tree.query(mapped.reshape(-1, 2))
-    cheap = (distance.reshape(mapped.shape[:2]) < verify_radius + 0.01 * reach).sum(1)
+
+    def landing(centres, maps, k):
+        """The ``k`` bright sources nearest each centre, the catalogue star each lands
+        on through its map, and whether it lands close enough."""
+        k = min(k, len(bright))
+        _, nearest = bright_tree.query(centres, k)
+        nearest = nearest.reshape(len(centres), k)
+        points = bright[nearest]  # (C, k, 2)
+        mapped = points @ maps[:, :2, :] + maps[:, 2:3, :]
+        reach = np.hypot(*(points - centres[:, None, :]).transpose(2, 0, 1))
+        distance, target = catalogue_tree.query(mapped.reshape(-1, 2))
+        agree = distance.reshape(mapped.shape[:2]) < verify_radius + 0.01 * reach
+        return nearest, target.reshape(mapped.shape[:2]), agree
+
+    cheap = landing(centres, maps, 10)[2].sum(axis=1)
     # The best VERIFIED go on, with at least three hits (a sparse small frame may have
     # only its triangle's own three stars among the ten).
     promising = np.argsort(-cheap, kind="stable")[:VERIFIED]
     promising = promising[cheap[promising] >= 3]
     centres, maps = centres[promising], maps[promising]
-    k = min(60, len(bright))
-    _, nearest = bright_tree.query(centres, k)
-    nearest = nearest.reshape(len(centres), k)
-    points = bright[nearest]  # (C, k, 2)
-    mapped = points @ maps[:, :2, :] + maps[:, 2:3, :]
-    reach = np.hypot(*(points - centres[:, None, :]).transpose(2, 0, 1))
-    distance, target = catalogue_tree.query(mapped.reshape(-1, 2))
-    distance = distance.reshape(mapped.shape[:2])
-    target = target.reshape(mapped.shape[:2])
-    agree = distance < verify_radius + 0.01 * reach
+    nearest, target, agree = landing(centres, maps, 60)
     # Votes: distinct catalogue stars hit (two sources on one star count once).
     hit = np.sort(np.where(agree, target, -1), axis=1)
     votes = (hit[:, 0] >= 0).astype(int) + np.sum(
@@ -394,19 +399,6 @@ def _best_pair(
         )
     best_votes = int(votes.max()) if votes.size else 0
     return seeds, best_votes
-
-
-def _design(u: np.ndarray, v: np.ndarray, order: int, norm: float) -> tuple[np.ndarray, list]:
-    terms = [(p, q) for p in range(order + 1) for q in range(order + 1 - p)]
-    un, vn = u / norm, v / norm
-    u_powers, v_powers = [np.ones_like(un)], [np.ones_like(vn)]
-    for _ in range(order):
-        u_powers.append(u_powers[-1] * un)
-        v_powers.append(v_powers[-1] * vn)
-    design = np.empty((un.size, len(terms)))
-    for column, (p, q) in enumerate(terms):
-        np.multiply(u_powers[p], v_powers[q], out=design[:, column])
-    return design, terms
 
 
 def fit_tan_sip(
@@ -437,7 +429,7 @@ def fit_tan_sip(
     u = x - crpix[0]
     v = y - crpix[1]
     norm = max(float(np.max(np.abs(np.concatenate([u, v])))), 1.0)
-    design, terms = _design(u, v, order, norm)
+    design, terms = monomials(u / norm, v / norm, order)
     centre = np.asarray(crval, float)
     # Normal equations, formed once: the design does not change while CRVAL is iterated
     # (its columns are monomials of coordinates scaled to [-1, 1], well conditioned).
@@ -545,15 +537,15 @@ def _refine(
     )
     reach = 0.3 * diagonal
     radius = start_radius
-    previous: tuple[np.ndarray, np.ndarray] | None = None
+    previous: np.ndarray | None = None
     src = cat = np.zeros(0, np.intp)
     # Until the solution covers the frame at full order, only the brightest stars take
-    # part (enough to fit, cheap to match); then everything, until the matches settle.
+    # part (enough to fit, cheap to match) until the matches settle; then one pass with
+    # everything.
     brightest = np.zeros(len(sx), bool)
     brightest[: max(subset, 1)] = True
     catalogue_limit = max(subset // 3, 1)
     full = False
-    full_passes = 0
     for _ in range(40):
         covered = reach >= whole
         wanted = 1 if reach < 0.5 * diagonal else (min(order, 2) if not covered else order)
@@ -604,16 +596,14 @@ def _refine(
         if not covered:
             reach = min(whole, reach * 2.2)
             continue
-        settled = previous is not None and np.array_equal(previous[0], src)
-        new_radius = max(min_radius, min(radius, 5.0 * rms))
         if full:
-            full_passes += 1
-            if full_passes >= FULL_PASSES or (settled and new_radius == radius):
-                break
-        elif settled and new_radius == radius and current == wanted:
-            full, previous = True, None
+            break  # one pass with everything (a second one changed nothing measurable)
+        settled = previous is not None and np.array_equal(previous, src)
+        new_radius = max(min_radius, min(radius, 5.0 * rms))
+        if settled and new_radius == radius and current == wanted:
+            full = True
             continue
-        previous = (src, cat)
+        previous = src
         radius = new_radius
     px, py = wcs.sky_to_pixel(ra[cat], dec[cat])
     residual = np.hypot(sx[src] - px, sy[src] - py)
@@ -626,8 +616,16 @@ VERIFIED = 128
 #: The first search covers catalogue windows within this many cells of the hint.
 STAGE0_CELLS = 2.0
 
-#: Match-and-fit passes with every source and catalogue star, after the bright subset.
-FULL_PASSES = 1
+
+def check_fit(residual: np.ndarray, *, min_matches: int, max_rms: float) -> float:
+    """RMS of a fit's residuals (px), or :class:`SolveError` when it kept fewer than
+    ``min_matches`` stars or its RMS exceeds ``max_rms``."""
+    if residual.size < min_matches:
+        raise SolveError(f"fit too poor: {residual.size} stars matched, {min_matches} needed")
+    rms = float(np.sqrt(np.mean(residual**2)))
+    if rms > max_rms:
+        raise SolveError(f"fit too poor: RMS residual {rms:.2f} px exceeds {max_rms} px")
+    return rms
 
 
 def default_order(shape: tuple[int, int]) -> int:
@@ -705,14 +703,13 @@ def solve(
         except SolveError as error:
             failure = error
             continue
-        rms = float(np.sqrt(np.mean(residual**2))) if residual.size else np.inf
-        if src.size < min_matches:
-            failure = SolveError(f"fit too poor: {src.size} stars matched, {min_matches} needed")
-        elif rms > max_rms:
-            failure = SolveError(f"fit too poor: RMS residual {rms:.2f} px exceeds {max_rms} px")
-        else:
-            found = (wcs, src, cat, residual, rms)
-            break
+        try:
+            rms = check_fit(residual, min_matches=min_matches, max_rms=max_rms)
+        except SolveError as error:
+            failure = error
+            continue
+        found = (wcs, src, cat, residual, rms)
+        break
     if found is None:
         if failure is None:
             raise SolveError("no match with the catalogue")
@@ -724,7 +721,7 @@ def solve(
     parity = 1 if det < 0 else -1  # det < 0: as seen on the sky (east left of north)
     # Position angle of the frame's +y axis, east of north.
     rotation = float(np.degrees(np.arctan2(wcs.cd[0, 1], wcs.cd[1, 1])))
-    offset = _separation(hint, tuple(wcs.crval))
+    offset = float(angular_separation(wcs.crval[0], wcs.crval[1], hint[0], hint[1]))
     catalogue_index = np.flatnonzero(usable)[cat]
     return Solution(wcs, src, catalogue_index, residual, rms, rotation, parity, offset)
 
@@ -744,9 +741,3 @@ def _fit_from_seed(seed, sx, sy, ra, dec, shape, hint, scale_deg, crpix, order):
         order=1,
     )
     return refine(initial, sx, sy, ra, dec, shape, order=order, seed_centre=seed.centre)
-
-
-def _separation(a: tuple[float, float], b: tuple[float, float]) -> float:
-    ra1, dec1, ra2, dec2 = np.radians([a[0], a[1], b[0], b[1]])
-    cos_d = np.sin(dec1) * np.sin(dec2) + np.cos(dec1) * np.cos(dec2) * np.cos(ra1 - ra2)
-    return float(np.degrees(np.arccos(np.clip(cos_d, -1.0, 1.0))))

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from astropy.io import fits
 
-__all__ = ["TanSip", "sip_from_lens", "tan_deproject", "tan_project"]
+__all__ = [
+    "TanSip",
+    "angular_separation",
+    "monomials",
+    "sip_from_lens",
+    "tan_deproject",
+    "tan_project",
+]
 
 
 def tan_project(
@@ -64,6 +71,31 @@ def tan_deproject(
         np.arctan2(np.sin(dec0_r) + eta_r * np.cos(dec0_r), np.hypot(xi_r, denominator))
     )
     return np.mod(ra, 360.0), dec
+
+
+def angular_separation(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> np.ndarray:
+    """Angular distance (deg) of positions from ``(ra0, dec0)``, all in degrees."""
+    dec_r, dec0_r = np.radians(dec), np.radians(dec0)
+    cos_distance = np.sin(dec_r) * np.sin(dec0_r) + np.cos(dec_r) * np.cos(dec0_r) * np.cos(
+        np.radians(np.asarray(ra) - ra0)
+    )
+    return np.degrees(np.arccos(np.clip(cos_distance, -1.0, 1.0)))
+
+
+def monomials(u: np.ndarray, v: np.ndarray, order: int) -> tuple[np.ndarray, list]:
+    """Design matrix of ``u**p * v**q`` for ``p + q <= order`` (by running products), and
+    the ``(p, q)`` of each column."""
+    terms = [(p, q) for p in range(order + 1) for q in range(order + 1 - p)]
+    u = np.asarray(u, dtype=float).ravel()
+    v = np.asarray(v, dtype=float).ravel()
+    u_powers, v_powers = [np.ones_like(u)], [np.ones_like(v)]
+    for _ in range(order):
+        u_powers.append(u_powers[-1] * u)
+        v_powers.append(v_powers[-1] * v)
+    design = np.empty((u.size, len(terms)))
+    for column, (p, q) in enumerate(terms):
+        np.multiply(u_powers[p], v_powers[q], out=design[:, column])
+    return design, terms
 
 
 def _poly(coefficients: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -127,10 +159,8 @@ class TanSip:
 
     def pixel_to_sky(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """0-based pixel positions to RA, Dec in degrees."""
-        u = np.asarray(x, dtype=float) - self.crpix[0]
-        v = np.asarray(y, dtype=float) - self.crpix[1]
-        up = u + _poly(self.a, u, v)
-        vp = v + _poly(self.b, u, v)
+        dx, dy = self.distorted(x, y)
+        up, vp = dx - self.crpix[0], dy - self.crpix[1]
         xi = self.cd[0, 0] * up + self.cd[0, 1] * vp
         eta = self.cd[1, 0] * up + self.cd[1, 1] * vp
         return tan_deproject(xi, eta, float(self.crval[0]), float(self.crval[1]))
@@ -163,10 +193,8 @@ class TanSip:
         the distortion polynomial cannot be inverted there (the iteration does not reach
         ``tolerance`` px), come back as NaN.
         """
-        xi, eta, _ = tan_project(ra, dec, float(self.crval[0]), float(self.crval[1]))
-        inverse_cd = np.linalg.inv(self.cd)
-        target_u = inverse_cd[0, 0] * xi + inverse_cd[0, 1] * eta
-        target_v = inverse_cd[1, 0] * xi + inverse_cd[1, 1] * eta
+        target_x, target_y = self.sky_to_intermediate(ra, dec)
+        target_u, target_v = target_x - self.crpix[0], target_y - self.crpix[1]
         u, v = target_u.copy(), target_v.copy()
         a_du, a_dv = _poly_derivatives(self.a)
         b_du, b_dv = _poly_derivatives(self.b)
@@ -267,9 +295,8 @@ class TanSip:
         v = grid_y.ravel() - self.crpix[1]
         up = u + _poly(self.a, u, v)
         vp = v + _poly(self.b, u, v)
-        terms = [(p, q) for p in range(order + 1) for q in range(order + 1 - p)]
         scale = max(nx, ny)
-        design = np.stack([(up / scale) ** p * (vp / scale) ** q for p, q in terms], axis=1)
+        design, terms = monomials(up / scale, vp / scale, order)
         result = []
         for residual in (u - up, v - vp):
             solution, *_ = np.linalg.lstsq(design, residual, rcond=None)

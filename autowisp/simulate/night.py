@@ -22,7 +22,7 @@ from astropy.io import fits
 from astropy.time import Time
 
 from autowisp.core.bayer import channels, colour_of_channels, validate_layout
-from autowisp.core.projection import TanSip, sip_from_lens
+from autowisp.core.projection import TanSip, angular_separation, sip_from_lens
 from autowisp.io.atomic import atomic_path, write_bytes_atomic
 from autowisp.simulate import observing
 from autowisp.simulate.camera import CameraSpec, Detector, Scene, expose, make_detector
@@ -113,14 +113,6 @@ class NightResult:
     outdir: Path
     manifest: Path
     cameras: list[dict] = field(default_factory=list)
-
-
-def _distance(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> np.ndarray:
-    """Angular distance (deg) of positions from ``(ra0, dec0)``."""
-    cos_distance = np.sin(np.radians(dec)) * np.sin(np.radians(dec0)) + np.cos(
-        np.radians(dec)
-    ) * np.cos(np.radians(dec0)) * np.cos(np.radians(ra - ra0))
-    return np.degrees(np.arccos(np.clip(cos_distance, -1.0, 1.0)))
 
 
 def _offset(ra: float, dec: float, east: float, north: float) -> tuple[float, float]:
@@ -334,7 +326,9 @@ def simulate_night(
     schedule = _schedule(config)
     night_rng = np.random.default_rng(sky_seed)
     radius = max(
-        float(_distance(np.array(p.centre[0]), np.array(p.centre[1]), config.ra, config.dec))
+        float(
+            angular_separation(np.array(p.centre[0]), np.array(p.centre[1]), config.ra, config.dec)
+        )
         + p.radius
         for p in plans
     )
@@ -345,7 +339,7 @@ def simulate_night(
         sky,
         mid_jd,
         night_rng,
-        central=_distance(sky.ra, sky.dec, config.ra, config.dec) <= inner,
+        central=angular_separation(sky.ra, sky.dec, config.ra, config.dec) <= inner,
     )
     weather = {
         "cloudy": night_rng.random(config.frames) < config.cloudy_fraction,
@@ -484,7 +478,7 @@ def _object_frames(
     lst = observing.sidereal_time(mid, config.site)
     true_ra, true_dec = observing.to_true_equator(sky.ra, sky.dec, float(mid[len(mid) // 2]))
     # Stars that can fall on this camera's frames.
-    star_index = np.flatnonzero(_distance(sky.ra, sky.dec, *plan.centre) <= plan.radius)
+    star_index = np.flatnonzero(angular_separation(sky.ra, sky.dec, *plan.centre) <= plan.radius)
     stars = sky.subset(star_index)
     truth = ObjectTruth.empty(
         config.frames, star_index, len(channels(config.layout)), len(config.apertures)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
-from autowisp.core.astrometry import SolveError, default_order, refine, solve
+from autowisp.core.astrometry import SolveError, check_fit, default_order, refine, solve
 from autowisp.core.calibration import MaskBit
 from autowisp.core.extraction import extract_sources
 from autowisp.db.models import ImageType, Scope
@@ -149,7 +149,7 @@ class Astrometry(Step):
                 )
                 wcs, matched_sources = solution.wcs, solution.source_index
                 matched_stars = stars.source_id[solution.catalogue_index]
-                residual = solution.residual_px
+                residual, rms = solution.residual_px, solution.rms_px
                 qc_extra = {
                     "rotation_deg": solution.rotation_deg,
                     "parity": solution.parity,
@@ -158,18 +158,16 @@ class Astrometry(Step):
                 }
             else:
                 wcs, matched_sources, matched_stars, residual, qc_extra = self._blind(
-                    context, sources, data.shape, scale, tolerance, half_diagonal, epoch, order
+                    context, sources, data.shape, scale, tolerance, half_diagonal, epoch, order,
+                    offline,
+                )  # fmt: skip
+                rms = check_fit(
+                    residual,
+                    min_matches=int(parameters["min_matches"]),
+                    max_rms=float(parameters["max_rms"]),
                 )
         except SolveError as error:
             raise PermanentError(f"{image.path.name}: {error}") from error
-        rms = float(np.sqrt(np.mean(residual**2)))
-        if matched_sources.size < int(parameters["min_matches"]) or rms > float(
-            parameters["max_rms"]
-        ):
-            raise PermanentError(
-                f"{image.path.name}: fit too poor: {matched_sources.size} stars matched, "
-                f"RMS {rms:.2f} px"
-            )
         catalogue = self._catalogue(context, wcs, half_diagonal, epoch, offline)
         cx, cy = wcs.sky_to_pixel(catalogue.ra, catalogue.dec)
         inside = np.isfinite(cx) & (cx > -0.5) & (cx < nx - 0.5) & (cy > -0.5) & (cy < ny - 0.5)
@@ -177,18 +175,15 @@ class Astrometry(Step):
         start = image.jd - image.exptime / 2 / 86400.0
         wcs_header["MJD-OBS"] = (start - 2400000.5, "[d] start of exposure (UTC)")
         wcs_header["DATE-OBS"] = image.date_obs.strftime("%Y-%m-%dT%H:%M:%S.%f")
+        centre = wcs.pixel_to_sky(np.array((nx - 1) / 2), np.array((ny - 1) / 2))
         qc = {
             "sources": len(sources),
             "matched": int(matched_sources.size),
             "rms_px": rms,
             "rms_arcsec": rms * wcs.pixel_scale,
             "pixel_scale": wcs.pixel_scale,
-            "ra_centre": float(
-                wcs.pixel_to_sky(np.array((nx - 1) / 2), np.array((ny - 1) / 2))[0]
-            ),
-            "dec_centre": float(
-                wcs.pixel_to_sky(np.array((nx - 1) / 2), np.array((ny - 1) / 2))[1]
-            ),
+            "ra_centre": float(centre[0]),
+            "dec_centre": float(centre[1]),
             "catalogue": catalogue_name(parameters),
             "catalogue_stars": int(inside.sum()),
             "fwhm_px": float(np.median(sources.fwhm[: min(len(sources), 200)])),
@@ -211,7 +206,9 @@ class Astrometry(Step):
         _add_wcs(calibrated_path, wcs_header)
         return StepResult(path, qc)
 
-    def _blind(self, context, sources, shape, scale, tolerance, half_diagonal, epoch, order):
+    def _blind(
+        self, context, sources, shape, scale, tolerance, half_diagonal, epoch, order, offline
+    ):
         command = str(context.parameters["blind_solver"])
         name = context.image.path.name
         if not command or find_solve_field(command) is None:
@@ -230,7 +227,7 @@ class Astrometry(Step):
             raise PermanentError(f"{name}: blind solving failed: {error}") from error
         ny, nx = shape
         centre = rough.pixel_to_sky(np.array((nx - 1) / 2), np.array((ny - 1) / 2))
-        stars = OfflineGaia().cone(float(centre[0]), float(centre[1]), half_diagonal, epoch=epoch)
+        stars = offline.cone(float(centre[0]), float(centre[1]), half_diagonal, epoch=epoch)
         wcs, src, cat, residual = refine(
             rough, sources.x, sources.y, stars.ra, stars.dec, shape,
             order=order or default_order(shape), start_radius=3.0,

@@ -25,10 +25,12 @@ from autowisp.io.stacks import write_product
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
 from autowisp.steps.masters import (
     OVERSCAN,
+    SATURATION,
     check_overscan_agrees,
     frame_sections,
     overscan_of,
     read_master,
+    saturation_level,
 )
 
 __all__ = ["Calibrate"]
@@ -43,7 +45,7 @@ class Calibrate(Step):
         OVERSCAN,
         Parameter("gain", 0.0, "e⁻/ADU", "0: the master flat's photon-transfer gain."),
         Parameter("read_noise", 0.0, "e⁻", "0: the master flat's photon-transfer value."),
-        Parameter("saturation_adu", 0, "ADU", "0: the header's SATURATE, else 15000."),
+        SATURATION,
         Parameter(
             "cosmic_ray_sigma",
             12.0,
@@ -89,9 +91,7 @@ class Calibrate(Step):
         flat_header = masters["master_flat"][1]["header"]
         gain = float(context.parameters["gain"]) or float(flat_header["GAIN"])
         read_noise = float(context.parameters["read_noise"]) or float(flat_header["RDNOISE"])
-        saturation = float(context.parameters["saturation_adu"]) or float(
-            header.get("SATURATE", 15000)
-        )
+        saturation = saturation_level(context.parameters, header)
         bias, dark, flat = (masters[s][1] for s in self.master_inputs)
         if raw.shape != bias["MASTER"].shape:
             raise PermanentError(
@@ -170,9 +170,7 @@ class Calibrate(Step):
                 channel.view(bias)[...] = level or float(np.percentile(view, 0.1))
         gain = float(context.parameters["gain"]) or 1.0
         read_noise = float(context.parameters["read_noise"])
-        saturation = float(context.parameters["saturation_adu"]) or float(
-            header.get("SATURATE", 15000)
-        )
+        saturation = saturation_level(context.parameters, header)
         calibrated, error, mask = calibrate_frame(
             raw,
             exptime=image.exptime,

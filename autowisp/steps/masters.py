@@ -46,6 +46,14 @@ OVERSCAN = Parameter(
 )
 COMMON = (*COMMON, OVERSCAN)
 
+#: Shared by master_flat and calibrate: the raw level of saturation.
+SATURATION = Parameter("saturation_adu", 0, "ADU", "0: the header's SATURATE, else 15000.")
+
+
+def saturation_level(parameters, header) -> float:
+    """Raw saturation level (ADU): the parameter, else the header's SATURATE, else 15000."""
+    return float(parameters["saturation_adu"]) or float(header.get("SATURATE", 15000))
+
 
 def frame_sections(
     image: ImageInfo, parameters
@@ -219,7 +227,9 @@ def _overscan_by_channel(path: Path, section: tuple[slice, slice], channel_map) 
     return levels
 
 
-def _header(context: StepContext, frames: list[ImageInfo], unit: str) -> fits.Header:
+def _header(
+    context: StepContext, frames: list[ImageInfo], unit: str, iso: int | None
+) -> fits.Header:
     header = fits.Header()
     header["STEP"] = context.step
     header["CONFIG"] = (context.config_version, "configuration version of the step")
@@ -227,7 +237,6 @@ def _header(context: StepContext, frames: list[ImageInfo], unit: str) -> fits.He
     header["NFRAMES"] = (len(frames), "frames stacked")
     relative = bool(frames) and frame_sections(frames[0], context.parameters)[1] is not None
     header["OVERSCN"] = (relative, "levels relative to each frame's overscan")
-    iso = next((header_iso(f.header) for f in frames if header_iso(f.header)), None)
     if iso is not None:
         header["ISO"] = (iso, "ISO of the frames stacked")
     header["CAMSN"] = context.night.camera_serial if context.night else ""
@@ -250,7 +259,7 @@ class MasterBias(Step):
         _check_count(context, frames, "bias", rejected)
         images = _stack(context, frames, None)
         path = context.output_path("fits")
-        write_product(path, images, _rejections(_header(context, frames, "adu"), rejected))
+        write_product(path, images, _rejections(_header(context, frames, "adu", iso), rejected))
         master = images["MASTER"]
         return StepResult(
             path,
@@ -294,7 +303,7 @@ class MasterDark(Step):
         hot = rate > median + float(context.parameters["hot_sigma"]) * max(spread, 1e-6)
         images["HOT"] = hot.astype(np.uint8)
         path = context.output_path("fits")
-        header = _rejections(_header(context, frames, "adu/s"), rejected)
+        header = _rejections(_header(context, frames, "adu/s", iso), rejected)
         header["HOTPIX"] = (int(hot.sum()), "pixels flagged hot")
         write_product(path, images, header)
         return StepResult(
@@ -317,7 +326,7 @@ class MasterFlat(Step):
     image_types = frozenset({ImageType.FLAT})
     parameters = (
         *COMMON,
-        Parameter("saturation_adu", 0, "ADU", "0: the header's SATURATE, else 15000."),
+        SATURATION,
         Parameter("min_level", 0.1, "fraction", "Least flat level, of the saturation level."),
         Parameter("max_level", 0.75, "fraction", "Highest flat level, of the saturation."),
         Parameter(
@@ -336,20 +345,22 @@ class MasterFlat(Step):
         layout = context.night.layout if context.night else "MONO"
         chans = channels(layout)
         kept, levels = [], {}
-        saturation = float(context.parameters["saturation_adu"])
         normalised = {}
+        bias_level = float(np.median(bias))
         for image in frames:
             whole, header = read_image(image.path)
             raw, overscan = overscan_of(image, whole, context.parameters)
-            level_limit = saturation or float(header.get("SATURATE", 15000))
+            level_limit = saturation_level(context.parameters, header)
+            headroom = level_limit - bias_level
             signal = raw.astype(np.float32) - overscan - bias - dark * image.exptime
             median = float(np.median(signal))
-            if median < float(context.parameters["min_level"]) * (level_limit - np.median(bias)):
+            if median < float(context.parameters["min_level"]) * headroom:
                 rejected.append((image, f"under-exposed: level {median:.0f} ADU"))
                 continue
-            if float(np.mean(raw >= level_limit)) > 1e-3 or median > float(
-                context.parameters["max_level"]
-            ) * (level_limit - np.median(bias)):
+            if (
+                float(np.mean(raw >= level_limit)) > 1e-3
+                or median > float(context.parameters["max_level"]) * headroom
+            ):
                 rejected.append((image, f"over-exposed or saturated: level {median:.0f} ADU"))
                 continue
             for channel in chans:
@@ -379,7 +390,7 @@ class MasterFlat(Step):
             norm = float(np.median(view))
             view /= norm
             channel.view(images["ERROR"])[...] /= norm
-        header = _rejections(_header(context, kept, ""), rejected)
+        header = _rejections(_header(context, kept, "", iso), rejected)
         gain, read_noise = self._photon_transfer(kept, context, bias, dark, chans)
         header["GAIN"] = (gain, "[e-/ADU] photon transfer, this night's flats")
         header["RDNOISE"] = (read_noise, "[e-] photon transfer, this night's biases")
