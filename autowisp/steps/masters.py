@@ -351,7 +351,8 @@ class MasterFlat(Step):
             whole, header = read_image(image.path)
             raw, overscan = overscan_of(image, whole, context.parameters)
             level_limit = saturation_level(context.parameters, header)
-            headroom = level_limit - bias_level
+            # Room above the frame's zero level (its overscan, if any, plus the bias).
+            headroom = level_limit - bias_level - float(np.median(overscan))
             signal = raw.astype(np.float32) - overscan - bias - dark * image.exptime
             median = float(np.median(signal))
             if median < float(context.parameters["min_level"]) * headroom:

@@ -347,8 +347,26 @@ def test_an_overscan_follows_the_bias_level_from_frame_to_frame(tmp_path):
         NightConfig(frames=4, width=320, height=256, seed=4, overscan_columns=16,
                     bias_drift=20.0, cloudy_fraction=0.0),
     )  # fmt: skip
+    # One more flat, unsaturated but at 80 % of the room between the frame's zero level
+    # (overscan plus bias) and saturation: it must count as over-exposed.
+    from astropy.io import fits
+
+    first = next((tmp_path / "upload").rglob("flat_0001.fits"))
+    with fits.open(first) as hdus:
+        raw, header = hdus[0].data.astype(float), hdus[0].header.copy()
+    zero = float(np.median(raw[:, 320:]))  # the overscan
+    signal = raw - zero
+    target = 0.8 * (header["SATURATE"] - zero)
+    bright = zero + signal * (target / np.median(signal[:, :320]))
+    assert bright.max() < header["SATURATE"]
+    fits.PrimaryHDU(np.rint(bright).astype(np.uint16), header).writeto(
+        first.with_name("flat_0099.fits")
+    )
     rows = process_upload(tmp_path, tmp_path / "upload", REGISTRY)
     assert all(r.state is TaskState.DONE for r in rows), [r.last_error for r in rows]
+    flat_qc = next(r.qc for r in rows if r.name == "master_flat")
+    reasons = {Path(path).name: reason for path, reason in flat_qc["rejected"].items()}
+    assert reasons["flat_0099.fits"].startswith("over-exposed"), reasons
     truth = read_truth(next((tmp_path / "upload").rglob("truth.h5")))
     bias = read_master(next(r.output_path for r in rows if r.name == "master_bias"))
     assert bias["MASTER"].shape == (256, 320)
