@@ -106,6 +106,9 @@ def test_solve_far_from_the_hint_at_any_rotation_and_parity(rotation, flip, offs
     solution = solve(sx, sy, stars.ra, stars.dec, SHAPE, hint=hint, pixel_scale=10.3 * scale_error)
     assert solution.parity == (-1 if flip else 1)
     assert solution.wcs.pixel_scale == pytest.approx(10.3, rel=1e-3)
+    # The frame's +y axis, east of north, is the truth's rotation (either parity).
+    turn = (solution.rotation_deg - rotation + 180.0) % 360.0 - 180.0
+    assert abs(turn) < 0.05
     # Catalogue positions through the solution against the true positions: the fit
     # averages the 0.1 px centroid noise over ~100 stars.
     grid_y, grid_x = np.mgrid[0 : SHAPE[0] : 60, 0 : SHAPE[1] : 60]
