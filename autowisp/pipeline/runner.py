@@ -112,16 +112,7 @@ def build_context(
         image = found[0]
     inputs: dict[str, tuple[InputProduct, ...]] = {}
     for upstream in step.inputs:
-        query = (
-            select(Task.target, Task.image_id, Task.output_path, Task.qc)
-            .join(StepRow, StepRow.id == Task.step_id)
-            .join(Configuration, Configuration.id == Task.configuration_id)
-            .where(
-                StepRow.name == upstream,
-                Configuration.active.is_(True),
-                Task.state == TaskState.DONE,
-            )
-        )
+        query = _done_outputs(upstream, Task.target, Task.image_id, Task.output_path, Task.qc)
         if registry[upstream].scope.value == "image" and step.scope.value == "image":
             query = query.where(Task.image_id == task.image_id)
         else:
@@ -179,6 +170,20 @@ def _in_session(url: str, work: Callable[[Session], T]) -> T:
     return with_db_retry(action)
 
 
+def _done_outputs(step: str, *columns):
+    """``columns`` of the done tasks of ``step``'s active configuration."""
+    return (
+        select(*columns)
+        .join(StepRow, StepRow.id == Task.step_id)
+        .join(Configuration, Configuration.id == Task.configuration_id)
+        .where(
+            StepRow.name == step,
+            Configuration.active.is_(True),
+            Task.state == TaskState.DONE,
+        )
+    )
+
+
 def _iso_of(step, image: ImageInfo | None, night: NightInfo | None) -> int | None:
     """The ISO the masters must match: the frame's, or most of the night's frames'."""
     if image is not None:
@@ -201,16 +206,9 @@ def _nearest_master(
     if night is None:
         return ()
     rows = session.execute(
-        select(Task.target, Task.output_path, Task.qc, Night.local_date)
-        .join(StepRow, StepRow.id == Task.step_id)
-        .join(Configuration, Configuration.id == Task.configuration_id)
+        _done_outputs(step, Task.target, Task.output_path, Task.qc, Night.local_date)
         .join(Night, Night.id == Task.night_id)
-        .where(
-            StepRow.name == step,
-            Configuration.active.is_(True),
-            Task.state == TaskState.DONE,
-            Night.camera_id == night.camera_id,
-        )
+        .where(Night.camera_id == night.camera_id)
     ).all()
     if iso is not None:
         rows = [r for r in rows if (r.qc or {}).get("iso") in (None, iso)]
