@@ -92,9 +92,7 @@ class Astrometry(Step):
     )
 
     def run(self, context: StepContext) -> StepResult:
-        image = context.image
-        if image is None:
-            raise PermanentError(f"astrometry needs an image target, got {context.target!r}")
+        image = context.require_image()
         products = context.inputs.get("calibrate", ())
         if not products or products[0].output_path is None:
             raise PermanentError(f"no calibrated frame for {image.path.name}")

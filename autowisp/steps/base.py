@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from autowisp.db.models import ImageType, Scope
+from autowisp.errors import PermanentError
 
 __all__ = [
     "ImageInfo",
@@ -89,6 +90,18 @@ class StepContext:
     image: ImageInfo | None = None
     night: NightInfo | None = None
     inputs: Mapping[str, tuple[InputProduct, ...]] = field(default_factory=dict)
+
+    def require_image(self) -> ImageInfo:
+        """The target frame; a permanent error for a task that has none."""
+        if self.image is None:
+            raise PermanentError(f"{self.step} needs an image target, got {self.target!r}")
+        return self.image
+
+    def require_night(self) -> NightInfo:
+        """The target night; a permanent error for a task that has none."""
+        if self.night is None:
+            raise PermanentError(f"{self.step} needs a night target, got {self.target!r}")
+        return self.night
 
     def output_path(self, suffix: str) -> Path:
         """``<storage>/<step>/<config version>/<night date>/<target>.<suffix>``."""

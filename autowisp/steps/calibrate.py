@@ -70,9 +70,7 @@ class Calibrate(Step):
     )
 
     def run(self, context: StepContext) -> StepResult:
-        image = context.image
-        if image is None:
-            raise PermanentError(f"calibrate needs an image target, got {context.target!r}")
+        image = context.require_image()
         masters = {}
         for step in self.master_inputs:
             products = context.inputs.get(step, ())
@@ -156,9 +154,7 @@ class Calibrate(Step):
     def _uncalibrated(self, context: StepContext) -> StepResult:
         """No masters exist for this camera and it may proceed: subtract a bias level only,
         and say so in the header and the QC figures."""
-        image = context.image
-        if image is None:
-            raise PermanentError(f"calibrate needs an image target, got {context.target!r}")
+        image = context.require_image()
         whole, header = read_image(image.path)
         raw, overscan = overscan_of(image, whole, context.parameters)
         level = float(context.parameters["uncalibrated_bias_adu"])

@@ -49,9 +49,7 @@ class FrameQC(Step):
     )
 
     def run(self, context: StepContext) -> StepResult:
-        image_info = context.image
-        if image_info is None:
-            raise PermanentError(f"frame_qc needs an image target, got {context.target!r}")
+        image_info = context.require_image()
         try:
             data, header = read_image(image_info.path)
         except (OSError, ValueError) as error:

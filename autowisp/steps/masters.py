@@ -101,9 +101,7 @@ def read_master(path: Path) -> dict[str, np.ndarray]:
 
 
 def _frames(context: StepContext, kind: ImageType) -> list[ImageInfo]:
-    if context.night is None:
-        raise PermanentError(f"{context.step} needs a night target, got {context.target!r}")
-    return [image for image in context.night.images if image.image_type is kind]
+    return [image for image in context.require_night().images if image.image_type is kind]
 
 
 def _one_iso(

@@ -14,7 +14,6 @@ import json
 import numpy as np
 
 from autowisp.db.models import Scope
-from autowisp.errors import PermanentError
 from autowisp.io.atomic import atomic_path, write_bytes_atomic
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
 
@@ -48,9 +47,7 @@ class NightQC(Step):
     )
 
     def run(self, context: StepContext) -> StepResult:
-        night = context.night
-        if night is None:
-            raise PermanentError(f"night_qc needs a night target, got {context.target!r}")
+        night = context.require_night()
         by_id = {image.id: image for image in night.images}
         products = context.inputs.get("frame_qc", ())
         rows = []
