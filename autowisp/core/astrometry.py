@@ -1,6 +1,6 @@
 """Astrometric solution of a frame: triangle matching, then an iterative TAN-SIP fit.
 
-Pattern matching (:func:`match_triangles`): the brightest sources of each image cell and
+Pattern matching (:func:`candidate_seeds`): the brightest sources of each image cell and
 the brightest catalogue stars of each equally sized window of the tangent plane around the
 pointing hint form triangles with their nearest neighbours; the triangles' sorted side
 ratios are invariant under translation, rotation, scale and parity, so a k-d tree finds
@@ -36,9 +36,9 @@ from autowisp.core.projection import (
 __all__ = [
     "Solution",
     "SolveError",
+    "candidate_seeds",
     "check_fit",
     "fit_tan_sip",
-    "match_triangles",
     "refine",
     "solve",
     "triangles",
@@ -74,10 +74,6 @@ class Solution:
     @property
     def matched(self) -> int:
         return int(self.source_index.size)
-
-    @property
-    def rms_arcsec(self) -> float:
-        return self.rms_px * self.wcs.pixel_scale
 
 
 def triangles(
@@ -293,13 +289,6 @@ def candidate_seeds(
             f"no match with the catalogue: the best pattern match has {best_votes} stars in "
             f"agreement, {min_votes} are needed"
         )
-
-
-def match_triangles(image_xy: np.ndarray, catalogue_xy: np.ndarray, shape, **options) -> _Seed:
-    """The best similarity of :func:`candidate_seeds` (see there)."""
-    for seed in candidate_seeds(image_xy, catalogue_xy, shape, **options):
-        return seed
-    raise SolveError("no match with the catalogue")
 
 
 def _best_pair(

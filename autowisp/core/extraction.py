@@ -55,19 +55,8 @@ class Sources:
     def __len__(self) -> int:
         return int(self.x.size)
 
-    def subset(self, index: np.ndarray) -> Sources:
-        return Sources(
-            self.x[index],
-            self.y[index],
-            self.flux[index],
-            self.peak[index],
-            self.fwhm[index],
-            self.flags[index],
-            self.background_rms,
-        )
 
-
-#: Flag added to a source whose footprint touches a masked pixel.
+#: Flag added to a source with a masked or saturated pixel within a pixel of its peak.
 MASKED = 256
 
 

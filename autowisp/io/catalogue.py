@@ -54,18 +54,6 @@ class CatalogueTable:
     def __len__(self) -> int:
         return int(self.source_id.size)
 
-    def subset(self, index: np.ndarray) -> CatalogueTable:
-        return CatalogueTable(
-            self.source_id[index],
-            self.ra[index],
-            self.dec[index],
-            self.g[index],
-            self.bp[index],
-            self.rp[index],
-            self.epoch,
-            self.propagated,
-        )
-
 
 class Catalogue(Protocol):
     """What the astrometry step needs of a catalogue."""

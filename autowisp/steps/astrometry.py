@@ -21,9 +21,9 @@ from autowisp.core.astrometry import SolveError, check_fit, default_order, refin
 from autowisp.core.calibration import MaskBit
 from autowisp.core.extraction import extract_sources
 from autowisp.db.models import ImageType, Scope
-from autowisp.errors import PermanentError
+from autowisp.errors import PermanentError, TransientError
 from autowisp.io.atomic import atomic_path
-from autowisp.io.catalogue import CatalogueTable, OfflineGaia, OnlineGaia
+from autowisp.io.catalogue import Catalogue, OfflineGaia, OnlineGaia
 from autowisp.io.solve_field import SolveFieldError, find_solve_field, solve_field
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
 
@@ -126,6 +126,7 @@ class Astrometry(Step):
         half_diagonal = 0.5 * np.hypot(nx, ny) * scale * (1 + tolerance) / 3600.0
         epoch = 2000.0 + (image.jd - 2451545.0) / 365.25
         offline = OfflineGaia()
+        positions = self._positions_catalogue(context, offline)  # refused before any work
         order = int(parameters["sip_order"]) or None
         hint = header_pointing(image.header)
         try:
@@ -166,7 +167,16 @@ class Astrometry(Step):
                 )
         except SolveError as error:
             raise PermanentError(f"{image.path.name}: {error}") from error
-        catalogue = self._catalogue(context, wcs, half_diagonal, epoch, offline)
+        online = positions is not offline
+        try:
+            catalogue = positions.cone(
+                float(wcs.crval[0]), float(wcs.crval[1]), half_diagonal * 1.05, epoch=epoch,
+                gmax=float(parameters["online_gmax"]) if online else 99.0,
+            )  # fmt: skip
+        except OSError as error:  # the archive unreachable: worth retrying later
+            raise TransientError(f"the Gaia archive could not be reached: {error}") from error
+        except RuntimeError as error:
+            raise PermanentError(f"the online Gaia catalogue failed: {error}") from error
         cx, cy = wcs.sky_to_pixel(catalogue.ra, catalogue.dec)
         inside = np.isfinite(cx) & (cx > -0.5) & (cx < nx - 0.5) & (cy > -0.5) & (cy < ny - 0.5)
         wcs_header = wcs.to_header(shape=data.shape)
@@ -182,7 +192,7 @@ class Astrometry(Step):
             "pixel_scale": wcs.pixel_scale,
             "ra_centre": float(centre[0]),
             "dec_centre": float(centre[1]),
-            "catalogue": catalogue_name(parameters),
+            "catalogue": positions.name,
             "catalogue_stars": int(inside.sum()),
             "fwhm_px": float(np.median(sources.fwhm[: min(len(sources), 200)])),
             "uncalibrated": bool(header.get("UNCALIB", False)),
@@ -232,23 +242,16 @@ class Astrometry(Step):
         )  # fmt: skip
         return wcs, src, stars.source_id[cat], residual, {"solver": "solve-field"}
 
-    def _catalogue(self, context, wcs, half_diagonal, epoch, offline) -> CatalogueTable:
-        centre = wcs.crval
-        parameters = context.parameters
-        if str(parameters["catalogue"]) == "online":
-            adapter = OnlineGaia(context.storage_root / "catalogue-cache")
-            try:
-                return adapter.cone(
-                    float(centre[0]), float(centre[1]), half_diagonal * 1.05, epoch=epoch,
-                    gmax=float(parameters["online_gmax"]),
-                )  # fmt: skip
-            except (OSError, RuntimeError) as error:
-                raise PermanentError(f"the online Gaia catalogue failed: {error}") from error
-        if str(parameters["catalogue"]) != "offline":
-            raise PermanentError(
-                f"unknown catalogue {parameters['catalogue']!r}: use 'offline' or 'online'"
-            )
-        return offline.cone(float(centre[0]), float(centre[1]), half_diagonal * 1.05, epoch=epoch)
+    @staticmethod
+    def _positions_catalogue(context: StepContext, offline: OfflineGaia) -> Catalogue:
+        """The catalogue whose positions the output lists (matching always uses the
+        offline one, whose bright stars suffice)."""
+        choice = str(context.parameters["catalogue"])
+        if choice == "online":
+            return OnlineGaia(context.storage_root / "catalogue-cache")
+        if choice != "offline":
+            raise PermanentError(f"unknown catalogue {choice!r}: use 'offline' or 'online'")
+        return offline
 
     @staticmethod
     def _write(
@@ -293,10 +296,6 @@ class Astrometry(Step):
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as temporary:
             fits.HDUList([primary, source_table, catalogue_table]).writeto(temporary)
-
-
-def catalogue_name(parameters: Mapping[str, Any]) -> str:
-    return OnlineGaia.name if str(parameters["catalogue"]) == "online" else OfflineGaia.name
 
 
 def _add_wcs(path, wcs_header: fits.Header) -> None:

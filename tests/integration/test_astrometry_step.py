@@ -286,3 +286,19 @@ def test_panoptes_frame_solves_far_from_its_pointing(offset, scale_factor, flip,
     assert solution.matched >= 110 and solution.rms_px < 0.2
     assert solution.parity == (-1 if flip else 1)
     assert solution.wcs.pixel_scale == pytest.approx(10.306, abs=0.01)
+
+
+def test_an_unreachable_archive_is_retried_later(tmp_path, monkeypatch):
+    from autowisp.errors import TransientError
+    from autowisp.io import catalogue as catalogue_module
+
+    def unreachable(query):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(catalogue_module, "_astroquery_fetch", unreachable)
+    context = _with_pointing(
+        _panoptes_context(tmp_path, catalogue="online"), (301.56439, 44.456875)
+    )
+    with pytest.raises(TransientError, match="could not be reached"):
+        Astrometry().run(context)
+    assert not list((tmp_path / "storage").rglob("*.fits"))
