@@ -27,7 +27,6 @@ from autowisp.steps.masters import (
     OVERSCAN,
     SATURATION,
     check_overscan_agrees,
-    frame_sections,
     overscan_of,
     read_master,
     saturation_level,
@@ -83,9 +82,8 @@ class Calibrate(Step):
             masters[step] = (products[0].output_path, read_master(products[0].output_path))
         whole, header = read_image(image.path)
         raw, overscan = overscan_of(image, whole, context.parameters)
-        bias_section = frame_sections(image, context.parameters)[1]
         for step, (_, master) in masters.items():
-            check_overscan_agrees(master, step, bias_section)
+            check_overscan_agrees(master, step, overscan is not None)
         flat_header = masters["master_flat"][1]["header"]
         gain = float(context.parameters["gain"]) or float(flat_header["GAIN"])
         read_noise = float(context.parameters["read_noise"]) or float(flat_header["RDNOISE"])
@@ -109,7 +107,7 @@ class Calibrate(Step):
             dark_error=dark["ERROR"],
             flat_error=flat["ERROR"],
             hot=dark["HOT"].astype(bool),
-            overscan=overscan,
+            overscan=0.0 if overscan is None else overscan,
         )
         hits = self._cosmic_rays(context, calibrated, mask, image.layout)
         out = fits.Header()
@@ -159,7 +157,7 @@ class Calibrate(Step):
         raw, overscan = overscan_of(image, whole, context.parameters)
         level = float(context.parameters["uncalibrated_bias_adu"])
         bias = np.zeros(raw.shape, dtype=np.float64)
-        has_overscan = overscan.shape == raw.shape
+        has_overscan = overscan is not None
         if not has_overscan:  # with an overscan, its level is the bias level
             for channel in channels(image.layout):
                 view = channel.view(raw).astype(np.float64)
@@ -176,7 +174,7 @@ class Calibrate(Step):
             gain=gain,
             read_noise=read_noise,
             saturation=saturation,
-            overscan=overscan,
+            overscan=0.0 if overscan is None else overscan,
         )
         hits = self._cosmic_rays(context, calibrated, mask, image.layout)
         out = fits.Header()

@@ -82,12 +82,14 @@ def frame_sections(
     return data, bias
 
 
-def overscan_of(image: ImageInfo, raw: np.ndarray, parameters) -> tuple[np.ndarray, np.ndarray]:
-    """The light-sensitive part of ``raw`` and its overscan level there (ADU, 0 without
-    an overscan)."""
+def overscan_of(
+    image: ImageInfo, raw: np.ndarray, parameters
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The light-sensitive part of ``raw`` and its overscan level there (ADU), or None
+    when the frame has no overscan."""
     data, bias = frame_sections(image, parameters)
     if bias is None:
-        return (raw if data is None else raw[data]), np.zeros(1)
+        return (raw if data is None else raw[data]), None
     levels = overscan_levels(raw, bias, image.layout)
     return raw[data], levels[data]
 
@@ -161,17 +163,19 @@ def _upstream(context: StepContext, step: str) -> dict[str, np.ndarray]:
     if not products or products[0].output_path is None:
         raise PermanentError(f"{context.step} found no {step} of this camera")
     master = read_master(products[0].output_path)
-    frames = [i for i in context.night.images] if context.night else []
+    frames = context.require_night().images
     if frames:
-        check_overscan_agrees(master, step, frame_sections(frames[0], context.parameters)[1])
+        check_overscan_agrees(
+            master, step, frame_sections(frames[0], context.parameters)[1] is not None
+        )
     return master
 
 
-def check_overscan_agrees(master, step: str, bias_section) -> None:
+def check_overscan_agrees(master, step: str, frame_has_overscan: bool) -> None:
     """Refuse a master taken with a different overscan handling than the frame's (for
     example an overscan configured for calibrate but not for the master steps)."""
     relative = bool(master["header"].get("OVERSCN", False))
-    if relative != (bias_section is not None):
+    if relative != frame_has_overscan:
         raise PermanentError(
             f"{step} was made {'with' if relative else 'without'} overscan correction but "
             f"this frame is {'not ' if relative else ''}corrected: set the same overscan "
@@ -350,8 +354,9 @@ class MasterFlat(Step):
             raw, overscan = overscan_of(image, whole, context.parameters)
             level_limit = saturation_level(context.parameters, header)
             # Room above the frame's zero level (its overscan, if any, plus the bias).
-            headroom = level_limit - bias_level - float(np.median(overscan))
-            signal = raw.astype(np.float32) - overscan - bias - dark * image.exptime
+            zero = 0.0 if overscan is None else overscan
+            headroom = level_limit - bias_level - float(np.median(zero))
+            signal = raw.astype(np.float32) - zero - bias - dark * image.exptime
             median = float(np.median(signal))
             if median < float(context.parameters["min_level"]) * headroom:
                 rejected.append((image, f"under-exposed: level {median:.0f} ADU"))
@@ -419,7 +424,7 @@ class MasterFlat(Step):
 
         def science(image):
             raw, overscan = overscan_of(image, read_image(image.path)[0], context.parameters)
-            return raw.astype(np.float64) - overscan
+            return raw.astype(np.float64) - (0.0 if overscan is None else overscan)
 
         flat_a, flat_b = (science(i) for i in kept[:2])
         bias_a, bias_b = (science(i) for i in biases)
