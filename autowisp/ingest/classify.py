@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from autowisp.core.bayer import LAYOUTS
 from autowisp.db.models import ImageType
 from autowisp.errors import ConfigurationError, IngestError
 
-__all__ = ["FrameFacts", "classify", "header_serial", "night_date"]
+__all__ = ["FrameFacts", "classify", "header_pointing", "header_serial", "night_date"]
 
 UNIX_EPOCH_JD = 2440587.5  # JD of 1970-01-01T00:00 UTC (UTC Julian date, no leap seconds)
 TYPE_KEYWORDS = ("IMAGETYP", "FRAME", "OBSTYPE", "FRAMETYP")
@@ -63,6 +64,22 @@ def _number(header: Mapping[str, Any], keys: Sequence[str]) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+POINTING_KEYS = (("RA-MNT", "DEC-MNT"), ("RA", "DEC"), ("OBJCTRA_DEG", "OBJCTDEC_DEG"))
+
+
+def header_pointing(header: Mapping[str, Any]) -> tuple[float, float] | None:
+    """Pointing (deg) from the first pair of header keywords that holds two numbers
+    (RA and Dec always from the same pair)."""
+    for ra_key, dec_key in POINTING_KEYS:
+        try:
+            ra, dec = float(header[ra_key]), float(header[dec_key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(ra) and math.isfinite(dec) and -90 <= dec <= 90:
+            return ra % 360.0, dec
+    return None
 
 
 def header_serial(header: Mapping[str, Any]) -> str | None:
@@ -201,6 +218,7 @@ def classify(
     latitude = _number(header, ("LAT-OBS", "SITELAT", "OBSGEO-B", "LATITUDE"))
     height = _number(header, ("ELEV-OBS", "SITEELEV", "OBSGEO-H", "ALTITUDE"))
     night_longitude = longitude if longitude is not None else float(rules.get("longitude", 0.0))
+    pointing = header_pointing(header)
     jd_mid = UNIX_EPOCH_JD + (date_obs.timestamp() + exptime / 2) / 86400.0
     return FrameFacts(
         image_type=_image_type(header, path, serial, rules),
@@ -215,6 +233,6 @@ def classify(
         latitude=latitude,
         longitude=longitude,
         height=height,
-        ra=_number(header, ("RA-MNT", "RA", "OBJCTRA_DEG")),
-        dec=_number(header, ("DEC-MNT", "DEC", "OBJCTDEC_DEG")),
+        ra=pointing[0] if pointing else None,
+        dec=pointing[1] if pointing else None,
     )

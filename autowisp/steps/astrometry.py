@@ -11,6 +11,7 @@ positions photometry uses); the WCS is also written into the calibrated frame's 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,26 +23,13 @@ from autowisp.core.calibration import MaskBit
 from autowisp.core.extraction import extract_sources
 from autowisp.db.models import ImageType, Scope
 from autowisp.errors import PermanentError, TransientError
+from autowisp.ingest.classify import header_pointing
 from autowisp.io.atomic import atomic_path
 from autowisp.io.catalogue import Catalogue, OfflineGaia, OnlineGaia
 from autowisp.io.solve_field import SolveFieldError, find_solve_field, solve_field
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
 
-__all__ = ["Astrometry", "header_pixel_scale", "header_pointing"]
-
-POINTING_KEYS = (("RA-MNT", "DEC-MNT"), ("RA", "DEC"), ("OBJCTRA_DEG", "OBJCTDEC_DEG"))
-
-
-def header_pointing(header: Mapping[str, Any]) -> tuple[float, float] | None:
-    """Pointing (deg) from the first pair of header keywords that holds two numbers."""
-    for ra_key, dec_key in POINTING_KEYS:
-        try:
-            ra, dec = float(header[ra_key]), float(header[dec_key])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if np.isfinite(ra) and np.isfinite(dec) and -90 <= dec <= 90:
-            return ra % 360.0, dec
-    return None
+__all__ = ["Astrometry", "header_pixel_scale"]
 
 
 def header_pixel_scale(header: Mapping[str, Any]) -> float | None:
@@ -298,17 +286,18 @@ class Astrometry(Step):
             fits.HDUList([primary, source_table, catalogue_table]).writeto(temporary)
 
 
+SIP_TERM = re.compile(r"(A|B|AP|BP)_\d+_\d+")
+
+
 def _add_wcs(path, wcs_header: fits.Header) -> None:
     """Write the WCS into a FITS file's primary header, atomically (rerunning replaces it)."""
     with fits.open(path, memmap=False) as hdus:
         hdus.verify("silentfix")
         copy = fits.HDUList([hdu.copy() for hdu in hdus])
     primary = copy[0].header
-    for key in list(primary.keys()):
-        if (
-            key.split("_")[0] in {"A", "B", "AP", "BP"} and key[-1].isdigit()
-        ) or key in wcs_header:
-            primary.remove(key, ignore_missing=True, remove_all=True)
+    # An earlier solution's SIP terms go, whatever their order.
+    for key in [k for k in primary if SIP_TERM.fullmatch(k) or k in wcs_header]:
+        primary.remove(key, ignore_missing=True, remove_all=True)
     primary.update(wcs_header)
     with atomic_path(path) as temporary:
         copy.writeto(temporary)

@@ -302,3 +302,14 @@ def test_an_unreachable_archive_is_retried_later(tmp_path, monkeypatch):
     with pytest.raises(TransientError, match="could not be reached"):
         Astrometry().run(context)
     assert not list((tmp_path / "storage").rglob("*.fits"))
+
+
+def test_rerunning_replaces_the_solution_in_the_calibrated_frame(tmp_path):
+    context = _with_pointing(_panoptes_context(tmp_path), (301.56439, 44.456875))
+    first = Astrometry().run(context)
+    header_once = fits.getheader(tmp_path / "calibrated.fits")
+    second = Astrometry().run(context)
+    header_twice = fits.getheader(tmp_path / "calibrated.fits")
+    assert first.qc == second.qc
+    assert list(header_once.keys()) == list(header_twice.keys())
+    assert header_twice["A_ORDER"] == 3 and header_twice.count("CRVAL1") == 1
