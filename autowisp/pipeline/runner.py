@@ -69,6 +69,7 @@ def _image_info(image: Image, layout: str, serial: str) -> ImageInfo:
         layout=layout,
         camera_serial=serial,
         header=image.header,
+        sha256=image.sha256,
     )
 
 
@@ -112,15 +113,29 @@ def build_context(
         image = found[0]
     inputs: dict[str, tuple[InputProduct, ...]] = {}
     for upstream in step.inputs:
-        query = _done_outputs(upstream, Task.target, Task.image_id, Task.output_path, Task.qc)
+        query = _done_outputs(
+            upstream,
+            Task.target,
+            Task.image_id,
+            Task.output_path,
+            Task.qc,
+            Task.id,
+            Configuration.version,
+        )
         if registry[upstream].scope.value == "image" and step.scope.value == "image":
             query = query.where(Task.image_id == task.image_id)
         else:
             query = query.where(Task.night_id == task.night_id)
+        local_date = night.local_date if night else None
         inputs[upstream] = tuple(
-            InputProduct(target, image_id, Path(path) if path else None, qc or {})
-            for target, image_id, path, qc in session.execute(query.order_by(Task.id))
-        )
+            InputProduct(
+                target, image_id, Path(path) if path else None, qc or {}, task_id, version,
+                local_date,
+            )
+            for target, image_id, path, qc, task_id, version in session.execute(
+                query.order_by(Task.id)
+            )
+        )  # fmt: skip
     iso = _iso_of(step, image, night)
     for master in step.master_inputs:
         inputs[master] = _nearest_master(session, master, task.night_id, iso)
@@ -206,7 +221,15 @@ def _nearest_master(
     if night is None:
         return ()
     rows = session.execute(
-        _done_outputs(step, Task.target, Task.output_path, Task.qc, Night.local_date)
+        _done_outputs(
+            step,
+            Task.target,
+            Task.output_path,
+            Task.qc,
+            Night.local_date,
+            Task.id,
+            Configuration.version,
+        )
         .join(Night, Night.id == Task.night_id)
         .where(Night.camera_id == night.camera_id)
     ).all()
@@ -215,10 +238,14 @@ def _nearest_master(
     if not rows:
         return ()
     # Nearest night first; between two equally near, the earlier one.
-    target, path, qc, _ = min(
+    target, path, qc, local_date, task_id, version = min(
         rows, key=lambda r: (abs((r.local_date - night.local_date).days), r.local_date)
     )
-    return (InputProduct(target, None, Path(path) if path else None, qc or {}),)
+    return (
+        InputProduct(
+            target, None, Path(path) if path else None, qc or {}, task_id, version, local_date
+        ),
+    )
 
 
 def _heartbeat(url: str, task_id: int, lease: float, stop: threading.Event) -> None:

@@ -53,6 +53,7 @@ class ImageInfo:
     layout: str
     camera_serial: str
     header: Mapping[str, Any]
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,21 @@ class NightInfo:
 
 @dataclass(frozen=True)
 class InputProduct:
-    """The result of an upstream task that is done."""
+    """The result of an upstream task that is done.
+
+    ``night_date`` is the local date of the night the product belongs to (for a master
+    taken from another night, that night's), ``config_version`` the configuration
+    version of the upstream task and ``task_id`` its row: together they name where a
+    product came from (the MBIAS/MDARK/MFLAT provenance keywords).
+    """
 
     target: str
     image_id: int | None
     output_path: Path | None
     qc: Mapping[str, Any]
+    task_id: int = 0
+    config_version: str = ""
+    night_date: dt.date | None = None
 
 
 @dataclass(frozen=True)
