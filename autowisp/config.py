@@ -33,7 +33,10 @@ The TOML file::
     max_attempts = 3
     backoff_seconds = 5.0        # first retry delay, doubled each attempt
     lease_seconds = 600.0        # a running task's lease, renewed by its heartbeat
-    queued_timeout = 3900.0      # a queued task not started by then is queued again
+    time_limit_seconds = 3600.0  # a step running longer fails (transient; retried)
+    time_limits = { calibrate = 900.0 }   # per step, s
+    queued_timeout = 600.0       # a queued task whose queue is empty is published again
+    night_quiet_seconds = 3600.0 # an open night with no new frame for this long closes
     registry = "autowisp.steps.registry:default_registry"   # or AUTOWISP_REGISTRY
     [watch]
     quiet_seconds = 60.0         # a directory is ingested once unchanged this long
@@ -136,7 +139,13 @@ class Settings:
         """Retry and lease policy of the runner, from ``[pipeline]``."""
         from autowisp.pipeline.runner import RunPolicy
 
-        known = {"max_attempts", "backoff_seconds", "lease_seconds"}
+        known = {
+            "max_attempts",
+            "backoff_seconds",
+            "lease_seconds",
+            "time_limit_seconds",
+            "time_limits",
+        }
         return RunPolicy(**{k: v for k, v in self.pipeline.items() if k in known})
 
     def registry(self) -> Any:

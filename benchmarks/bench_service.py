@@ -206,7 +206,7 @@ def night(frames: int, scratch: Path) -> None:
     timings = {}
     local = f"sqlite:///{scratch / 'local.sqlite'}"
     upgrade(local)
-    ingest_paths(local, [upload])
+    ingest_paths(local, [upload], close=True)
     start = time.perf_counter()
     run_local(local, scratch / "local-storage", default_registry(), jobs=2)
     timings["local --jobs 2"] = time.perf_counter() - start
@@ -216,7 +216,7 @@ def night(frames: int, scratch: Path) -> None:
         processes = []
         try:
             upgrade(url)
-            ingest_paths(url, [upload])
+            ingest_paths(url, [upload], close=True)
             redis.Redis.from_url(BROKER).flushdb()
             env = _env(
                 url, scratch / f"storage{workers}", "autowisp.steps.registry:default_registry"

@@ -31,7 +31,7 @@ def demo(
     simulate_night(upload, NightConfig(frames=frames, width=width, height=height, seed=seed))
     upgrade(settings.database_url)
     typer.echo(f"database: {shown_url(settings.database_url)}")
-    do_ingest(settings, [upload])
+    do_ingest(settings, [upload], close=True)
     do_run(settings, jobs)
     print_status(settings)
     with session_scope(settings.database_url) as session:

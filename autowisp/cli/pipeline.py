@@ -1,15 +1,16 @@
-"""``autowisp init | ingest | run | status | config show``."""
+"""``autowisp init | ingest | run | close-night | status | retry | config show|apply``."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.engine import make_url
 
 from autowisp.config import Settings
@@ -17,8 +18,14 @@ from autowisp.db.migrate import current_revision, head_revision, upgrade
 from autowisp.db.session import session_scope
 from autowisp.errors import AutowispError
 from autowisp.ingest.ingest import IngestReport, ingest_paths
-from autowisp.pipeline.configuration import resolve_versions
-from autowisp.pipeline.local import RunSummary, prepare, run_local
+from autowisp.pipeline.configuration import (
+    activate,
+    active_configurations,
+    configuration_drift,
+    resolve_versions,
+)
+from autowisp.pipeline.cycle import night_quiet_seconds
+from autowisp.pipeline.local import RunSummary, run_local
 from autowisp.pipeline.status import STATES, collect_status
 
 console = Console()
@@ -70,7 +77,8 @@ def init(
         float, typer.Option(help="Keep trying to reach the database this long, s.")
     ] = 0.0,
 ) -> None:
-    """Create or upgrade the database schema (PostgreSQL, or the embedded SQLite)."""
+    """Create or upgrade the database schema, and activate the configuration file's step
+    parameters (PostgreSQL, or the embedded SQLite)."""
     from autowisp.pipeline.runner import with_db_retry
 
     settings = _settings()
@@ -79,10 +87,60 @@ def init(
         f"database {shown_url(settings.database_url)} is at revision "
         f"{current_revision(settings.database_url)}"
     )
+    apply_file_configuration(settings)
 
 
-def do_ingest(settings: Settings, paths: list[Path]) -> IngestReport:
-    """Ingest paths with a progress bar, plan the nights' tasks, print a summary."""
+def apply_file_configuration(settings: Settings) -> list[str]:
+    """Make the configuration file's step parameters the active ones: the steps whose
+    version changed (their tasks, and their downstream steps', run again)."""
+    registry = settings.registry()
+    try:
+        versions = resolve_versions(registry, settings.steps)
+    except AutowispError as error:
+        raise typer.BadParameter(str(error)) from error
+    with session_scope(settings.database_url) as session:
+        changed = configuration_drift(session, registry, versions)
+        activate(session, registry, versions)
+    if changed:
+        typer.echo(f"active configuration: new versions for {', '.join(changed)}")
+    return changed
+
+
+def run_parameters(settings: Settings) -> dict[str, Any]:
+    """The step parameters a local run uses. The embedded database follows the
+    configuration file (its user is its operator); a shared database keeps its active
+    configuration, and a differing file is reported, not applied."""
+    registry = settings.registry()
+    try:
+        versions = resolve_versions(registry, settings.steps)
+    except AutowispError as error:
+        raise typer.BadParameter(str(error)) from error
+    with session_scope(settings.database_url) as session:
+        drift = configuration_drift(session, registry, versions)
+        if settings.is_embedded:
+            if drift:
+                typer.echo(f"configuration file applied: new versions for {', '.join(drift)}")
+            return {name: dict(version.parameters) for name, version in versions.items()}
+        try:
+            active = active_configurations(session, registry)
+        except AutowispError as error:
+            errors.print(Text(str(error), style="red"))
+            raise typer.Exit(2) from error
+        if drift:
+            errors.print(
+                Text(
+                    f"the configuration file differs from the database's active "
+                    f"configuration for {', '.join(drift)}: running with the active one "
+                    "(activate yours with `autowisp config apply`)",
+                    style="yellow",
+                )
+            )
+        return {name: dict(c.parameters) for name, c in active.items()}
+
+
+def do_ingest(settings: Settings, paths: list[Path], *, close: bool = False) -> IngestReport:
+    """Ingest paths with a progress bar and print a summary; with ``close``, the nights
+    the files went to are closed (complete: their barriers may run)."""
     ensure_schema(settings)
     with _progress("ingesting") as bar:
         task = bar.add_task("", total=None)
@@ -92,17 +150,19 @@ def do_ingest(settings: Settings, paths: list[Path]) -> IngestReport:
 
         try:
             result = ingest_paths(
-                settings.database_url, paths, rules=settings.ingest, progress=report
+                settings.database_url,
+                paths,
+                rules=settings.ingest,
+                progress=report,
+                close=close,
+                marker=str(settings.watch.get("marker", "UPLOAD_COMPLETE")),
             )
         except (FileNotFoundError, AutowispError) as error:
             raise typer.BadParameter(str(error)) from error
-    _, created = prepare(
-        settings.database_url, settings.registry(), settings.steps, nights=result.nights
-    )
+    closed = f"; {len(result.closed)} closed" if result.closed else ""
     typer.echo(
-        f"ingested {result.ingested} files into {len(result.nights)} night(s), "
-        f"{result.duplicates} already known, {len(result.rejected)} rejected; "
-        f"{created} new tasks"
+        f"ingested {result.ingested} files into {len(result.nights)} night(s){closed}, "
+        f"{result.duplicates} already known, {len(result.rejected)} rejected"
     )
     for path, reason in result.rejected:
         typer.echo(f"  rejected {path}: {reason}")
@@ -117,18 +177,20 @@ def ingest(
 
 
 def do_run(settings: Settings, jobs: int) -> RunSummary:
-    """Run every pending task locally with a progress bar."""
+    """Run every pending task locally with a progress bar; say what is left waiting."""
     ensure_schema(settings)
+    parameters = run_parameters(settings)
     with _progress("running") as bar:
         task = bar.add_task("", total=None)
         summary = run_local(
             settings.database_url,
             settings.storage_root,
             settings.registry(),
-            step_parameters=settings.steps,
+            step_parameters=parameters,
             jobs=jobs,
             policy=settings.policy(),
             progress=lambda done, total: bar.update(task, completed=done, total=total),
+            night_quiet_seconds=night_quiet_seconds(settings),
         )
     outcomes = (
         ", ".join(f"{n} {k}" for k, n in sorted(summary.outcomes.items())) or "nothing to do"
@@ -137,7 +199,27 @@ def do_run(settings: Settings, jobs: int) -> RunSummary:
         f"ran {summary.executed} tasks in {summary.seconds:.1f} s: {outcomes}"
         + (f"; {summary.excluded} excluded" if summary.excluded else "")
     )
+    _explain_left_over(summary)
     return summary
+
+
+def _explain_left_over(summary: RunSummary, *, limit: int = 20) -> None:
+    """What a run left waiting and why, and the nights still open (plain text: reasons
+    quote file names and headers, which must never be read as markup)."""
+    if summary.open_nights:
+        nights = ", ".join(f"{i} ({d})" for i, d in summary.open_nights)
+        typer.echo(
+            f"open nights: {nights}; their barriers wait for them to close (an upload "
+            "marker file, the quiet period, or `autowisp close-night ID`)"
+        )
+    if summary.waiting:
+        typer.echo(f"{len(summary.waiting)} task(s) still waiting:")
+        for waiting in summary.waiting[:limit]:
+            typer.echo(
+                f"  task {waiting.task_id} {waiting.step} {waiting.target}: {waiting.reason}"
+            )
+        if len(summary.waiting) > limit:
+            typer.echo(f"  ... and {len(summary.waiting) - limit} more (`autowisp status`)")
 
 
 def run(
@@ -147,8 +229,15 @@ def run(
     """Ingest PATHs (if given), then run every pending task to completion, locally."""
     settings = _settings()
     if paths:
-        do_ingest(settings, paths)
-    do_run(settings, jobs)
+        do_ingest(settings, paths, close=True)
+    summary = do_run(settings, jobs)
+    if summary.waiting or (paths is None and summary.open_nights):
+        raise typer.Exit(3)
+
+
+def _cells(*values: object) -> list[Text]:
+    """Table cells as plain text: file names, headers and errors are never markup."""
+    return [Text("" if v is None else str(v)) for v in values]
 
 
 def print_status(
@@ -160,50 +249,72 @@ def print_status(
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2, default=str))
         return
-    table = Table(title="tasks by night and step")
-    for column in ("night", "camera", "date", "step", *STATES, "total"):
-        table.add_column(
-            column, justify="right" if column in STATES or column == "total" else "left"
-        )
+    table = Table(title="tasks by night and step (current generation)")
+    for column in ("night", "camera", "date", "state", "gen", "step", *STATES, "total"):
+        numeric = column in STATES or column in ("total", "gen")
+        table.add_column(column, justify="right" if numeric else "left")
     for row in report.progress:
         cells = [str(row[s]) if row[s] else "·" for s in STATES]
         table.add_row(
-            str(row["night_id"]),
-            row["camera_serial"],
-            str(row["local_date"]),
-            row["step"],
-            *cells,
-            str(row["total"]),
-        )
+            *_cells(
+                row["night_id"], row["camera_serial"], row["local_date"], row["night_state"],
+                row["generation"], row["step"], *cells, row["total"],
+            )
+        )  # fmt: skip
     console.print(table)
+    for open_night in report.open_nights:
+        console.print(
+            Text(
+                f"night {open_night['night_id']} ({open_night['camera_serial']} "
+                f"{open_night['local_date']}) is open since its last frame at "
+                f"{open_night['last_file_at']}: its barriers and what needs them wait for it "
+                "to close (an upload marker file, the quiet period, or "
+                f"`autowisp close-night {open_night['night_id']}`)"
+            )
+        )
     images = ", ".join(f"{n} {state}" for state, n in sorted(report.images.items()))
-    console.print(f"images: {images or 'none'}")
+    console.print(Text(f"images: {images or 'none'}"))
     rate = report.throughput["tasks_per_minute"]
     console.print(
-        f"throughput: {int(report.throughput['tasks_done'] or 0)} tasks done"
-        + (f", {rate:.1f} per minute" if rate else "")
+        Text(
+            f"throughput: {int(report.throughput['tasks_done'] or 0)} tasks done"
+            + (f", {rate:.1f} per minute" if rate else "")
+        )
     )
+    if report.waiting and not failed:
+        waiting = Table(title="waiting tasks and why (grouped)")
+        for column in ("step", "tasks", "reason", "example target"):
+            waiting.add_column(column)
+        for row in report.waiting:
+            waiting.add_row(*_cells(row["step"], row["tasks"], row["reason"], row["target"]))
+        console.print(waiting)
     if report.failures:
         failures = Table(title="failed and dead tasks")
-        for column in ("task", "step", "target", "state", "attempts", "error"):
+        for column in ("task", "step", "target", "state", "kind", "attempts", "error"):
             failures.add_column(column)
         for row in report.failures:
+            error = str(row["last_error"] or "")
             failures.add_row(
-                str(row["task_id"]),
-                row["step"],
-                row["target"],
-                row["state"],
-                str(row["attempts"]),
-                str(row["last_error"]),
-            )
+                *_cells(
+                    row["task_id"], row["step"], row["target"], row["state"],
+                    row["error_kind"], row["attempts"], error.splitlines()[0] if error else "",
+                )
+            )  # fmt: skip
         console.print(failures)
     if report.rejected:
         rejected = Table(title="rejected files")
         rejected.add_column("file")
         rejected.add_column("reason")
         for row in report.rejected:
-            rejected.add_row(row["path"], row["reason"])
+            rejected.add_row(*_cells(row["path"], row["reason"]))
         console.print(rejected)
+    if report.rejected_frames:
+        frames = Table(title="frames rejected by master steps")
+        for column in ("night", "step", "file", "reason"):
+            frames.add_column(column)
+        for row in report.rejected_frames:
+            frames.add_row(*_cells(row["night_id"], row["step"], row["path"], row["reason"]))
+        console.print(frames)
 
 
 def status(
@@ -215,7 +326,49 @@ def status(
     print_status(_settings(), night=night, failed=failed, as_json=as_json)
 
 
+def close_night(
+    night_ids: Annotated[list[int] | None, typer.Argument(help="Night ids to close.")] = None,
+    all_open: Annotated[bool, typer.Option("--all", help="Close every open night.")] = False,
+) -> None:
+    """Close nights whose upload is complete: their barriers (masters, night QC) run."""
+    from sqlalchemy import select
+
+    from autowisp.db.models import Night, NightState
+    from autowisp.db.nights import close_nights
+
+    settings = _settings()
+    ensure_schema(settings)
+    if not night_ids and not all_open:
+        raise typer.BadParameter("name the nights to close (ids from `autowisp status`) or --all")
+    with session_scope(settings.database_url) as session:
+        if all_open:
+            night_ids = list(
+                session.scalars(select(Night.id).where(Night.state == NightState.OPEN))
+            )
+        unknown = set(night_ids or []) - set(
+            session.scalars(select(Night.id).where(Night.id.in_(night_ids or [])))
+        )
+        if unknown:
+            raise typer.BadParameter(f"no night with id {sorted(unknown)}")
+        closed = close_nights(session, night_ids or [], reason="operator (autowisp close-night)")
+    already = sorted(set(night_ids or []) - set(closed))
+    typer.echo(
+        f"closed {len(closed)} night(s)"
+        + (f"; already closed: {', '.join(map(str, already))}" if already else "")
+    )
+
+
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+
+
+@config_app.command("apply")
+def config_apply() -> None:
+    """Make the configuration file's step parameters the active configuration (steps whose
+    version changes run again, with everything downstream of them)."""
+    settings = _settings()
+    ensure_schema(settings)
+    if not apply_file_configuration(settings):
+        typer.echo("the active configuration already is the file's")
 
 
 @config_app.command("show")
@@ -232,7 +385,12 @@ def config_show() -> None:
     typer.echo(f"broker: {shown_url(settings.broker_url)}")
     for step in settings.registry():
         version = versions[step.name]
-        inputs = f" <- {', '.join(step.inputs)}" if step.inputs else ""
+        edges = settings.registry().edges(step.name)
+        inputs = (
+            " <- " + ", ".join(f"{edge.step} ({edge.kind.value})" for edge in edges)
+            if edges
+            else ""
+        )
         typer.echo(
             f"[steps.{step.name}]  # {step.scope.value} scope{inputs}; version {version.version}"
         )

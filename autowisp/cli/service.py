@@ -11,7 +11,32 @@ from typing import Annotated
 import typer
 
 from autowisp.cli.pipeline import _settings, do_ingest, ensure_schema
+from autowisp.config import Settings
+from autowisp.db.session import session_scope
+from autowisp.errors import AutowispError
+from autowisp.pipeline.configuration import configuration_drift, resolve_versions
+from autowisp.pipeline.cycle import night_quiet_seconds
 from autowisp.pipeline.scheduler import CycleReport, run_scheduler
+
+
+def warn_about_drift(settings: Settings) -> None:
+    """Say so when the configuration file is not the database's active configuration
+    (the service runs the active one; `autowisp config apply` changes it)."""
+    registry = settings.registry()
+    try:
+        versions = resolve_versions(registry, settings.steps)
+    except AutowispError as error:
+        typer.echo(f"the configuration file is invalid, ignored: {error}", err=True)
+        return
+    with session_scope(settings.database_url) as session:
+        drift = configuration_drift(session, registry, versions)
+    if drift:
+        typer.echo(
+            f"the configuration file differs from the active configuration for "
+            f"{', '.join(drift)}: the active one is used (`autowisp config apply` activates "
+            "the file's)",
+            err=True,
+        )
 
 
 def _logging(verbose: bool) -> None:
@@ -38,17 +63,19 @@ def scheduler(
             typer.echo(
                 f"created {cycle.created}, enqueued {cycle.enqueued}, "
                 f"lease-expired {cycle.swept}, retried {cycle.retried}, "
-                f"requeued {cycle.requeued}, excluded {cycle.excluded}, "
+                f"requeued {cycle.requeued}, closed nights {cycle.closed}, "
+                f"excluded {cycle.excluded}, "
                 f"waiting {cycle.pending_waiting}"
             )
 
+    warn_about_drift(settings)
     run_scheduler(
         settings.database_url,
         settings.registry(),
         celery_publisher(settings.broker_url),
-        step_parameters=settings.steps,
         policy=settings.policy(),
-        queued_timeout=float(settings.pipeline.get("queued_timeout", 3900.0)),
+        queued_timeout=float(settings.pipeline.get("queued_timeout", 600.0)),
+        night_quiet_seconds=night_quiet_seconds(settings),
         interval=interval,
         once=once,
         report=report,
@@ -116,6 +143,7 @@ def watch(
         quiet_seconds=quiet,
         marker=str(settings.watch.get("marker", "UPLOAD_COMPLETE")),
     )
+    warn_about_drift(settings)
     if once:
         watcher.quiet_seconds = 0.0
         watcher.scan()

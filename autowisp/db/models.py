@@ -44,6 +44,7 @@ __all__ = [
     "LightCurveShard",
     "MasterFrame",
     "Night",
+    "NightState",
     "Observatory",
     "Scope",
     "Step",
@@ -152,10 +153,22 @@ class TaskState(enum.StrEnum):
 
 
 class ErrorKind(enum.StrEnum):
-    """Classification of a task's last error."""
+    """Classification of a task's last error: ``transient`` (I/O, connections, memory:
+    retried), ``permanent`` (the data: dead at once) or ``bug`` (any other exception, a
+    defect in the code: dead at once, with its traceback)."""
 
     TRANSIENT = "transient"
     PERMANENT = "permanent"
+    BUG = "bug"
+
+
+class NightState(enum.StrEnum):
+    """A night is ``open`` while its files arrive and ``closed`` once complete (an upload
+    marker, a quiet period, an operator, or ``autowisp run PATH``). Only closed nights'
+    barriers run; a frame arriving after closing reopens the night as a new generation."""
+
+    OPEN = "open"
+    CLOSED = "closed"
 
 
 class Observatory(Base):
@@ -223,6 +236,24 @@ class Night(Base):
     )
     upload_path: Mapped[str | None] = mapped_column(Text, doc="Directory it was uploaded to.")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    state: Mapped[NightState] = mapped_column(
+        _enum(NightState), default=NightState.OPEN, server_default=NightState.OPEN.value
+    )
+    generation: Mapped[int] = mapped_column(
+        Integer, default=1, server_default="1", doc="Generation that arriving frames join."
+    )
+    closed_generation: Mapped[int] = mapped_column(
+        Integer,
+        default=0,
+        server_default="0",
+        doc="Latest closed generation (0: never closed): the one barriers and what "
+        "depends on them work on.",
+    )
+    closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    close_reason: Mapped[str | None] = mapped_column(Text, doc="Who or what closed it.")
+    last_file_at: Mapped[dt.datetime | None] = mapped_column(
+        UTCDateTime(), doc="When its latest frame was ingested (for the quiet period)."
+    )
 
     camera: Mapped[Camera] = relationship()
 
@@ -256,6 +287,13 @@ class Image(Base):
     dec: Mapped[float | None] = mapped_column(Float, doc="Header pointing Dec, deg.")
     header: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, doc="FITS header.")
     ingested_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    generation: Mapped[int] = mapped_column(
+        Integer,
+        default=1,
+        server_default="1",
+        doc="The night's generation the frame arrived in (barriers of generation g use "
+        "the frames of generations <= g).",
+    )
 
     night: Mapped[Night | None] = relationship()
     camera: Mapped[Camera | None] = relationship()
@@ -280,6 +318,12 @@ class Configuration(Base):
         String(16), doc="Hash of the parameters, code version and upstream versions."
     )
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    upstream: Mapped[dict[str, Any]] = mapped_column(
+        JSON,
+        default=dict,
+        doc="Input step name -> configuration id: the exact upstream configurations whose "
+        "outputs this one reads.",
+    )
     active: Mapped[bool] = mapped_column(
         Boolean, default=True, doc="The step's current configuration (others are history)."
     )
@@ -302,7 +346,7 @@ class LightCurveShard(Base):
 class Task(Base):
     __tablename__ = "task"
     __table_args__ = (
-        UniqueConstraint("step_id", "configuration_id", "target"),
+        UniqueConstraint("step_id", "configuration_id", "target", "generation"),
         Index("ix_task_state_not_before", "state", "not_before"),
         Index("ix_task_night_step_state", "night_id", "step_id", "state"),
         Index("ix_task_image", "image_id"),
@@ -314,6 +358,13 @@ class Task(Base):
     target: Mapped[str] = mapped_column(
         String(32), doc="'image:<id>', 'night:<id>' or 'shard:<id>': part of the unique key."
     )
+    generation: Mapped[int] = mapped_column(
+        Integer,
+        default=0,
+        server_default="0",
+        doc="The night generation the task works on (0: a frame's own work, independent of "
+        "its night's completeness); part of the unique key.",
+    )
     image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id"))
     night_id: Mapped[int | None] = mapped_column(
         ForeignKey("night.id"), doc="The night of the target (also for image tasks)."
@@ -322,6 +373,9 @@ class Task(Base):
     state: Mapped[TaskState] = mapped_column(_enum(TaskState), default=TaskState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    wait_reason: Mapped[str | None] = mapped_column(
+        Text, doc="Why a pending task cannot run yet (shown by `autowisp status`)."
+    )
     error_kind: Mapped[ErrorKind | None] = mapped_column(_enum(ErrorKind))
     not_before: Mapped[dt.datetime | None] = mapped_column(
         UTCDateTime(), doc="A failed task is retried after this time."
@@ -332,8 +386,17 @@ class Task(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     worker_host: Mapped[str | None] = mapped_column(String(128))
     worker_pid: Mapped[int | None] = mapped_column(Integer)
-    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(
+        UTCDateTime(), doc="Database clock: the lease ends then unless renewed."
+    )
+    lease_token: Mapped[str | None] = mapped_column(
+        String(32), doc="Issued by claim; heartbeat, finish and fail must present it."
+    )
+    inputs: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON, doc="Input step name -> upstream task ids: exactly what the task reads."
+    )
     output_path: Mapped[str | None] = mapped_column(Text)
+    output_sha256: Mapped[str | None] = mapped_column(String(64), doc="Of the output file.")
     qc: Mapped[dict[str, Any] | None] = mapped_column(JSON, doc="Quality figures of the run.")
 
     step: Mapped[Step] = relationship()

@@ -25,6 +25,7 @@ from autowisp.db.models import (
     Night,
     Observatory,
 )
+from autowisp.db.nights import close_nights, join_night
 from autowisp.db.session import session_scope
 from autowisp.errors import IngestError
 from autowisp.ingest.classify import FrameFacts, classify, header_serial
@@ -41,6 +42,7 @@ class IngestReport:
     duplicates: int = 0
     rejected: list[tuple[str, str]] = field(default_factory=list)
     nights: set[int] = field(default_factory=set)
+    closed: set[int] = field(default_factory=set)
     hashes: dict[Path, str] = field(default_factory=dict, repr=False)
     unreadable: dict[Path, str] = field(default_factory=dict, repr=False)
 
@@ -148,8 +150,14 @@ def ingest_paths(
     *,
     rules: Mapping[str, Any] | None = None,
     progress: Callable[[Path, int, int], None] | None = None,
+    close: bool = False,
+    marker: str | None = "UPLOAD_COMPLETE",
 ) -> IngestReport:
     """Ingest files and directories; ``progress(path, done, total)`` after each file.
+
+    The nights of files in a directory holding the upload ``marker`` file are closed
+    afterwards (complete: their barriers may run); with ``close``, every night the files
+    went to is (the operator says the upload is complete, as ``autowisp run PATH`` does).
 
     Files are committed in batches of :data:`BATCH`, each in its own savepoint, so one
     bad file never undoes another and an interrupted ingest loses at most a batch's
@@ -159,6 +167,7 @@ def ingest_paths(
     report = IngestReport()
     rules = rules or {}
     cache: dict[tuple, int] = {}  # camera and night ids found so far in this ingest
+    marked: set[int] = set()  # nights of files beside an upload marker
     with session_scope(database_url) as session:
         layouts = _known_layouts(session)
     for first in range(0, len(files), BATCH):
@@ -170,9 +179,16 @@ def ingest_paths(
                 )
             )
             for number, path in enumerate(batch, start=first + 1):
-                _ingest_one(session, path, rules, layouts, known, report, cache)
+                night = _ingest_one(session, path, rules, layouts, known, report, cache)
+                if night is not None and marker and (path.parent / marker).exists():
+                    marked.add(night)
                 if progress is not None:
                     progress(path, number, len(files))
+    complete = report.nights if close else marked
+    if complete:
+        with session_scope(database_url) as session:
+            reason = "upload complete (autowisp run / --close)" if close else f"{marker} file"
+            report.closed = set(close_nights(session, complete, reason=reason))
     return report
 
 
@@ -195,14 +211,15 @@ def _ingest_one(
     known: set[str],
     report: IngestReport,
     cache: dict[tuple, int],
-) -> None:
+) -> int | None:
+    """Ingest one file; the night it joined (None if rejected or already known)."""
     if path in report.unreadable:
         report.rejected.append((str(path), f"cannot read the file: {report.unreadable[path]}"))
-        return
+        return None
     sha = report.hashes.pop(path)
     if sha in known:
         report.duplicates += 1
-        return
+        return None
     row = Image(
         path=str(path),
         sha256=sha,
@@ -225,6 +242,7 @@ def _ingest_one(
                     session, camera_id, facts, path.parent
                 )
                 row.camera_id, row.night_id = camera_id, night_id
+                row.generation = join_night(session, night_id)
                 row.image_type, row.exptime = facts.image_type, facts.exptime
                 row.date_obs, row.jd, row.ra, row.dec = (
                     facts.date_obs,
@@ -247,12 +265,13 @@ def _ingest_one(
             session.flush()
     except IntegrityError:
         report.duplicates += 1  # another ingest stored the same bytes meanwhile
-        return
+        return None
     known.add(sha)
     if row.state is ImageState.INGESTED:
         cache[camera_key], cache[night_key] = camera_id, night_id
     if row.state is ImageState.REJECTED:
         report.rejected.append((str(path), row.reject_reason or ""))
-    else:
-        report.ingested += 1
-        report.nights.add(row.night_id)  # type: ignore[arg-type]
+        return None
+    report.ingested += 1
+    report.nights.add(row.night_id)  # type: ignore[arg-type]
+    return row.night_id

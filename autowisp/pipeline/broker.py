@@ -6,6 +6,7 @@ The scheduler only needs to send ``autowisp.run_task`` messages by name; the wor
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -19,6 +20,8 @@ __all__ = ["TASK_NAME", "celery_publisher"]
 
 TASK_NAME = "autowisp.run_task"
 
+log = logging.getLogger(__name__)
+
 
 def celery_publisher(broker_url: str) -> Publisher:
     """A publisher that sends one message per task over a pooled broker connection."""
@@ -31,6 +34,21 @@ def celery_publisher(broker_url: str) -> Publisher:
     )
 
     amqp = client.amqp
+
+    class CeleryPublisher:
+        """Calling it publishes; ``depth(queue)`` counts the messages waiting there."""
+
+        def __call__(self, messages: Sequence[tuple[int, str]]) -> None:
+            publish(messages)
+
+        def depth(self, queue: str) -> int | None:
+            try:
+                with client.connection_or_acquire() as connection:
+                    _, count, _ = connection.default_channel.queue_declare(queue, passive=True)
+                return int(count)
+            except Exception as error:  # an unknown queue or a broker hiccup: cannot tell
+                log.warning("cannot count the messages of queue %r: %s", queue, error)
+                return None
 
     def publish(messages: Sequence[tuple[int, str]]) -> None:
         if not messages:
@@ -58,4 +76,4 @@ def celery_publisher(broker_url: str) -> Publisher:
                     )
                     declared.add(queue)
 
-    return publish
+    return CeleryPublisher()

@@ -23,7 +23,14 @@ from autowisp.db.models import Configuration, Step, utcnow
 from autowisp.errors import ConfigurationError
 from autowisp.steps.registry import Registry
 
-__all__ = ["StepVersion", "resolve_versions", "sync_configurations"]
+__all__ = [
+    "StepVersion",
+    "activate",
+    "active_configurations",
+    "configuration_drift",
+    "resolve_versions",
+    "sync_configurations",
+]
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ def resolve_versions(
             "parameters": parameters,
             "inputs": {
                 name: versions[name].version
-                for name in sorted(set(step.inputs) | set(step.master_inputs))
+                for name in sorted({edge.step for edge in registry.edges(step.name)})
             },
         }
         digest = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
@@ -84,11 +91,15 @@ def _insert_missing(session: Session, table, values: dict, keys: list[str]) -> N
     session.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=keys))
 
 
-def sync_configurations(
+def activate(
     session: Session, registry: Registry, versions: Mapping[str, StepVersion]
 ) -> dict[str, Configuration]:
-    """Make sure every step and its current configuration have rows; mark them active."""
-    result = {}
+    """Make these versions the active configuration set: the one place that changes it.
+
+    Every step and configuration gets its row (inserted once, whoever races); each
+    configuration records the ids of its upstream configurations, which its tasks read.
+    """
+    result: dict[str, Configuration] = {}
     for step_cls in registry:
         _insert_missing(
             session,
@@ -115,6 +126,9 @@ def sync_configurations(
                 "step_id": step.id,
                 "version": wanted.version,
                 "parameters": dict(wanted.parameters),
+                "upstream": {
+                    edge.step: result[edge.step].id for edge in registry.edges(step_cls.name)
+                },
                 "active": True,
                 "created_at": utcnow(),
             },
@@ -139,3 +153,40 @@ def sync_configurations(
     )
     session.flush()
     return result
+
+
+#: Kept for callers of the earlier name.
+sync_configurations = activate
+
+
+def active_configurations(session: Session, registry: Registry) -> dict[str, Configuration]:
+    """The active configuration of every step of ``registry``, as the database holds them
+    (nothing changes). ConfigurationError naming the steps that have none."""
+    rows = session.execute(
+        select(Step.name, Configuration)
+        .join(Configuration, Configuration.step_id == Step.id)
+        .where(Configuration.active.is_(True), Step.name.in_([s.name for s in registry]))
+    ).all()
+    found = {name: configuration for name, configuration in rows}
+    missing = [step.name for step in registry if step.name not in found]
+    if missing:
+        raise ConfigurationError(
+            f"steps {missing} have no active configuration in the database: run "
+            "`autowisp config apply` (or `autowisp init`) to activate one"
+        )
+    return found
+
+
+def configuration_drift(
+    session: Session, registry: Registry, versions: Mapping[str, StepVersion]
+) -> list[str]:
+    """Steps whose active version in the database differs from ``versions`` (for example
+    another configuration file, or code of another version); [] when they agree."""
+    active = dict(
+        session.execute(
+            select(Step.name, Configuration.version)
+            .join(Configuration, Configuration.step_id == Step.id)
+            .where(Configuration.active.is_(True))
+        ).all()
+    )
+    return [step.name for step in registry if active.get(step.name) != versions[step.name].version]

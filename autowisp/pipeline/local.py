@@ -9,50 +9,62 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 
-from autowisp.db.models import Configuration, ErrorKind, Task, TaskState
+from autowisp.db.models import Configuration, ErrorKind, Night, NightState, Task, TaskState
+from autowisp.db.models import Step as StepRow
 from autowisp.db.session import session_scope
 from autowisp.pipeline import state
-from autowisp.pipeline.configuration import resolve_versions, sync_configurations
-from autowisp.pipeline.planning import classify_pending, plan_tasks
+from autowisp.pipeline.configuration import activate, resolve_versions
+from autowisp.pipeline.cycle import housekeeping, triage
 from autowisp.pipeline.runner import DEFAULT_POLICY, RunPolicy, run_task
 from autowisp.steps.registry import Registry
 
-__all__ = ["RunSummary", "prepare", "run_local"]
+__all__ = ["RunSummary", "Waiting", "apply_configuration", "run_local"]
 
-_WORKER: dict = {}
+_WORKER: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A task left waiting when a run stopped, and why."""
+
+    task_id: int
+    step: str
+    target: str
+    reason: str
 
 
 @dataclass
 class RunSummary:
-    """Outcome counts of one local run."""
+    """Outcome counts of one local run, and what was left waiting and why."""
 
     planned: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     excluded: int = 0
     seconds: float = 0.0
+    waiting: list[Waiting] = field(default_factory=list)
+    open_nights: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def executed(self) -> int:
         return sum(self.outcomes.values())
 
 
-def prepare(
-    database_url: str, registry: Registry, step_parameters, *, nights: Iterable[int] | None = None
-) -> tuple[dict[str, Configuration], int]:
-    """Sync configuration versions and create missing tasks; return configs and count."""
-    versions = resolve_versions(registry, step_parameters)
+def apply_configuration(
+    database_url: str, registry: Registry, step_parameters: Mapping[str, Any] | None
+) -> dict[str, Configuration]:
+    """Make ``step_parameters`` (defaults where absent) the active configuration."""
+    versions = resolve_versions(registry, step_parameters or {})
     with session_scope(database_url) as session:
-        configurations = sync_configurations(session, registry, versions)
-        created = plan_tasks(session, registry, configurations, nights=nights)
-    return configurations, created
+        return activate(session, registry, versions)
 
 
 def _init_worker(
@@ -74,13 +86,18 @@ def _work(task_id: int) -> tuple[int, str | None]:
 
 def _worker_lost(url: str, task_id: int, error: Exception, policy: RunPolicy) -> str | None:
     """A pool process died: a task it had started counts an attempt (it may be the cause,
-    like a frame that always runs out of memory); one still queued goes back to pending."""
+    like a frame that always runs out of memory); one still queued goes back to pending.
+    The executor owned the dead process, so it presents the task's lease token itself."""
     with session_scope(url) as session:
         if state.requeue(session, task_id):
+            return None
+        token = state.lease_token(session, task_id)
+        if token is None:
             return None
         outcome = state.fail(
             session,
             task_id,
+            token,
             kind=ErrorKind.TRANSIENT,
             max_attempts=policy.max_attempts,
             backoff_seconds=policy.backoff_seconds,
@@ -94,22 +111,26 @@ def run_local(
     storage_root: Path,
     registry: Registry,
     *,
-    step_parameters=None,
+    step_parameters: Mapping[str, Any] | None = None,
     jobs: int = 2,
     policy: RunPolicy = DEFAULT_POLICY,
     nights: Iterable[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     poll_seconds: float = 0.2,
+    night_quiet_seconds: float | None = None,
 ) -> RunSummary:
-    """Run every pending task (of ``nights``, or all) until nothing is left to run.
+    """Run every pending task (of ``nights``, or all) with ``step_parameters`` as the
+    active configuration, until nothing is left that can run.
 
-    ``progress(finished, total)`` is called as tasks finish.
+    ``progress(finished, total)`` is called as tasks finish. What is left waiting (and
+    why), and the nights still open, are in the summary.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs!r}")
     started = time.monotonic()
-    configurations, planned = prepare(database_url, registry, step_parameters or {}, nights=nights)
-    summary = RunSummary(planned=planned)
+    configurations = apply_configuration(database_url, registry, step_parameters)
+    night_list = None if nights is None else sorted(set(nights))
+    summary = RunSummary()
     current = [c.id for c in configurations.values()]
     with session_scope(database_url) as session:
         # Tasks queued by an earlier, interrupted run are ours to run again.
@@ -119,8 +140,12 @@ def run_local(
             .values(state=TaskState.PENDING)
         )
     context = multiprocessing.get_context("fork")
-    in_flight: dict[Future, int] = {}
+    in_flight: dict[Future[tuple[int, str | None]], int] = {}
     finished = 0
+    last_triage = -1.0
+    changed = True
+    ready: list[Any] = []
+    retry_due = 0
 
     def new_pool() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -133,40 +158,44 @@ def run_local(
     pool = new_pool()
     try:
         while True:
-            with session_scope(database_url) as session:
-                state.sweep_expired_leases(session, max_attempts=policy.max_attempts)
-                state.release_due_retries(session)
-                ready = []
-                for decision in classify_pending(session, registry, configurations):
-                    if decision.verdict == "exclude":
-                        summary.excluded += state.exclude(
-                            session, decision.task_id, reason=decision.reason
-                        )
-                    elif decision.verdict == "ready":
-                        ready.append(decision.task_id)
-                    elif decision.reason:
-                        state.note_waiting(session, decision.task_id, reason=decision.reason)
-                room = max(2 * jobs - len(in_flight), 0)
-                batch = [t for t in ready if t not in in_flight.values()][:room]
-                state.mark_queued(session, batch)
-                waiting = session.scalar(
-                    select(func.count())
-                    .select_from(Task)
-                    .where(
-                        Task.configuration_id.in_(current),
-                        Task.state.in_([TaskState.PENDING, TaskState.FAILED]),
+            now = time.monotonic()
+            batch: list[int] = []
+            if changed or now - last_triage > 2.0 or not in_flight:
+                with session_scope(database_url) as session:
+                    housekeeping(
+                        session,
+                        max_attempts=policy.max_attempts,
+                        night_quiet_seconds=night_quiet_seconds,
                     )
-                )
-                retry_due = session.scalar(
-                    select(func.count())
-                    .select_from(Task)
-                    .where(Task.configuration_id.in_(current), Task.state == TaskState.FAILED)
-                )
-            for task_id in batch:
-                in_flight[pool.submit(_work, task_id)] = task_id
+                    result = triage(session, registry, configurations, nights=night_list)
+                    summary.planned += result.created
+                    summary.excluded += result.excluded
+                    ready = [d for d in result.ready if d.task_id not in in_flight.values()]
+                    room = max(2 * jobs - len(in_flight), 0)
+                    batch = state.mark_queued(
+                        session,
+                        [d.task_id for d in ready[:room]],
+                        {d.task_id: d.inputs for d in ready[:room]},
+                    )
+                    retry_due = session.scalar(
+                        select(func.count())
+                        .select_from(Task)
+                        .where(Task.configuration_id.in_(current), Task.state == TaskState.FAILED)
+                    )
+                last_triage, changed = now, False
+                for number, task_id in enumerate(batch):
+                    try:
+                        in_flight[pool.submit(_work, task_id)] = task_id
+                    except BrokenProcessPool as error:  # a child died since the last wait
+                        pool = _replace_pool(
+                            pool, new_pool, [*in_flight.values(), *batch[number:]], error,
+                            database_url, policy, summary,
+                        )  # fmt: skip
+                        in_flight.clear()
+                        break
             if not in_flight:
-                if not waiting or (not retry_due and not ready):
-                    break  # done, or pending tasks whose inputs will never be done
+                if not retry_due and not ready:
+                    break  # done, or what is left waits for something this run cannot do
                 time.sleep(poll_seconds)
                 continue
             done, _ = wait(in_flight, timeout=poll_seconds, return_when=FIRST_COMPLETED)
@@ -174,23 +203,61 @@ def run_local(
                 if future not in in_flight:
                     continue  # dropped with a broken pool below
                 task_id = in_flight.pop(future)
+                changed = True
                 try:
                     _, outcome = future.result()
                 except BrokenProcessPool as error:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    lost = [task_id, *in_flight.values()]
+                    pool = _replace_pool(
+                        pool, new_pool, [task_id, *in_flight.values()], error, database_url,
+                        policy, summary,
+                    )  # fmt: skip
                     in_flight.clear()
-                    outcomes = [_worker_lost(database_url, t, error, policy) for t in lost]
-                    for outcome in filter(None, outcomes):
-                        summary.outcomes[outcome] = summary.outcomes.get(outcome, 0) + 1
-                    pool = new_pool()
                     continue
                 key = outcome or "skipped"
                 summary.outcomes[key] = summary.outcomes.get(key, 0) + 1
                 finished += 1
                 if progress is not None:
-                    progress(finished, finished + len(in_flight) + (waiting or 0))
+                    progress(finished, finished + len(in_flight) + len(ready))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    _left_over(database_url, summary, current, night_list)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _replace_pool(
+    pool: ProcessPoolExecutor,
+    new_pool: Callable[[], ProcessPoolExecutor],
+    lost: list[int],
+    error: Exception,
+    url: str,
+    policy: RunPolicy,
+    summary: RunSummary,
+) -> ProcessPoolExecutor:
+    """A pool process died: record what its tasks' fate is and start a new pool."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for outcome in filter(None, (_worker_lost(url, t, error, policy) for t in lost)):
+        summary.outcomes[outcome] = summary.outcomes.get(outcome, 0) + 1
+    return new_pool()
+
+
+def _left_over(
+    url: str, summary: RunSummary, current: list[int], nights: list[int] | None
+) -> None:
+    """What the run leaves waiting, with the reasons, and the nights still open."""
+    with session_scope(url) as session:
+        query = (
+            select(Task.id, StepRow.name, Task.target, Task.wait_reason)
+            .join(StepRow, StepRow.id == Task.step_id)
+            .where(Task.state == TaskState.PENDING, Task.configuration_id.in_(current))
+            .order_by(Task.id)
+        )
+        open_nights = select(Night.id, Night.local_date).where(Night.state == NightState.OPEN)
+        if nights is not None:
+            query = query.where(Task.night_id.in_(nights))
+            open_nights = open_nights.where(Night.id.in_(nights))
+        summary.waiting = [
+            Waiting(task_id, step, target, reason or "waiting for its inputs")
+            for task_id, step, target, reason in session.execute(query)
+        ]
+        summary.open_nights = [(i, d.isoformat()) for i, d in session.execute(open_nights)]

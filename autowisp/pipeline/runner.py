@@ -7,14 +7,17 @@ alive, and records the outcome: done with output and QC, failed for a retry, or 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -23,7 +26,6 @@ from sqlalchemy.orm import Session
 from autowisp.db.models import (
     Camera,
     CameraType,
-    Configuration,
     ErrorKind,
     Image,
     ImageState,
@@ -31,26 +33,44 @@ from autowisp.db.models import (
     Task,
     TaskState,
 )
-from autowisp.db.models import Step as StepRow
 from autowisp.db.session import session_scope
-from autowisp.errors import PermanentError
-from autowisp.io.fits import header_iso
+from autowisp.errors import PermanentError, TransientError
 from autowisp.pipeline import state
+from autowisp.pipeline.dependencies import input_products
 from autowisp.steps.base import ImageInfo, InputProduct, NightInfo, StepContext
 from autowisp.steps.registry import Registry
 
-__all__ = ["DEFAULT_POLICY", "RunPolicy", "run_task", "with_db_retry"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "RunPolicy",
+    "StepTimeout",
+    "classify_error",
+    "run_task",
+    "time_limit",
+    "with_db_retry",
+]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RunPolicy:
-    """Retries and leases: attempts before a task is dead, first backoff (s), lease (s)."""
+    """Retries, leases and time limits: attempts before a task is dead, first backoff (s),
+    lease (s, renewed by a heartbeat every third of it), the default time limit of a
+    step (s) and per-step limits by step name (s; a step class may set its own)."""
 
     max_attempts: int = 3
     backoff_seconds: float = 5.0
     lease_seconds: float = 600.0
+    time_limit_seconds: float = 3600.0
+    time_limits: Mapping[str, float] = field(default_factory=dict)
+
+    def time_limit(self, step: Any) -> float:
+        """The time limit of a step class, s."""
+        configured = self.time_limits.get(step.name)
+        if configured is not None:
+            return float(configured)
+        return float(getattr(step, "time_limit", 0.0) or self.time_limit_seconds)
 
 
 DEFAULT_POLICY = RunPolicy()
@@ -73,9 +93,12 @@ def _image_info(image: Image, layout: str, serial: str) -> ImageInfo:
     )
 
 
-def _night_info(session: Session, night_id: int, *, image_id: int | None = None) -> NightInfo:
-    """The night and its frames: all of them, or only ``image_id`` (an image task needs
-    only its own frame, and loading a 2,000-frame night per task would be quadratic)."""
+def _night_info(
+    session: Session, night_id: int, *, image_id: int | None = None, generation: int | None = None
+) -> NightInfo:
+    """The night and its frames: those of generations up to ``generation`` (all without
+    one), or only ``image_id`` (an image task needs only its own frame, and loading a
+    2,000-frame night per task would be quadratic)."""
     night, serial, layout = session.execute(
         select(Night, Camera.serial, CameraType.layout)
         .join(Camera, Camera.id == Night.camera_id)
@@ -85,6 +108,8 @@ def _night_info(session: Session, night_id: int, *, image_id: int | None = None)
     query = select(Image).where(Image.night_id == night_id, Image.state == ImageState.INGESTED)
     if image_id is not None:
         query = query.where(Image.id == image_id)
+    if generation is not None:
+        query = query.where(Image.generation <= generation)
     images = session.scalars(query.order_by(Image.jd)).all()
     return NightInfo(
         night.id,
@@ -98,47 +123,29 @@ def _night_info(session: Session, night_id: int, *, image_id: int | None = None)
 def build_context(
     session: Session, task: Task, registry: Registry, storage_root: Path
 ) -> StepContext:
-    """The step's view of a task: target, parameters and the outputs of its inputs."""
+    """The step's view of a task: target, parameters and exactly the upstream outputs
+    recorded as its inputs when it was queued."""
     step = registry[task.step.name]
-    night = (
-        _night_info(session, task.night_id, image_id=task.image_id)
-        if task.night_id is not None
-        else None
-    )
+    night = None
+    if task.night_id is not None:
+        night = _night_info(
+            session, task.night_id, image_id=task.image_id, generation=task.generation or None
+        )
     image = None
     if task.image_id is not None:
         found = [i for i in (night.images if night else ()) if i.id == task.image_id]
         if not found:
             raise PermanentError(f"image {task.image_id} of task {task.id} is not ingested")
         image = found[0]
-    inputs: dict[str, tuple[InputProduct, ...]] = {}
-    for upstream in step.inputs:
-        query = _done_outputs(
-            upstream,
-            Task.target,
-            Task.image_id,
-            Task.output_path,
-            Task.qc,
-            Task.id,
-            Configuration.version,
-        )
-        if registry[upstream].scope.value == "image" and step.scope.value == "image":
-            query = query.where(Task.image_id == task.image_id)
-        else:
-            query = query.where(Task.night_id == task.night_id)
-        local_date = night.local_date if night else None
-        inputs[upstream] = tuple(
-            InputProduct(
-                target, image_id, Path(path) if path else None, qc or {}, task_id, version,
-                local_date,
+    if task.inputs is None:
+        if registry.edges(step.name):
+            raise TransientError(
+                f"task {task.id} was claimed before its inputs were resolved: it goes back "
+                "to be evaluated"
             )
-            for target, image_id, path, qc, task_id, version in session.execute(
-                query.order_by(Task.id)
-            )
-        )  # fmt: skip
-    iso = _iso_of(step, image, night)
-    for master in step.master_inputs:
-        inputs[master] = _nearest_master(session, master, task.night_id, iso)
+        inputs: dict[str, tuple[InputProduct, ...]] = {}
+    else:
+        inputs = input_products(session, task.inputs)
     return StepContext(
         task_id=task.id,
         step=step.name,
@@ -149,6 +156,7 @@ def build_context(
         image=image,
         night=night,
         inputs=inputs,
+        generation=task.generation,
     )
 
 
@@ -185,77 +193,64 @@ def _in_session(url: str, work: Callable[[Session], T]) -> T:
     return with_db_retry(action)
 
 
-def _done_outputs(step: str, *columns):
-    """``columns`` of the done tasks of ``step``'s active configuration."""
-    return (
-        select(*columns)
-        .join(StepRow, StepRow.id == Task.step_id)
-        .join(Configuration, Configuration.id == Task.configuration_id)
-        .where(
-            StepRow.name == step,
-            Configuration.active.is_(True),
-            Task.state == TaskState.DONE,
-        )
-    )
-
-
-def _iso_of(step, image: ImageInfo | None, night: NightInfo | None) -> int | None:
-    """The ISO the masters must match: the frame's, or most of the night's frames'."""
-    if image is not None:
-        return header_iso(image.header)
-    if night is None:
-        return None
-    isos = [header_iso(i.header) for i in night.images if i.image_type in step.image_types]
-    known = [iso for iso in isos if iso is not None]
-    return min(set(known), key=lambda iso: (-known.count(iso), iso)) if known else None
-
-
-def _nearest_master(
-    session: Session, step: str, night_id: int | None, iso: int | None = None
-) -> tuple[InputProduct, ...]:
-    """The done output of night step ``step`` from the camera's night nearest in date,
-    among masters of the same ISO when both sides know theirs."""
-    if night_id is None:
-        return ()
-    night = session.get(Night, night_id)
-    if night is None:
-        return ()
-    rows = session.execute(
-        _done_outputs(
-            step,
-            Task.target,
-            Task.output_path,
-            Task.qc,
-            Night.local_date,
-            Task.id,
-            Configuration.version,
-        )
-        .join(Night, Night.id == Task.night_id)
-        .where(Night.camera_id == night.camera_id)
-    ).all()
-    if iso is not None:
-        rows = [r for r in rows if (r.qc or {}).get("iso") in (None, iso)]
-    if not rows:
-        return ()
-    # Nearest night first; between two equally near, the earlier one.
-    target, path, qc, local_date, task_id, version = min(
-        rows, key=lambda r: (abs((r.local_date - night.local_date).days), r.local_date)
-    )
-    return (
-        InputProduct(
-            target, None, Path(path) if path else None, qc or {}, task_id, version, local_date
-        ),
-    )
-
-
-def _heartbeat(url: str, task_id: int, lease: float, stop: threading.Event) -> None:
+def _heartbeat(
+    url: str, task_id: int, token: str, lease: float, stop: threading.Event, lost: threading.Event
+) -> None:
     while not stop.wait(lease / 3):
         try:
             with session_scope(url) as session:
-                if not state.heartbeat(session, task_id, lease_seconds=lease):
+                if not state.heartbeat(session, task_id, token, lease_seconds=lease):
+                    log.warning("task %d: lease lost (expired and taken over?)", task_id)
+                    lost.set()
                     return
         except (OperationalError, InterfaceError) as error:
             log.warning("heartbeat of task %d missed: %s", task_id, error)
+
+
+class StepTimeout(TransientError):
+    """A step ran past its time limit."""
+
+
+@contextmanager
+def time_limit(seconds: float, what: str) -> Iterator[None]:
+    """Raise :class:`StepTimeout` in the main thread after ``seconds`` (no limit if 0, or
+    outside the main thread, where signals cannot be delivered)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise StepTimeout(f"{what} ran longer than its time limit of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+#: Errors that may pass on a retry: I/O and storage, connections (the database's too),
+#: memory, time limits. PermanentError is the data's fault; anything else is a bug.
+TRANSIENT = (TransientError, OSError, MemoryError, OperationalError, InterfaceError)
+
+
+def classify_error(error: BaseException) -> ErrorKind:
+    """transient, permanent or bug (see :data:`TRANSIENT`)."""
+    if isinstance(error, PermanentError):
+        return ErrorKind.PERMANENT
+    if isinstance(error, TRANSIENT):
+        return ErrorKind.TRANSIENT
+    return ErrorKind.BUG
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def run_task(
@@ -266,10 +261,12 @@ def run_task(
     registry: Registry,
     policy: RunPolicy = DEFAULT_POLICY,
 ) -> TaskState | None:
-    """Run one task to an outcome; None if it was not ours to run (already claimed/done)."""
-    if not _in_session(
+    """Run one task to an outcome; None if it was not ours to run (already claimed or
+    done) or its lease was lost meanwhile (another worker owns it now)."""
+    token = _in_session(
         database_url, lambda s: state.claim(s, task_id, lease_seconds=policy.lease_seconds)
-    ):
+    )
+    if token is None:
         return None
 
     def load(session: Session) -> StepContext:
@@ -278,44 +275,64 @@ def run_task(
             raise PermanentError(f"task {task_id} vanished from the database")
         return build_context(session, task, registry, storage_root)
 
+    lost = threading.Event()
     try:
         context = _in_session(database_url, load)
-        step = registry[context.step]()
+        step_class = registry[context.step]
+        step = step_class()
         stop = threading.Event()
         beat = threading.Thread(
             target=_heartbeat,
-            args=(database_url, task_id, policy.lease_seconds, stop),
+            args=(database_url, task_id, token, policy.lease_seconds, stop, lost),
             daemon=True,
         )
         beat.start()
         try:
-            result = step.run(context)
+            limit = policy.time_limit(step_class)
+            with time_limit(limit, f"{context.step} of {context.target}"):
+                result = step.run(context)
         finally:
             stop.set()
             beat.join()
-    except PermanentError as error:
-        return _record_failure(database_url, task_id, error, ErrorKind.PERMANENT, policy)
-    except Exception as error:  # the task boundary: anything else may pass on a retry
-        return _record_failure(database_url, task_id, error, ErrorKind.TRANSIENT, policy)
-    output = str(result.output_path) if result.output_path is not None else None
-    _in_session(database_url, lambda s: state.finish(s, task_id, output_path=output, qc=result.qc))
+        output = str(result.output_path) if result.output_path is not None else None
+        checksum = file_sha256(result.output_path) if result.output_path is not None else None
+    except Exception as error:  # the task boundary: classified, recorded, never lost
+        return _record_failure(database_url, task_id, token, error, policy)
+    finished = _in_session(
+        database_url,
+        lambda s: state.finish(
+            s, task_id, token, output_path=output, qc=result.qc, output_sha256=checksum
+        ),
+    )
+    if not finished:
+        log.warning("task %d finished after its lease was lost: result not recorded", task_id)
+        return None
     return TaskState.DONE
 
 
 def _record_failure(
-    url: str, task_id: int, error: Exception, kind: ErrorKind, policy: RunPolicy
+    url: str, task_id: int, token: str, error: Exception, policy: RunPolicy
 ) -> TaskState | None:
+    kind = classify_error(error)
     where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
     location = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
     message = f"{type(error).__name__}: {error}{location}"
-    return _in_session(
+    if kind is ErrorKind.BUG:
+        trace = "".join(traceback.format_exception(error))
+        message = f"bug (not retried; report it with this traceback): {message}\n{trace}"
+        log.error("task %d failed with a bug:\n%s", task_id, trace)
+    outcome = _in_session(
         url,
         lambda session: state.fail(
             session,
             task_id,
+            token,
             error=message,
             kind=kind,
             max_attempts=policy.max_attempts,
             backoff_seconds=policy.backoff_seconds,
         ),
     )
+    if outcome is None:
+        log.warning("task %d failed after its lease was lost: failure not recorded", task_id)
+    return outcome

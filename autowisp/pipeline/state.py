@@ -1,21 +1,26 @@
 """Task state transitions, each one conditional UPDATE in one transaction.
 
 Every transition names the states it may start from, so two workers (or a re-delivered
-Celery message) can never both run a task: the second ``claim`` changes no row.
+Celery message) can never both run a task: the second ``claim`` changes no row. A claim
+issues a lease token; heartbeat, finish and fail must present it, so a worker whose lease
+expired (and whose task another worker has claimed since) can neither extend nor finish
+nor fail what is no longer its task. Lease and retry times come from the database clock
+(:func:`autowisp.db.clock.db_time`), never from a worker's.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import socket
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from autowisp.db.models import ErrorKind, Task, TaskState, utcnow
+from autowisp.db.clock import db_time
+from autowisp.db.models import ErrorKind, Task, TaskState
 
 __all__ = [
     "claim",
@@ -23,6 +28,7 @@ __all__ = [
     "fail",
     "finish",
     "heartbeat",
+    "lease_token",
     "mark_queued",
     "note_waiting",
     "release_due_retries",
@@ -31,37 +37,55 @@ __all__ = [
     "sweep_expired_leases",
 ]
 
-
-def mark_queued(session: Session, task_ids: Iterable[int]) -> int:
-    """pending → queued (handed to an executor)."""
-    ids = list(task_ids)
-    if not ids:
-        return 0
-    result = session.execute(
-        update(Task)
-        .where(Task.id.in_(ids), Task.state == TaskState.PENDING)
-        .values(state=TaskState.QUEUED, queued_at=utcnow())
-    )
-    return result.rowcount or 0
+#: How much of an error message a task row keeps (tracebacks of bugs included).
+ERROR_LIMIT = 8000
 
 
-def claim(session: Session, task_id: int, *, lease_seconds: float) -> bool:
-    """pending/queued → running with a lease; False if someone else has (or had) it."""
-    now = utcnow()
+def mark_queued(
+    session: Session, task_ids: Iterable[int], inputs: Mapping[int, Mapping[str, Any]]
+) -> list[int]:
+    """pending → queued (handed to an executor), recording each task's resolved inputs."""
+    claimed = []
+    for task_id in task_ids:
+        result = session.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.state == TaskState.PENDING)
+            .values(
+                state=TaskState.QUEUED,
+                queued_at=db_time(session),
+                wait_reason=None,
+                inputs=dict(inputs.get(task_id, {})),
+            )
+        )
+        if result.rowcount == 1:
+            claimed.append(task_id)
+    return claimed
+
+
+def claim(session: Session, task_id: int, *, lease_seconds: float) -> str | None:
+    """pending/queued → running with a lease; the lease token, or None if someone else
+    has (or had) the task."""
+    token = uuid.uuid4().hex
     result = session.execute(
         update(Task)
         .where(Task.id == task_id, Task.state.in_([TaskState.PENDING, TaskState.QUEUED]))
         .values(
             state=TaskState.RUNNING,
             attempts=Task.attempts + 1,
-            started_at=now,
+            started_at=db_time(session),
             finished_at=None,
             worker_host=socket.gethostname()[:128],
             worker_pid=os.getpid(),
-            lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+            lease_token=token,
+            lease_expires_at=db_time(session, plus_seconds=lease_seconds),
+            wait_reason=None,
         )
     )
-    return result.rowcount == 1
+    return token if result.rowcount == 1 else None
+
+
+def _owned(task_id: int, token: str) -> Any:
+    return and_(Task.id == task_id, Task.state == TaskState.RUNNING, Task.lease_token == token)
 
 
 def requeue(session: Session, task_id: int) -> bool:
@@ -74,28 +98,37 @@ def requeue(session: Session, task_id: int) -> bool:
     return result.rowcount == 1
 
 
-def heartbeat(session: Session, task_id: int, *, lease_seconds: float) -> bool:
-    """Extend a running task's lease; False if it is no longer running here."""
+def heartbeat(session: Session, task_id: int, token: str, *, lease_seconds: float) -> bool:
+    """Extend a running task's lease; False if the lease is no longer ours."""
     result = session.execute(
         update(Task)
-        .where(Task.id == task_id, Task.state == TaskState.RUNNING, Task.worker_pid == os.getpid())
-        .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
+        .where(_owned(task_id, token))
+        .values(lease_expires_at=db_time(session, plus_seconds=lease_seconds))
     )
     return result.rowcount == 1
 
 
 def finish(
-    session: Session, task_id: int, *, output_path: str | None, qc: Mapping[str, Any]
+    session: Session,
+    task_id: int,
+    token: str,
+    *,
+    output_path: str | None,
+    qc: Mapping[str, Any],
+    output_sha256: str | None = None,
 ) -> bool:
-    """running → done with its output and quality figures."""
+    """running → done with its output and quality figures; False if the lease is not ours
+    (it expired and the task went back, or another worker holds it now)."""
     result = session.execute(
         update(Task)
-        .where(Task.id == task_id, Task.state == TaskState.RUNNING)
+        .where(_owned(task_id, token))
         .values(
             state=TaskState.DONE,
-            finished_at=utcnow(),
+            finished_at=db_time(session),
             lease_expires_at=None,
+            lease_token=None,
             output_path=output_path,
+            output_sha256=output_sha256,
             qc=dict(qc),
             last_error=None,
             error_kind=None,
@@ -108,30 +141,50 @@ def finish(
 def fail(
     session: Session,
     task_id: int,
+    token: str,
     *,
     error: str,
     kind: ErrorKind,
     max_attempts: int,
     backoff_seconds: float,
 ) -> TaskState | None:
-    """running → failed (retry after backoff) or dead (permanent, or attempts used up)."""
-    task = session.get(Task, task_id, with_for_update=True, populate_existing=True)
-    if task is None or task.state is not TaskState.RUNNING:
+    """running → failed (transient: retry after backoff) or dead (permanent, a bug, or
+    attempts used up); None if the lease is not ours."""
+    attempts = session.scalar(select(Task.attempts).where(_owned(task_id, token)))
+    if attempts is None:
         return None
-    now = utcnow()
-    task.last_error = error[:4000]
-    task.error_kind = kind
-    task.finished_at = now
-    task.lease_expires_at = None
-    if kind is ErrorKind.PERMANENT or task.attempts >= max_attempts:
-        task.state = TaskState.DEAD
+    message = error
+    if kind is not ErrorKind.TRANSIENT or attempts >= max_attempts:
+        new_state = TaskState.DEAD
         if kind is ErrorKind.TRANSIENT:
-            task.last_error = f"gave up after {task.attempts} attempts: {task.last_error}"[:4000]
+            message = f"gave up after {attempts} attempts: {error}"
+        retry_at = None
     else:
-        task.state = TaskState.FAILED
-        delay = min(backoff_seconds * 2 ** (task.attempts - 1), 3600.0)
-        task.not_before = now + dt.timedelta(seconds=delay)
-    return task.state
+        new_state = TaskState.FAILED
+        delay = min(backoff_seconds * 2 ** (attempts - 1), 3600.0)
+        retry_at = db_time(session, plus_seconds=delay)
+    result = session.execute(
+        update(Task)
+        .where(_owned(task_id, token))
+        .values(
+            state=new_state,
+            last_error=message[:ERROR_LIMIT],
+            error_kind=kind,
+            finished_at=db_time(session),
+            lease_expires_at=None,
+            lease_token=None,
+            not_before=retry_at,
+        )
+    )
+    return new_state if result.rowcount == 1 else None
+
+
+def lease_token(session: Session, task_id: int) -> str | None:
+    """The token of a running task (for the executor that owns the dead process running
+    it, and only for it)."""
+    return session.scalar(
+        select(Task.lease_token).where(Task.id == task_id, Task.state == TaskState.RUNNING)
+    )
 
 
 def exclude(session: Session, task_id: int, *, reason: str) -> bool:
@@ -139,7 +192,12 @@ def exclude(session: Session, task_id: int, *, reason: str) -> bool:
     result = session.execute(
         update(Task)
         .where(Task.id == task_id, Task.state == TaskState.PENDING)
-        .values(state=TaskState.EXCLUDED, last_error=reason, finished_at=utcnow())
+        .values(
+            state=TaskState.EXCLUDED,
+            last_error=reason,
+            wait_reason=None,
+            finished_at=db_time(session),
+        )
     )
     return result.rowcount == 1
 
@@ -175,13 +233,29 @@ def reset(
     return result.rowcount or 0
 
 
-def note_waiting(session: Session, task_id: int, *, reason: str) -> None:
-    """Record why a pending task cannot run yet (it stays pending)."""
-    session.execute(
-        update(Task)
-        .where(Task.id == task_id, Task.state == TaskState.PENDING)
-        .values(last_error=reason)
-    )
+def note_waiting(session: Session, reasons: Mapping[int, str]) -> int:
+    """Record why pending tasks cannot run yet (they stay pending); only changed reasons
+    are written. Returns how many rows changed."""
+    if not reasons:
+        return 0
+    ids = list(reasons)
+    changed = 0
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start : start + 1000]
+        stored = dict(
+            session.execute(select(Task.id, Task.wait_reason).where(Task.id.in_(chunk))).all()
+        )
+        for task_id in chunk:
+            if stored.get(task_id, reasons[task_id]) != reasons[task_id]:
+                changed += (
+                    session.execute(
+                        update(Task)
+                        .where(Task.id == task_id, Task.state == TaskState.PENDING)
+                        .values(wait_reason=reasons[task_id])
+                    ).rowcount
+                    or 0
+                )
+    return changed
 
 
 def release_due_retries(session: Session) -> int:
@@ -190,7 +264,7 @@ def release_due_retries(session: Session) -> int:
         update(Task)
         .where(
             Task.state == TaskState.FAILED,
-            or_(Task.not_before.is_(None), Task.not_before <= utcnow()),
+            or_(Task.not_before.is_(None), Task.not_before <= db_time(session)),
         )
         .values(state=TaskState.PENDING)
     )
@@ -199,7 +273,7 @@ def release_due_retries(session: Session) -> int:
 
 def sweep_expired_leases(session: Session, *, max_attempts: int) -> int:
     """running with an expired lease (its worker died) → failed, or dead past the bound."""
-    now = utcnow()
+    now = db_time(session)
     expired = and_(Task.state == TaskState.RUNNING, Task.lease_expires_at < now)
     message = "lease expired: the worker running this task stopped (killed, out of memory?)"
     dead = (
@@ -210,6 +284,7 @@ def sweep_expired_leases(session: Session, *, max_attempts: int) -> int:
                 state=TaskState.DEAD,
                 error_kind=ErrorKind.TRANSIENT,
                 finished_at=now,
+                lease_token=None,
                 last_error=f"gave up after {max_attempts} attempts: {message}",
             )
         ).rowcount
@@ -223,6 +298,7 @@ def sweep_expired_leases(session: Session, *, max_attempts: int) -> int:
                 state=TaskState.FAILED,
                 error_kind=ErrorKind.TRANSIENT,
                 finished_at=now,
+                lease_token=None,
                 last_error=message,
                 not_before=now,
             )

@@ -13,7 +13,17 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from autowisp.db.models import Configuration, Image, ImageState, Task, TaskState
+from autowisp.db.models import (
+    Camera,
+    Configuration,
+    Image,
+    ImageState,
+    Night,
+    NightState,
+    Step,
+    Task,
+    TaskState,
+)
 
 __all__ = ["StatusReport", "collect_status"]
 
@@ -29,6 +39,9 @@ class StatusReport:
     rejected: list[dict[str, Any]]
     images: dict[str, int]
     throughput: dict[str, float | None]
+    waiting: list[dict[str, Any]]
+    open_nights: list[dict[str, Any]]
+    rejected_frames: list[dict[str, Any]]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,10 +105,69 @@ def collect_status(
         "span_seconds": span,
         "tasks_per_minute": (60.0 * count / span) if span else None,
     }
+    waiting = [
+        _plain(dict(row._mapping))
+        for row in session.execute(
+            text(
+                "SELECT step, reason, COUNT(*) AS tasks, MIN(target) AS target "
+                f"FROM v_waiting{where} GROUP BY step, reason ORDER BY step, reason "
+                "LIMIT :limit"
+            ),
+            {**params, "limit": limit},
+        )
+    ]
+    open_query = (
+        select(Night.id, Camera.serial, Night.local_date, Night.last_file_at, Night.generation)
+        .join(Camera, Camera.id == Night.camera_id)
+        .where(Night.state == NightState.OPEN)
+        .order_by(Night.id)
+        .limit(limit)
+    )
+    if night is not None:
+        open_query = open_query.where(Night.id == night)
+    open_nights = [
+        _plain(
+            {
+                "night_id": i,
+                "camera_serial": serial,
+                "local_date": date,
+                "last_file_at": last,
+                "generation": generation,
+            }
+        )
+        for i, serial, date, last, generation in session.execute(open_query)
+    ]
     return StatusReport(
         progress,
         failures,
         rejected,
         {str(k.value if hasattr(k, "value") else k): v for k, v in images.items()},
         throughput,
+        waiting,
+        open_nights,
+        _rejected_frames(session, night, limit),
     )
+
+
+def _rejected_frames(session: Session, night: int | None, limit: int) -> list[dict[str, Any]]:
+    """Frames the current master tasks left out, with the reasons they recorded."""
+    query = (
+        select(Task.night_id, Step.name, Task.qc)
+        .join(Step, Step.id == Task.step_id)
+        .join(Configuration, Configuration.id == Task.configuration_id)
+        .join(Night, Night.id == Task.night_id)
+        .where(
+            Configuration.active.is_(True),
+            Task.state == TaskState.DONE,
+            Task.image_id.is_(None),
+            Task.generation == Night.closed_generation,
+        )
+        .order_by(Task.night_id, Step.name)
+    )
+    if night is not None:
+        query = query.where(Task.night_id == night)
+    rows = []
+    for night_id, step, qc in session.execute(query):
+        for path, reason in sorted(dict((qc or {}).get("rejected") or {}).items()):
+            rows.append({"night_id": night_id, "step": step, "path": path, "reason": reason})
+    return rows[:limit]

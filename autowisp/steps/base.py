@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +22,39 @@ from autowisp.errors import PermanentError
 
 __all__ = [
     "ImageInfo",
+    "Input",
     "InputProduct",
+    "Kind",
     "NightInfo",
     "Parameter",
     "Step",
     "StepContext",
     "StepResult",
 ]
+
+
+class Kind(enum.StrEnum):
+    """How a step's task finds the upstream task(s) an input comes from.
+
+    ``same``: the same target — the same frame (image step on image step), the same night
+    and generation (night on night), or the frame's own night (image step on night step).
+    ``barrier``: a night step over an image step — every frame of the closed night's
+    generation; it runs once they are all done, dead or excluded, on the done ones.
+    ``master``: a night step's product, the task's own night's when that night has frames
+    for it, else (its master dead or absent) the nearest valid night's of the same camera.
+    """
+
+    SAME = "same"
+    BARRIER = "barrier"
+    MASTER = "master"
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input edge of the DAG: the upstream step and how its task is found."""
+
+    step: str
+    kind: Kind
 
 
 @dataclass(frozen=True)
@@ -100,6 +127,7 @@ class StepContext:
     image: ImageInfo | None = None
     night: NightInfo | None = None
     inputs: Mapping[str, tuple[InputProduct, ...]] = field(default_factory=dict)
+    generation: int = 0
 
     def require_image(self) -> ImageInfo:
         """The target frame; a permanent error for a task that has none."""
@@ -114,9 +142,12 @@ class StepContext:
         return self.night
 
     def output_path(self, suffix: str) -> Path:
-        """``<storage>/<step>/<config version>/<night date>/<target>.<suffix>``."""
+        """``<storage>/<step>/<config version>/<night date>/<target>[-g<N>].<suffix>``: a
+        night's second and later generations (late frames) get their own files."""
         night = self.night.local_date.isoformat() if self.night else "no-night"
         name = self.target.replace(":", "-")
+        if self.generation > 1:
+            name += f"-g{self.generation}"
         return self.storage_root / self.step / self.config_version / night / f"{name}.{suffix}"
 
 
@@ -135,28 +166,31 @@ class Step(abc.ABC):
     ----------------
     name : the step's key in the database, CLI and logs.
     scope : IMAGE (one task per frame), NIGHT (per camera night) or SHARD.
-    inputs : names of the steps whose outputs it needs. An image step depending on an
-        image step waits for the same frame; on a night step, for its night. A night
-        step depending on an image step is a barrier: it runs once every frame's task
-        is done, dead or excluded, on the frames that are done.
-    master_inputs : night steps (calibration masters) whose output is taken from the
-        nearest night of the same camera that has it done, the task's own night first;
-        the task waits, pending with the reason, while the camera has none.
+    inputs : the steps whose outputs it needs, as names or :class:`Input` edges. A name
+        takes its kind from the scopes: an image step on an image step, or on a night
+        step, is ``same`` (the same frame, the frame's night); a night step on a night
+        step ``same``; a night step on an image step a ``barrier``.
+    master_inputs : night steps (calibration masters) taken with kind ``master``: the own
+        night's once it is closed and its master done, else the nearest valid night's of
+        the same camera; the task waits, pending with the reason, while there is none
+        (cameras listed in an ``uncalibrated_cameras`` parameter proceed without).
     parameters : the parameters with their defaults and units.
     version : bump when the code changes what the step computes.
     image_types : frames an image step runs on; for a night step, the night needs at
         least one such frame.
     queue : "light" for per-frame work, "heavy" for night-level work.
+    time_limit : seconds a task may run (0: the ``[pipeline] time_limit_seconds``).
     """
 
     name: ClassVar[str]
     scope: ClassVar[Scope]
-    inputs: ClassVar[tuple[str, ...]] = ()
+    inputs: ClassVar[tuple[str | Input, ...]] = ()
     master_inputs: ClassVar[tuple[str, ...]] = ()
     parameters: ClassVar[tuple[Parameter, ...]] = ()
     version: ClassVar[str] = "1"
     image_types: ClassVar[frozenset[ImageType]] = frozenset(ImageType)
     queue: ClassVar[str] = "light"
+    time_limit: ClassVar[float] = 0.0
 
     @abc.abstractmethod
     def run(self, context: StepContext) -> StepResult:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from autowisp.db.models import Scope
 from autowisp.errors import StepDefinitionError
 from autowisp.steps.astrometry import Astrometry
-from autowisp.steps.base import Step
+from autowisp.steps.base import Input, Kind, Step
 from autowisp.steps.calibrate import Calibrate
 from autowisp.steps.frame_qc import FrameQC
 from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
@@ -39,28 +39,19 @@ class Registry:
 
     def __init__(self, steps: Iterable[type[Step]]):
         self._steps: dict[str, type[Step]] = {}
+        self._edges: dict[str, tuple[Input, ...]] = {}
         for step in steps:
             if step.name in self._steps:
                 raise StepDefinitionError(f"two steps are named {step.name!r}")
-            if step.scope not in (Scope.IMAGE, Scope.NIGHT, Scope.SHARD):
-                raise StepDefinitionError(f"step {step.name!r} has unknown scope {step.scope!r}")
+            if step.scope not in (Scope.IMAGE, Scope.NIGHT):
+                raise StepDefinitionError(
+                    f"step {step.name!r} has scope {step.scope!r}: only image and night "
+                    "steps can be planned so far"
+                )
             self._steps[step.name] = step
         for step in self._steps.values():
-            for name in step.master_inputs:
-                if name not in self._steps or self._steps[name].scope is not Scope.NIGHT:
-                    raise StepDefinitionError(
-                        f"step {step.name!r} takes masters from {name!r}, which is not a "
-                        "declared night step"
-                    )
-            for name in step.inputs:
-                if name not in self._steps:
-                    raise StepDefinitionError(
-                        f"step {step.name!r} needs {name!r}, which is not a declared step"
-                    )
-                if step.scope is Scope.IMAGE and self._steps[name].scope is Scope.SHARD:
-                    raise StepDefinitionError(
-                        f"image step {step.name!r} cannot depend on shard step {name!r}"
-                    )
+            declared = (*step.inputs, *(Input(name, Kind.MASTER) for name in step.master_inputs))
+            self._edges[step.name] = tuple(self._edge(step, given) for given in declared)
         self._order = self._topological()
 
     def _topological(self) -> list[str]:
@@ -73,8 +64,8 @@ class Registry:
             if marks.get(name) == "visiting":
                 raise StepDefinitionError(f"the steps form a cycle: {' -> '.join((*path, name))}")
             marks[name] = "visiting"
-            for upstream in self._steps[name].inputs + self._steps[name].master_inputs:
-                visit(upstream, (*path, name))
+            for edge in self._edges[name]:
+                visit(edge.step, (*path, name))
             marks[name] = "done"
             order.append(name)
 
@@ -97,11 +88,56 @@ class Registry:
     def __len__(self) -> int:
         return len(self._steps)
 
+    def _edge(self, step: type[Step], given: str | Input) -> Input:
+        """The edge for a declared input, its kind derived from the scopes for a name;
+        StepDefinitionError for an edge the scopes do not allow."""
+        name = given.step if isinstance(given, Input) else given
+        if name not in self._steps:
+            raise StepDefinitionError(
+                f"step {step.name!r} needs {name!r}, which is not a declared step"
+            )
+        upstream = self._steps[name]
+        pair = (step.scope, upstream.scope)
+        if isinstance(given, Input):
+            kind = given.kind
+        elif pair == (Scope.NIGHT, Scope.IMAGE):
+            kind = Kind.BARRIER
+        else:
+            kind = Kind.SAME
+        allowed = {
+            Kind.SAME: {(Scope.IMAGE, Scope.IMAGE), (Scope.IMAGE, Scope.NIGHT),
+                        (Scope.NIGHT, Scope.NIGHT)},
+            Kind.BARRIER: {(Scope.NIGHT, Scope.IMAGE)},
+            Kind.MASTER: {(Scope.IMAGE, Scope.NIGHT), (Scope.NIGHT, Scope.NIGHT)},
+        }  # fmt: skip
+        if pair not in allowed[kind]:
+            raise StepDefinitionError(
+                f"step {step.name!r} ({step.scope.value}) cannot take {name!r} "
+                f"({upstream.scope.value}) as a {kind.value} input"
+            )
+        return Input(name, kind)
+
+    def edges(self, name: str) -> tuple[Input, ...]:
+        """The input edges of step ``name``, with their kinds."""
+        return self._edges[name]
+
+    def generational(self, name: str) -> bool:
+        """Whether the step's tasks work on a night generation: night steps, and image
+        steps that read (directly or not) a night step's output. The others work on the
+        frame alone (generation 0) and run while the night is still open."""
+        step = self[name]
+        if step.scope is not Scope.IMAGE:
+            return True
+        return any(
+            self[edge.step].scope is not Scope.IMAGE or self.generational(edge.step)
+            for edge in self._edges[name]
+        )
+
     def downstream(self, name: str) -> set[str]:
         """Steps that depend on ``name``, directly or not (``name`` excluded)."""
         found: set[str] = set()
         for step in self:
-            upstream = set(step.inputs) | set(step.master_inputs)
+            upstream = {edge.step for edge in self._edges[step.name]}
             if name in upstream or found.intersection(upstream):
                 found.add(step.name)
         return found

@@ -20,7 +20,7 @@ def process_upload(home: Path, upload: Path, registry, parameters=None) -> list:
     state, output path, QC, last error), in image order."""
     url = f"sqlite:///{home / 'db.sqlite'}"
     upgrade(url)
-    ingest_paths(url, [upload])
+    ingest_paths(url, [upload], close=True)
     run_local(url, home / "storage", registry, jobs=2, step_parameters=parameters or {})
     with session_scope(url) as session:
         return session.execute(

@@ -35,7 +35,7 @@ def calibrated_night(small_night, tmp_path_factory):
     home = tmp_path_factory.mktemp("calibration")
     url = f"sqlite:///{home / 'db.sqlite'}"
     upgrade(url)
-    ingest_paths(url, [camera])
+    ingest_paths(url, [camera], close=True)
     # The simulated night has 12 flats of which 2 are bad on purpose.
     summary = run_local(url, home / "storage", REGISTRY, jobs=2)
     with session_scope(url) as session:
@@ -135,7 +135,7 @@ def _run_night(tmp_path, files, parameters=None):
     upload.mkdir()
     for path in files:
         (upload / path.name).write_bytes(path.read_bytes())
-    ingest_paths(url, [upload])
+    ingest_paths(url, [upload], close=True)
     run_local(url, tmp_path / "storage", REGISTRY, jobs=1, step_parameters=parameters or {})
     with session_scope(url) as session:
         return {
@@ -202,14 +202,14 @@ def test_a_night_without_calibration_waits_then_uses_the_nearest_masters(small_n
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
     parameters = {"master_flat": {"min_frames": 8}}
-    ingest_paths(url, [later])
+    ingest_paths(url, [later], close=True)
     run_local(url, tmp_path / "storage", REGISTRY, jobs=1, step_parameters=parameters)
     with session_scope(url) as session:
-        waiting = session.execute(select(Task.state, Task.last_error)).all()
+        waiting = session.execute(select(Task.state, Task.wait_reason)).all()
     assert len(waiting) == 2
     assert all(s is TaskState.PENDING and "waiting for a master_bias" in e for s, e in waiting)
     # Calibration frames of another night of the same camera arrive.
-    ingest_paths(url, [night])
+    ingest_paths(url, [night], close=True)
     run_local(url, tmp_path / "storage", REGISTRY, jobs=2, step_parameters=parameters)
     with session_scope(url) as session:
         rows = session.execute(
@@ -244,7 +244,7 @@ def test_a_monochrome_camera_is_the_one_channel_case(tmp_path):
     )
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
-    ingest_paths(url, [tmp_path / "mono"], rules={"default_layout": "MONO"})
+    ingest_paths(url, [tmp_path / "mono"], rules={"default_layout": "MONO"}, close=True)
     run_local(url, tmp_path / "storage", REGISTRY, jobs=2)
     with session_scope(url) as session:
         rows = session.execute(
@@ -271,7 +271,7 @@ def test_a_camera_may_proceed_uncalibrated_and_says_so(small_night, tmp_path):
     serial = fits.getheader(objects[0])["CAMSN"]
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
-    ingest_paths(url, objects)
+    ingest_paths(url, objects, close=True)
     run_local(
         url,
         tmp_path / "storage",
@@ -317,12 +317,12 @@ def test_frames_of_another_iso_are_neither_stacked_nor_calibrated_together(small
         (upload / path.name).write_bytes(path.read_bytes())
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
-    ingest_paths(url, [upload])
+    ingest_paths(url, [upload], close=True)
     run_local(url, tmp_path / "storage", REGISTRY, jobs=1,
               step_parameters={"master_bias": {"min_frames": 5}})  # fmt: skip
     with session_scope(url) as session:
         rows = session.execute(
-            select(StepRow.name, Task.state, Task.qc, Task.last_error, Task.image_id).join(
+            select(StepRow.name, Task.state, Task.qc, Task.wait_reason, Task.image_id).join(
                 StepRow, StepRow.id == Task.step_id
             )
         ).all()
@@ -331,8 +331,10 @@ def test_frames_of_another_iso_are_neither_stacked_nor_calibrated_together(small
     assert sorted(Path(p).name for p in bias.qc["rejected"]) == [b.name for b in biases[:3]]
     assert all("ISO 400" in reason for reason in bias.qc["rejected"].values())
     calibrated = [r for r in rows if r.name == "calibrate"]
-    dead = [r for r in calibrated if r.state is TaskState.DEAD]
-    assert len(dead) == 1 and "no master_bias of this camera at ISO 400" in dead[0].last_error
+    # The frame at ISO 400 waits, with the reason, for a master at its ISO.
+    waiting = [r for r in calibrated if r.state is TaskState.PENDING]
+    assert len(waiting) == 1 and "master_bias" in waiting[0].wait_reason
+    assert "at ISO 400" in waiting[0].wait_reason
     assert sum(r.state is TaskState.DONE for r in calibrated) == len(objects) - 1
 
 

@@ -115,7 +115,7 @@ def _tasks(url: str) -> dict[tuple[str, str], Task]:
 def night(db_url, small_night, tmp_path):
     """One camera's night ingested: 6 object frames (and calibration frames)."""
     camera = sorted(p for p in small_night.iterdir() if p.is_dir())[0]
-    ingest_paths(db_url, [camera])
+    ingest_paths(db_url, [camera], close=True)
     return db_url
 
 

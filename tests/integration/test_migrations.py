@@ -22,7 +22,7 @@ def test_upgrade_downgrade_upgrade(empty_db):
     assert current_revision(empty_db) == head_revision()
     tables, views = _tables(empty_db)
     assert {"task", "image", "night", "camera", "configuration", "step"} <= tables
-    assert views == {"v_night_progress", "v_failures"}
+    assert views == {"v_night_progress", "v_failures", "v_waiting"}
     downgrade(empty_db, "base")
     tables, views = _tables(empty_db)
     assert tables == {"alembic_version"} and not views

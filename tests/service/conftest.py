@@ -244,7 +244,22 @@ class Service:
             f"worker-{name}", "worker", "--concurrency", str(concurrency), "--name", f"{name}@%h"
         )
 
+    def apply_configuration(self) -> None:
+        """``autowisp config apply``: the deployment's file becomes the active configuration
+        (the scheduler plans with the database's active configuration only)."""
+        result = subprocess.run(
+            [sys.executable, "-m", "autowisp.cli.main", "config", "apply"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"config apply failed:\n{result.stdout}{result.stderr}")
+
     def scheduler(self, name: str = "scheduler", interval: float = 0.5) -> subprocess.Popen:
+        self.apply_configuration()
         return self._start(name, "scheduler", "--interval", str(interval))
 
     def counts(self) -> dict[str, int]:

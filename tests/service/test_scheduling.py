@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from autowisp.db.models import Scope, Task, TaskState
 from autowisp.db.session import session_scope
 from autowisp.ingest.ingest import ingest_paths
+from autowisp.pipeline.local import apply_configuration
 from autowisp.pipeline.scheduler import schedule_once
 from autowisp.steps.base import Step, StepResult
 from autowisp.steps.registry import Registry
@@ -55,7 +56,8 @@ def _schedule(url: str, out: str, cycles: int, barrier) -> None:
 
 
 def test_two_schedulers_never_queue_a_task_twice(pg_url, small_night, tmp_path):
-    ingest_paths(pg_url, [small_night])  # 76 frames x 3 independent steps = 228 tasks
+    ingest_paths(pg_url, [small_night], close=True)  # 76 frames x 3 independent steps = 228 tasks
+    apply_configuration(pg_url, REGISTRY, {})
     context = multiprocessing.get_context("spawn")
     outputs = [tmp_path / "one.txt", tmp_path / "two.txt"]
     barrier = context.Barrier(2)
@@ -76,6 +78,7 @@ def test_two_schedulers_never_queue_a_task_twice(pg_url, small_night, tmp_path):
 
 def test_a_failed_publish_gives_the_tasks_back(pg_url, small_night):
     ingest_paths(pg_url, [sorted(p for p in small_night.iterdir() if p.is_dir())[0]])
+    apply_configuration(pg_url, REGISTRY, {})
 
     def broken(messages):
         raise ConnectionError("broker down")

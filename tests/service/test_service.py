@@ -62,12 +62,12 @@ def test_night_through_scheduler_and_two_workers_matches_local_executor(
     pg_url, broker_url, small_night, service_factory, tmp_path
 ):
     upload = _camera_dir(small_night)
-    ingest_paths(pg_url, [upload])
+    ingest_paths(pg_url, [upload], close=True)
     local_url = f"sqlite:///{tmp_path / 'local.sqlite'}"
     from autowisp.db.migrate import upgrade
 
     upgrade(local_url)
-    ingest_paths(local_url, [upload])
+    ingest_paths(local_url, [upload], close=True)
     run_local(local_url, tmp_path / "local-storage", default_registry(), jobs=2)
 
     service = service_factory(
@@ -111,7 +111,7 @@ def test_night_through_scheduler_and_two_workers_matches_local_executor(
 def test_sigkill_worker_mid_task_is_done_once_by_another(
     pg_url, broker_url, small_night, service_factory, tmp_path
 ):
-    ingest_paths(pg_url, [_camera_dir(small_night)])
+    ingest_paths(pg_url, [_camera_dir(small_night)], close=True)
     log = tmp_path / "events.log"
     service = service_factory(
         pg_url, broker_url, registry=STEPS, steps_toml=_slow_toml(log, 2.0), lease=4.0
@@ -147,7 +147,7 @@ def test_sigkill_worker_mid_task_is_done_once_by_another(
 
 
 def test_redis_restart_during_a_run(pg_url, own_redis, small_night, service_factory, tmp_path):
-    ingest_paths(pg_url, [_camera_dir(small_night)])
+    ingest_paths(pg_url, [_camera_dir(small_night)], close=True)
     log = tmp_path / "events.log"
     service = service_factory(
         pg_url, own_redis.url, registry=STEPS, steps_toml=_slow_toml(log, 1.0), queued_timeout=6.0
@@ -170,7 +170,7 @@ def test_postgres_restart_during_a_run(
 
     url = own_postgres.url
     upgrade(url)
-    ingest_paths(url, [_camera_dir(small_night)])
+    ingest_paths(url, [_camera_dir(small_night)], close=True)
     log = tmp_path / "events.log"
     service = service_factory(
         url, broker_url, registry=STEPS, steps_toml=_slow_toml(log, 1.5), lease=10.0

@@ -1,0 +1,337 @@
+"""Readiness and inputs of tasks, derived from the kinds of the DAG's edges, in one place.
+
+For a pending task, :func:`evaluate` decides per input edge (see
+:class:`autowisp.steps.base.Kind`) whether it can run now (``ready``, with the exact
+upstream task ids it will read), must wait (with the reason an operator sees), or will
+never be able to run (``exclude``, with the reason). Upstream tasks are always those of
+the configuration that the task's own configuration pins (``Configuration.upstream``),
+never "whatever is active now", and of the generation the task works on.
+
+The executors record the resolved inputs in the task row when they queue it; the runner
+gives the step exactly those (:func:`input_products`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from autowisp.db.models import Camera, Configuration, Image, ImageState, Night, Task, TaskState
+from autowisp.errors import TransientError
+from autowisp.io.fits import header_iso
+from autowisp.steps.base import InputProduct, Kind
+from autowisp.steps.registry import Registry
+
+__all__ = ["Decision", "evaluate", "input_products"]
+
+TERMINAL = frozenset({TaskState.DONE, TaskState.DEAD, TaskState.EXCLUDED})
+UNUSABLE = frozenset({TaskState.DEAD, TaskState.EXCLUDED})
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with a pending task: ``ready`` (with its inputs), ``wait`` or
+    ``exclude`` (with the reason)."""
+
+    task_id: int
+    verdict: str
+    reason: str = ""
+    inputs: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Upstream:
+    id: int
+    state: TaskState
+    image_id: int | None
+    night_id: int | None
+    generation: int
+    iso: int | None
+
+
+@dataclass(frozen=True)
+class _Frame:
+    id: int
+    image_type: str
+    generation: int
+    iso: int | None
+
+
+def _chunks(values: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+class _Facts:
+    """Everything the decisions for a batch of pending tasks need, loaded in bulk."""
+
+    def __init__(self, session: Session, tasks: Sequence[Task]):
+        self.session = session
+        self.nights = sorted({t.night_id for t in tasks if t.night_id is not None})
+        self.night_rows: dict[int, tuple[int, dt.date, int]] = {}
+        for chunk in _chunks(self.nights):
+            for night_id, camera_id, local_date, closed in session.execute(
+                select(Night.id, Night.camera_id, Night.local_date, Night.closed_generation)
+                .where(Night.id.in_(chunk))
+            ):  # fmt: skip
+                self.night_rows[night_id] = (camera_id, local_date, closed)
+        self.frames: dict[int, list[_Frame]] = defaultdict(list)
+        for chunk in _chunks(self.nights):
+            for image_id, night_id, image_type, generation, header in session.execute(
+                select(Image.id, Image.night_id, Image.image_type, Image.generation, Image.header)
+                .where(Image.night_id.in_(chunk), Image.state == ImageState.INGESTED)
+            ):  # fmt: skip
+                self.frames[night_id].append(
+                    _Frame(image_id, str(image_type), generation, header_iso(header or {}))
+                )
+        self.iso_of_image = {f.id: f.iso for fs in self.frames.values() for f in fs}
+        cameras = sorted({camera for camera, _, _ in self.night_rows.values()})
+        self._serials = dict(
+            session.execute(select(Camera.id, Camera.serial).where(Camera.id.in_(cameras))).all()
+        )
+        self._by_night: dict[int, dict[tuple[str, int], _Upstream]] = {}
+        self._by_camera: dict[tuple[int, int], list[tuple[_Upstream, dt.date, int]]] = {}
+
+    def serial_of(self, camera_id: int) -> str:
+        return str(self._serials.get(camera_id, ""))
+
+    def upstream_of_nights(self, configuration_id: int) -> dict[tuple[str, int], _Upstream]:
+        """The configuration's tasks in the batch's nights, by (target, generation)."""
+        if configuration_id not in self._by_night:
+            found: dict[tuple[str, int], _Upstream] = {}
+            for chunk in _chunks(self.nights):
+                rows = self.session.execute(
+                    select(Task.id, Task.state, Task.target, Task.image_id, Task.night_id,
+                           Task.generation, Task.qc)
+                    .where(Task.configuration_id == configuration_id, Task.night_id.in_(chunk))
+                )  # fmt: skip
+                for task_id, state, target, image_id, night_id, generation, qc in rows:
+                    iso = (qc or {}).get("iso")
+                    found[(target, generation)] = _Upstream(
+                        task_id, state, image_id, night_id, generation, iso
+                    )
+            self._by_night[configuration_id] = found
+        return self._by_night[configuration_id]
+
+    def camera_masters(
+        self, configuration_id: int, camera_id: int
+    ) -> list[tuple[_Upstream, dt.date, int]]:
+        """The configuration's night tasks of every night of the camera, with the night's
+        date and closed generation (masters: one per night and generation)."""
+        key = (configuration_id, camera_id)
+        if key not in self._by_camera:
+            rows = self.session.execute(
+                select(Task.id, Task.state, Task.night_id, Task.generation, Task.qc,
+                       Night.local_date, Night.closed_generation)
+                .join(Night, Night.id == Task.night_id)
+                .where(
+                    Task.configuration_id == configuration_id,
+                    Task.image_id.is_(None),
+                    Night.camera_id == camera_id,
+                )
+            )  # fmt: skip
+            self._by_camera[key] = [
+                (
+                    _Upstream(task_id, state, None, night_id, gen, (qc or {}).get("iso")),
+                    local_date,
+                    closed,
+                )
+                for task_id, state, night_id, gen, qc, local_date, closed in rows
+            ]
+        return self._by_camera[key]
+
+
+def _iso_for(task: Task, image_types: frozenset[str], facts: _Facts) -> int | None:
+    """The ISO a task's masters must have: its frame's, or most of the night's frames'
+    of the step's types (frames without one match any)."""
+    if task.image_id is not None:
+        return facts.iso_of_image.get(task.image_id)
+    isos = [
+        f.iso
+        for f in facts.frames.get(task.night_id or -1, [])
+        if f.image_type in image_types and f.generation <= task.generation and f.iso is not None
+    ]
+    if not isos:
+        return None
+    counts = Counter(isos)
+    return min(counts, key=lambda iso: (-counts[iso], iso))
+
+
+def evaluate(
+    session: Session,
+    registry: Registry,
+    configurations: Mapping[str, Configuration],
+    tasks: Sequence[Task],
+) -> list[Decision]:
+    """Decide ready / wait / exclude for pending ``tasks`` (rows of the configurations in
+    ``configurations``, by step name), with the inputs of the ready ones."""
+    by_id = {c.id: (name, c) for name, c in configurations.items()}
+    facts = _Facts(session, tasks)
+    decisions = []
+    for task in tasks:
+        name, configuration = by_id[task.configuration_id]
+        step = registry[name]
+        verdict, reason = "ready", ""
+        inputs: dict[str, tuple[int, ...]] = {}
+        for edge in registry.edges(step.name):
+            upstream_id = int(configuration.upstream.get(edge.step, -1))
+            upstream_generational = registry.generational(edge.step)
+            generation = task.generation if upstream_generational else 0
+            if edge.kind is Kind.SAME:
+                outcome = _same(task, edge.step, upstream_id, generation, registry, facts)
+            elif edge.kind is Kind.BARRIER:
+                outcome = _barrier(task, step, edge.step, upstream_id, registry, facts)
+            else:
+                outcome = _master(task, step, edge.step, upstream_id, configuration, facts)
+            edge_verdict, edge_reason, ids = outcome
+            if edge_verdict == "exclude":
+                verdict, reason = "exclude", edge_reason
+                break
+            if edge_verdict == "wait" and verdict == "ready":
+                verdict, reason = "wait", edge_reason
+            inputs[edge.step] = ids
+        decisions.append(Decision(task.id, verdict, reason, inputs if verdict == "ready" else {}))
+    return decisions
+
+
+Outcome = tuple[str, str, tuple[int, ...]]
+
+
+def _same(
+    task: Task, name: str, upstream_id: int, generation: int, registry: Registry, facts: _Facts
+) -> Outcome:
+    """The same frame, the same night, or the frame's own night."""
+    if registry[name].scope.value == "image":
+        target = f"image:{task.image_id}"
+    else:
+        target = f"night:{task.night_id}"
+    found = facts.upstream_of_nights(upstream_id).get((target, generation))
+    if found is None:
+        return "exclude", f"input {name} has no task for {target}", ()
+    if found.state in UNUSABLE:
+        return "exclude", f"input {name} ({target}) is {found.state.value}", ()
+    if found.state is not TaskState.DONE:
+        return "wait", f"waiting for {name} of {target} ({found.state.value})", ()
+    return "ready", "", (found.id,)
+
+
+def _barrier(
+    task: Task, step: Any, name: str, upstream_id: int, registry: Registry, facts: _Facts
+) -> Outcome:
+    """Every frame of the closed night's generation (of both steps' frame types)."""
+    types = {t.value for t in step.image_types} & {t.value for t in registry[name].image_types}
+    frames = [
+        f
+        for f in facts.frames.get(task.night_id or -1, [])
+        if f.image_type in types and f.generation <= task.generation
+    ]
+    generation = task.generation if registry.generational(name) else 0
+    tasks = facts.upstream_of_nights(upstream_id)
+    states = [tasks.get((f"image:{f.id}", generation)) for f in frames]
+    missing = sum(s is None for s in states)
+    if missing:
+        return "wait", f"waiting for {name} to be planned for {missing} frames", ()
+    present = [s for s in states if s is not None]
+    busy = [s for s in present if s.state not in TERMINAL]
+    if busy:
+        return "wait", f"waiting for {name} of {len(busy)} of {len(present)} frames", ()
+    done = tuple(s.id for s in present if s.state is TaskState.DONE)
+    if not done:
+        return "exclude", f"no frame of the night has {name} done", ()
+    return "ready", "", done
+
+
+def _master(
+    task: Task,
+    step: Any,
+    name: str,
+    upstream_id: int,
+    configuration: Configuration,
+    facts: _Facts,
+) -> Outcome:
+    """The own night's master when the night has frames for it and it is done at the
+    task's ISO; while it is under way, wait; when it is dead or absent, the nearest valid
+    one of the camera (nearest night first, the earlier of two equally near)."""
+    camera_id, local_date, _ = facts.night_rows[task.night_id or -1]
+    iso = _iso_for(task, frozenset(t.value for t in step.image_types), facts)
+    candidates = facts.camera_masters(upstream_id, camera_id)
+    own = [
+        u
+        for u, _, _ in candidates
+        if u.night_id == task.night_id and u.generation == task.generation
+    ]
+    if own:
+        mine = own[0]
+        if mine.state not in TERMINAL:
+            return "wait", f"waiting for this night's own {name} ({mine.state.value})", ()
+        if mine.state is TaskState.DONE and (iso is None or mine.iso in (None, iso)):
+            return "ready", "", (mine.id,)
+    # Other nights' current masters of the camera.
+    current = [
+        (u, d)
+        for u, d, closed in candidates
+        if u.night_id != task.night_id and u.generation == closed
+    ]
+    usable = [
+        (u, d)
+        for u, d in current
+        if u.state is TaskState.DONE and (iso is None or u.iso in (None, iso))
+    ]
+    if usable:
+        chosen, _ = min(usable, key=lambda pair: (abs((pair[1] - local_date).days), pair[1]))
+        return "ready", "", (chosen.id,)
+    busy = [d for u, d in current if u.state not in TERMINAL]
+    if busy:
+        dates = ", ".join(sorted({d.isoformat() for d in busy})[:3])
+        return "wait", f"waiting for a {name} of this camera under way (night {dates})", ()
+    allowed = configuration.parameters.get("uncalibrated_cameras", [])
+    serial = facts.serial_of(camera_id)
+    if serial in allowed:
+        return "ready", "", ()
+    at = f" at ISO {iso}" if iso is not None else ""
+    return (
+        "wait",
+        f"waiting for a {name} of camera {serial}{at}: none is done or under way (upload "
+        "calibration frames for any night of this camera, or list the camera in "
+        "uncalibrated_cameras)",
+        (),
+    )
+
+
+def input_products(
+    session: Session, inputs: Mapping[str, Sequence[int]]
+) -> dict[str, tuple[InputProduct, ...]]:
+    """The done upstream tasks a task reads, by input step, in task order."""
+    result: dict[str, tuple[InputProduct, ...]] = {}
+    for name, ids in inputs.items():
+        products = []
+        for chunk in _chunks(sorted(int(i) for i in ids), 1000):
+            rows = session.execute(
+                select(Task.id, Task.target, Task.image_id, Task.output_path, Task.qc,
+                       Task.state, Configuration.version, Night.local_date)
+                .join(Configuration, Configuration.id == Task.configuration_id)
+                .outerjoin(Night, Night.id == Task.night_id)
+                .where(Task.id.in_(chunk))
+                .order_by(Task.id)
+            )  # fmt: skip
+            for task_id, target, image_id, path, qc, state, version, local_date in rows:
+                if state is not TaskState.DONE:
+                    raise TransientError(
+                        f"input task {task_id} of {name} is {state.value}, no longer done "
+                        "(reset by an operator?): the task is evaluated again"
+                    )
+                products.append(
+                    InputProduct(
+                        target, image_id, Path(path) if path else None, qc or {}, task_id,
+                        version, local_date,
+                    )
+                )  # fmt: skip
+        result[name] = tuple(products)
+    return result
