@@ -24,7 +24,7 @@ from autowisp.steps.astrometry import Astrometry
 from autowisp.steps.calibrate import Calibrate
 from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
 from autowisp.steps.registry import Registry
-from tests.conftest import SHARED_DATA
+from tests.conftest import TEST_DATA
 from tests.integration.conftest import process_upload
 
 REGISTRY = Registry([MasterBias, MasterDark, MasterFlat, Calibrate, Astrometry])
@@ -110,7 +110,7 @@ def _calibrated(solution_path):
 
 # -- the real PANOPTES frame ---------------------------------------------------------------
 
-PANOPTES = SHARED_DATA / "panoptes"
+PANOPTES = TEST_DATA / "panoptes"
 
 
 @pytest.fixture
