@@ -52,9 +52,30 @@ from typing import Any
 
 from autowisp.errors import ConfigurationError
 
-__all__ = ["Settings"]
+__all__ = ["DEFAULT_REGISTRY", "RunPolicy", "Settings"]
 
 DEFAULT_HOME = "autowisp-data"
+#: The package's pipeline, as a ``module:attribute`` registry spec.
+DEFAULT_REGISTRY = "autowisp.steps.registry:default_registry"
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    """Retries and leases of the runner, from ``[pipeline]``.
+
+    Parameters
+    ----------
+    max_attempts : int
+        Attempts of a task before it is dead.
+    backoff_seconds : float
+        Delay before the first retry, s; doubled each attempt.
+    lease_seconds : float
+        A running task's lease, s, renewed by its heartbeat.
+    """
+
+    max_attempts: int = 3
+    backoff_seconds: float = 5.0
+    lease_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -132,32 +153,17 @@ class Settings:
             config_file=Path(path) if path is not None else None,
         )
 
-    def policy(self) -> Any:
+    def policy(self) -> RunPolicy:
         """Retry and lease policy of the runner, from ``[pipeline]``."""
-        from autowisp.pipeline.runner import RunPolicy
-
         known = {"max_attempts", "backoff_seconds", "lease_seconds"}
         return RunPolicy(**{k: v for k, v in self.pipeline.items() if k in known})
 
-    def registry(self) -> Any:
-        """The DAG of steps: ``[pipeline] registry`` as ``module:attribute`` (a Registry or
-        a function returning one), by default the package's pipeline."""
-        import importlib
-
-        from autowisp.steps.registry import Registry
-
-        spec = str(self.pipeline.get("registry", "autowisp.steps.registry:default_registry"))
-        module_name, _, attribute = spec.partition(":")
-        try:
-            found = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as error:
-            raise ConfigurationError(
-                f"pipeline registry {spec!r} cannot be imported: {error}"
-            ) from error
-        registry = found() if callable(found) and not isinstance(found, Registry) else found
-        if not isinstance(registry, Registry):
-            raise ConfigurationError(f"pipeline registry {spec!r} is not a Registry")
-        return registry
+    @property
+    def registry_spec(self) -> str:
+        """Where the DAG of steps is: ``[pipeline] registry`` (or ``AUTOWISP_REGISTRY``) as
+        ``module:attribute``, a Registry or a function returning one; by default the
+        package's pipeline. :func:`autowisp.steps.registry.load_registry` loads it."""
+        return str(self.pipeline.get("registry", DEFAULT_REGISTRY))
 
     @property
     def is_embedded(self) -> bool:

@@ -144,9 +144,9 @@ def success_counts(frames: int = 20, seed: int = 3) -> None:
     """Solve every object frame of a simulated 1024×768 night (30 % cloudy) from its raw
     file: the header pointing, the pixel scale its FOCALLEN and XPIXSZ imply; count the
     successes and compare catalogue positions with the true positions."""
+    from autowisp.io.keywords import header_pixel_scale
     from autowisp.simulate.night import NightConfig, simulate_night
     from autowisp.simulate.truth import read_truth
-    from autowisp.steps.astrometry import header_pixel_scale
 
     with tempfile.TemporaryDirectory() as scratch:
         simulate_night(

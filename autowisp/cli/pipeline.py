@@ -20,6 +20,7 @@ from autowisp.ingest.ingest import IngestReport, ingest_paths
 from autowisp.pipeline.configuration import resolve_versions
 from autowisp.pipeline.local import RunSummary, prepare, run_local
 from autowisp.pipeline.status import STATES, collect_status
+from autowisp.steps.registry import load_registry
 
 console = Console()
 if not console.is_terminal:
@@ -97,7 +98,10 @@ def do_ingest(settings: Settings, paths: list[Path]) -> IngestReport:
         except (FileNotFoundError, AutowispError) as error:
             raise typer.BadParameter(str(error)) from error
     _, created = prepare(
-        settings.database_url, settings.registry(), settings.steps, nights=result.nights
+        settings.database_url,
+        load_registry(settings.registry_spec),
+        settings.steps,
+        nights=result.nights,
     )
     typer.echo(
         f"ingested {result.ingested} files into {len(result.nights)} night(s), "
@@ -124,7 +128,7 @@ def do_run(settings: Settings, jobs: int) -> RunSummary:
         summary = run_local(
             settings.database_url,
             settings.storage_root,
-            settings.registry(),
+            load_registry(settings.registry_spec),
             step_parameters=settings.steps,
             jobs=jobs,
             policy=settings.policy(),
@@ -223,14 +227,15 @@ def config_show() -> None:
     """Settings in force and every step's parameters, defaults, units and version."""
     settings = _settings()
     try:
-        versions = resolve_versions(settings.registry(), settings.steps)
+        registry = load_registry(settings.registry_spec)
+        versions = resolve_versions(registry, settings.steps)
     except AutowispError as error:
         raise typer.BadParameter(str(error)) from error
     typer.echo(f"configuration file: {settings.config_file or '(none)'}")
     typer.echo(f"database: {shown_url(settings.database_url)}")
     typer.echo(f"storage: {settings.storage_root}")
     typer.echo(f"broker: {shown_url(settings.broker_url)}")
-    for step in settings.registry():
+    for step in registry:
         version = versions[step.name]
         inputs = f" <- {', '.join(step.inputs)}" if step.inputs else ""
         typer.echo(

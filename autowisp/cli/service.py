@@ -12,6 +12,7 @@ import typer
 
 from autowisp.cli.pipeline import _settings, do_ingest, ensure_schema
 from autowisp.pipeline.scheduler import CycleReport, run_scheduler
+from autowisp.steps.registry import load_registry
 
 
 def _logging(verbose: bool) -> None:
@@ -44,7 +45,7 @@ def scheduler(
 
     run_scheduler(
         settings.database_url,
-        settings.registry(),
+        load_registry(settings.registry_spec),
         celery_publisher(settings.broker_url),
         step_parameters=settings.steps,
         policy=settings.policy(),

@@ -12,7 +12,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -20,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from autowisp.config import RunPolicy
 from autowisp.db.models import (
     Camera,
     CameraType,
@@ -34,7 +34,7 @@ from autowisp.db.models import (
 from autowisp.db.models import Step as StepRow
 from autowisp.db.session import session_scope
 from autowisp.errors import PermanentError
-from autowisp.io.fits import header_iso
+from autowisp.io.keywords import header_iso
 from autowisp.pipeline import state
 from autowisp.steps.base import ImageInfo, InputProduct, NightInfo, StepContext
 from autowisp.steps.registry import Registry
@@ -42,15 +42,6 @@ from autowisp.steps.registry import Registry
 __all__ = ["DEFAULT_POLICY", "RunPolicy", "run_task", "with_db_retry"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunPolicy:
-    """Retries and leases: attempts before a task is dead, first backoff (s), lease (s)."""
-
-    max_attempts: int = 3
-    backoff_seconds: float = 5.0
-    lease_seconds: float = 600.0
 
 
 DEFAULT_POLICY = RunPolicy()
