@@ -55,9 +55,43 @@ from typing import Any
 
 from autowisp.errors import ConfigurationError
 
-__all__ = ["Settings"]
+__all__ = ["DEFAULT_REGISTRY", "RunPolicy", "Settings"]
 
 DEFAULT_HOME = "autowisp-data"
+#: The package's pipeline, as a ``module:attribute`` registry spec.
+DEFAULT_REGISTRY = "autowisp.steps.registry:default_registry"
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    """Retries and leases of the runner, from ``[pipeline]``.
+
+    Parameters
+    ----------
+    max_attempts : int
+        Attempts of a task before it is dead.
+    backoff_seconds : float
+        Delay before the first retry, s; doubled each attempt.
+    lease_seconds : float
+        A running task's lease, s, renewed by its heartbeat every third of it.
+    time_limit_seconds : float
+        Default time limit of a step, s (a step class may set its own ``time_limit``).
+    time_limits : mapping of str to float
+        Time limits by step name, s (``[pipeline] time_limits = { calibrate = 900 }``).
+    """
+
+    max_attempts: int = 3
+    backoff_seconds: float = 5.0
+    lease_seconds: float = 600.0
+    time_limit_seconds: float = 3600.0
+    time_limits: Mapping[str, float] = field(default_factory=dict)
+
+    def time_limit(self, step: Any) -> float:
+        """The time limit of a step class, s."""
+        configured = self.time_limits.get(step.name)
+        if configured is not None:
+            return float(configured)
+        return float(getattr(step, "time_limit", 0.0) or self.time_limit_seconds)
 
 
 @dataclass(frozen=True)
@@ -135,10 +169,8 @@ class Settings:
             config_file=Path(path) if path is not None else None,
         )
 
-    def policy(self) -> Any:
+    def policy(self) -> RunPolicy:
         """Retry and lease policy of the runner, from ``[pipeline]``."""
-        from autowisp.pipeline.runner import RunPolicy
-
         known = {
             "max_attempts",
             "backoff_seconds",
@@ -148,25 +180,12 @@ class Settings:
         }
         return RunPolicy(**{k: v for k, v in self.pipeline.items() if k in known})
 
-    def registry(self) -> Any:
-        """The DAG of steps: ``[pipeline] registry`` as ``module:attribute`` (a Registry or
-        a function returning one), by default the package's pipeline."""
-        import importlib
-
-        from autowisp.steps.registry import Registry
-
-        spec = str(self.pipeline.get("registry", "autowisp.steps.registry:default_registry"))
-        module_name, _, attribute = spec.partition(":")
-        try:
-            found = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as error:
-            raise ConfigurationError(
-                f"pipeline registry {spec!r} cannot be imported: {error}"
-            ) from error
-        registry = found() if callable(found) and not isinstance(found, Registry) else found
-        if not isinstance(registry, Registry):
-            raise ConfigurationError(f"pipeline registry {spec!r} is not a Registry")
-        return registry
+    @property
+    def registry_spec(self) -> str:
+        """Where the DAG of steps is: ``[pipeline] registry`` (or ``AUTOWISP_REGISTRY``) as
+        ``module:attribute``, a Registry or a function returning one; by default the
+        package's pipeline. :func:`autowisp.steps.registry.load_registry` loads it."""
+        return str(self.pipeline.get("registry", DEFAULT_REGISTRY))
 
     @property
     def is_embedded(self) -> bool:

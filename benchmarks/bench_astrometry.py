@@ -12,7 +12,7 @@ Solving, on our extracted sources: ours with the header pointing against
 ``apt-get install astrometry.net astrometry-data-tycho2-10-19``.
 
 Usage (from the repository root): python -m benchmarks.bench_astrometry
-(needs ../shared/data/panoptes; photutils: pip install photutils).
+(reads tests/data/panoptes; photutils: pip install photutils).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from autowisp.core.extraction import extract_sources
 from autowisp.io.catalogue import OfflineGaia
 from autowisp.io.solve_field import find_solve_field, solve_field
 
-PANOPTES = Path(__file__).resolve().parents[2] / "shared" / "data" / "panoptes"
+PANOPTES = Path(__file__).resolve().parents[1] / "tests" / "data" / "panoptes"
 
 
 def _best_of(function, repeats: int = 3):
@@ -144,9 +144,9 @@ def success_counts(frames: int = 20, seed: int = 3) -> None:
     """Solve every object frame of a simulated 1024×768 night (30 % cloudy) from its raw
     file: the header pointing, the pixel scale its FOCALLEN and XPIXSZ imply; count the
     successes and compare catalogue positions with the true positions."""
+    from autowisp.io.keywords import header_pixel_scale
     from autowisp.simulate.night import NightConfig, simulate_night
     from autowisp.simulate.truth import read_truth
-    from autowisp.steps.astrometry import header_pixel_scale
 
     with tempfile.TemporaryDirectory() as scratch:
         simulate_night(

@@ -29,9 +29,9 @@ from sqlalchemy import create_engine, func, select, text
 REPO = Path(__file__).resolve().parents[1]
 BROKER = os.environ.get("AUTOWISP_BENCH_REDIS", "redis://127.0.0.1:6379") + "/14"
 
-from autowisp.db.models import Scope  # noqa: E402
 from autowisp.steps.base import Step, StepResult  # noqa: E402
 from autowisp.steps.registry import Registry  # noqa: E402
+from autowisp.vocabulary import Scope  # noqa: E402
 from benchmarks.scratch import scratch_database  # noqa: E402
 
 

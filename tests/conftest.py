@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 from autowisp.db.migrate import upgrade
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_DATA = REPO / "tests" / "data"  # committed test frames (tests/data/panoptes/README.md)
 
 
 def run_cli(

@@ -6,14 +6,14 @@ from functools import lru_cache
 
 from autowisp.config import Settings
 from autowisp.pipeline.runner import run_task as run_pipeline_task
-from autowisp.steps.registry import Registry
+from autowisp.steps.registry import Registry, load_registry
 from workers.celery_app import app
 
 
 @lru_cache(maxsize=1)
 def _environment() -> tuple[Settings, Registry]:
     settings = Settings.load()
-    return settings, settings.registry()
+    return settings, load_registry(settings.registry_spec)
 
 
 @app.task(name="autowisp.run_task", acks_late=True, reject_on_worker_lost=True, ignore_result=True)

@@ -27,6 +27,7 @@ from autowisp.pipeline.configuration import (
 from autowisp.pipeline.cycle import night_quiet_seconds
 from autowisp.pipeline.local import RunSummary, run_local
 from autowisp.pipeline.status import STATES, collect_status
+from autowisp.steps.registry import load_registry
 
 console = Console()
 if not console.is_terminal:
@@ -93,7 +94,7 @@ def init(
 def apply_file_configuration(settings: Settings) -> list[str]:
     """Make the configuration file's step parameters the active ones: the steps whose
     version changed (their tasks, and their downstream steps', run again)."""
-    registry = settings.registry()
+    registry = load_registry(settings.registry_spec)
     try:
         versions = resolve_versions(registry, settings.steps)
     except AutowispError as error:
@@ -110,7 +111,7 @@ def run_parameters(settings: Settings) -> dict[str, Any]:
     """The step parameters a local run uses. The embedded database follows the
     configuration file (its user is its operator); a shared database keeps its active
     configuration, and a differing file is reported, not applied."""
-    registry = settings.registry()
+    registry = load_registry(settings.registry_spec)
     try:
         versions = resolve_versions(registry, settings.steps)
     except AutowispError as error:
@@ -185,7 +186,7 @@ def do_run(settings: Settings, jobs: int) -> RunSummary:
         summary = run_local(
             settings.database_url,
             settings.storage_root,
-            settings.registry(),
+            load_registry(settings.registry_spec),
             step_parameters=parameters,
             jobs=jobs,
             policy=settings.policy(),
@@ -376,16 +377,17 @@ def config_show() -> None:
     """Settings in force and every step's parameters, defaults, units and version."""
     settings = _settings()
     try:
-        versions = resolve_versions(settings.registry(), settings.steps)
+        registry = load_registry(settings.registry_spec)
+        versions = resolve_versions(registry, settings.steps)
     except AutowispError as error:
         raise typer.BadParameter(str(error)) from error
     typer.echo(f"configuration file: {settings.config_file or '(none)'}")
     typer.echo(f"database: {shown_url(settings.database_url)}")
     typer.echo(f"storage: {settings.storage_root}")
     typer.echo(f"broker: {shown_url(settings.broker_url)}")
-    for step in settings.registry():
+    for step in registry:
         version = versions[step.name]
-        edges = settings.registry().edges(step.name)
+        edges = load_registry(settings.registry_spec).edges(step.name)
         inputs = (
             " <- " + ", ".join(f"{edge.step} ({edge.kind.value})" for edge in edges)
             if edges

@@ -17,12 +17,13 @@ from autowisp.errors import AutowispError
 from autowisp.pipeline.configuration import configuration_drift, resolve_versions
 from autowisp.pipeline.cycle import night_quiet_seconds
 from autowisp.pipeline.scheduler import CycleReport, run_scheduler
+from autowisp.steps.registry import load_registry
 
 
 def warn_about_drift(settings: Settings) -> None:
     """Say so when the configuration file is not the database's active configuration
     (the service runs the active one; `autowisp config apply` changes it)."""
-    registry = settings.registry()
+    registry = load_registry(settings.registry_spec)
     try:
         versions = resolve_versions(registry, settings.steps)
     except AutowispError as error:
@@ -71,7 +72,7 @@ def scheduler(
     warn_about_drift(settings)
     run_scheduler(
         settings.database_url,
-        settings.registry(),
+        load_registry(settings.registry_spec),
         celery_publisher(settings.broker_url),
         policy=settings.policy(),
         queued_timeout=float(settings.pipeline.get("queued_timeout", 600.0)),

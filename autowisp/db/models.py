@@ -31,6 +31,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from autowisp.vocabulary import ErrorKind, ImageState, ImageType, NightState, Scope, TaskState
+
 __all__ = [
     "Base",
     "Camera",
@@ -109,66 +111,6 @@ def _enum(cls: type[enum.Enum]) -> Enum:
         values_callable=lambda members: [m.value for m in members],
         validate_strings=True,
     )
-
-
-class ImageType(enum.StrEnum):
-    """Kind of a raw frame."""
-
-    BIAS = "bias"
-    DARK = "dark"
-    FLAT = "flat"
-    OBJECT = "object"
-
-
-class ImageState(enum.StrEnum):
-    """Ingest outcome of a file."""
-
-    INGESTED = "ingested"
-    REJECTED = "rejected"
-
-
-class Scope(enum.StrEnum):
-    """What one task of a step works on."""
-
-    IMAGE = "image"
-    NIGHT = "night"
-    SHARD = "shard"
-
-
-class TaskState(enum.StrEnum):
-    """Life of a task: pending → queued → running → done | failed | dead; or excluded.
-
-    ``failed`` is a transient failure waiting for its retry (``not_before``); ``dead``
-    is final (permanent error or attempts exhausted); ``excluded`` means the task will
-    not run because an input is dead or excluded, or an operator excluded it.
-    """
-
-    PENDING = "pending"
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    DEAD = "dead"
-    EXCLUDED = "excluded"
-
-
-class ErrorKind(enum.StrEnum):
-    """Classification of a task's last error: ``transient`` (I/O, connections, memory:
-    retried), ``permanent`` (the data: dead at once) or ``bug`` (any other exception, a
-    defect in the code: dead at once, with its traceback)."""
-
-    TRANSIENT = "transient"
-    PERMANENT = "permanent"
-    BUG = "bug"
-
-
-class NightState(enum.StrEnum):
-    """A night is ``open`` while its files arrive and ``closed`` once complete (an upload
-    marker, a quiet period, an operator, or ``autowisp run PATH``). Only closed nights'
-    barriers run; a frame arriving after closing reopens the night as a new generation."""
-
-    OPEN = "open"
-    CLOSED = "closed"
 
 
 class Observatory(Base):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,11 @@ from typing import Any
 from astropy.time import Time
 
 from autowisp.core.bayer import LAYOUTS
-from autowisp.db.models import ImageType
 from autowisp.errors import ConfigurationError, IngestError
+from autowisp.io.keywords import header_pointing, header_serial, header_value
+from autowisp.vocabulary import ImageType
 
-__all__ = ["FrameFacts", "classify", "header_pointing", "header_serial", "night_date"]
+__all__ = ["FrameFacts", "classify", "night_date"]
 
 UNIX_EPOCH_JD = 2440587.5  # JD of 1970-01-01T00:00 UTC (UTC Julian date, no leap seconds)
 TYPE_KEYWORDS = ("IMAGETYP", "FRAME", "OBSTYPE", "FRAMETYP")
@@ -43,49 +43,18 @@ SYNONYMS = {
     ),
     ImageType.OBJECT: ("object", "light", "light frame", "science", "sci", "target"),
 }
-SERIAL_KEYWORDS = ("CAMSN", "SERIALNO", "CAMERASN", "SERIAL", "CAM-SN")
 MODEL_KEYWORDS = ("CAMMODEL", "INSTRUME", "CAMERA")
 LAYOUT_KEYWORDS = ("BAYERPAT", "COLORTYP", "FILTER")
 
 
-def _value(header: Mapping[str, Any], keys: Sequence[str]) -> Any:
-    for key in keys:
-        value = header.get(key)
-        if value is not None and not (isinstance(value, str) and not value.strip()):
-            return value.strip() if isinstance(value, str) else value
-    return None
-
-
 def _number(header: Mapping[str, Any], keys: Sequence[str]) -> float | None:
-    value = _value(header, keys)
+    value = header_value(header, keys)
     if value is None:
         return None
     try:
         return float(value)
     except (TypeError, ValueError):
         return None
-
-
-POINTING_KEYS = (("RA-MNT", "DEC-MNT"), ("RA", "DEC"), ("OBJCTRA_DEG", "OBJCTDEC_DEG"))
-
-
-def header_pointing(header: Mapping[str, Any]) -> tuple[float, float] | None:
-    """Pointing (deg) from the first pair of header keywords that holds two numbers
-    (RA and Dec always from the same pair)."""
-    for ra_key, dec_key in POINTING_KEYS:
-        try:
-            ra, dec = float(header[ra_key]), float(header[dec_key])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if math.isfinite(ra) and math.isfinite(dec) and -90 <= dec <= 90:
-            return ra % 360.0, dec
-    return None
-
-
-def header_serial(header: Mapping[str, Any]) -> str | None:
-    """The camera serial number a header gives, if any."""
-    value = _value(header, SERIAL_KEYWORDS)
-    return str(value) if value is not None else None
 
 
 @dataclass(frozen=True)
@@ -129,7 +98,7 @@ def _rule_matches(rule: Mapping[str, Any], header: Mapping[str, Any], path: Path
 def _image_type(
     header: Mapping[str, Any], path: Path, serial: str, rules: Mapping[str, Any]
 ) -> ImageType:
-    keyword = _value(header, TYPE_KEYWORDS)
+    keyword = header_value(header, TYPE_KEYWORDS)
     if keyword is not None:
         found = _type_from_keyword(keyword)
         if found is not None:
@@ -170,12 +139,12 @@ def night_date(moment: dt.datetime, longitude: float) -> dt.date:
 
 
 def _date_obs(header: Mapping[str, Any]) -> dt.datetime:
-    value = _value(header, ("DATE-OBS", "DATE_OBS"))
+    value = header_value(header, ("DATE-OBS", "DATE_OBS"))
     if value is None:
         raise IngestError("missing DATE-OBS: the exposure start time is needed")
     text = str(value)
-    if "T" not in text and _value(header, ("TIME-OBS", "UT")) is not None:
-        text = f"{text}T{_value(header, ('TIME-OBS', 'UT'))}"
+    if "T" not in text and header_value(header, ("TIME-OBS", "UT")) is not None:
+        text = f"{text}T{header_value(header, ('TIME-OBS', 'UT'))}"
     try:
         moment = dt.datetime.fromisoformat(text)
     except ValueError:
@@ -198,14 +167,14 @@ def classify(
 ) -> FrameFacts:
     """Everything ingest decides from a header; IngestError with the reason otherwise."""
     serial = header_serial(header) or "unknown"
-    model = str(_value(header, MODEL_KEYWORDS) or "unknown camera")
+    model = str(header_value(header, MODEL_KEYWORDS) or "unknown camera")
     date_obs = _date_obs(header)
     exptime = _number(header, ("EXPTIME", "EXPOSURE"))
     if exptime is None:
         raise IngestError("missing EXPTIME: the exposure time is needed")
     if exptime < 0:
         raise IngestError(f"EXPTIME {exptime!r} is negative")
-    layout_value = _value(header, LAYOUT_KEYWORDS)
+    layout_value = header_value(header, LAYOUT_KEYWORDS)
     if layout_value is not None and str(layout_value).upper() in LAYOUTS:
         layout = str(layout_value).upper()
     elif header.get("BAYERPAT") not in (None, ""):

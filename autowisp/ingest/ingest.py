@@ -28,8 +28,9 @@ from autowisp.db.models import (
 from autowisp.db.nights import close_nights, join_night
 from autowisp.db.session import session_scope
 from autowisp.errors import IngestError
-from autowisp.ingest.classify import FrameFacts, classify, header_serial
+from autowisp.ingest.classify import FrameFacts, classify
 from autowisp.ingest.headers import FITS_SUFFIXES, read_raw_file, sha256_of
+from autowisp.io.keywords import header_serial
 
 __all__ = ["IngestReport", "find_files", "ingest_paths"]
 

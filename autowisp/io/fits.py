@@ -28,19 +28,3 @@ def read_image(path: str | Path) -> tuple[np.ndarray, fits.Header]:
         data = np.asarray(hdu.data)
         header = hdu.header.copy()
     return data.astype(data.dtype.newbyteorder("=")), header
-
-
-#: Header keywords that give a DSLR's ISO setting, in the order they are tried.
-ISO_KEYWORDS = ("ISO", "ISOSPEED", "ISO_SPEED")
-
-
-def header_iso(header) -> int | None:
-    """The ISO setting a header gives (ISO, ISOSPEED...), or None."""
-    for key in ISO_KEYWORDS:
-        value = header.get(key) if hasattr(header, "get") else None
-        try:
-            if value is not None and float(value) > 0:
-                return round(float(value))
-        except (TypeError, ValueError):
-            continue
-    return None

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from autowisp.db.models import Camera, Configuration, Image, ImageState, Night, Task, TaskState
 from autowisp.errors import TransientError
-from autowisp.io.fits import header_iso
+from autowisp.io.keywords import header_iso
 from autowisp.steps.base import InputProduct, Kind
 from autowisp.steps.registry import Registry
 

@@ -13,16 +13,16 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from autowisp.config import RunPolicy
 from autowisp.db.models import (
     Camera,
     CameraType,
@@ -51,26 +51,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunPolicy:
-    """Retries, leases and time limits: attempts before a task is dead, first backoff (s),
-    lease (s, renewed by a heartbeat every third of it), the default time limit of a
-    step (s) and per-step limits by step name (s; a step class may set its own)."""
-
-    max_attempts: int = 3
-    backoff_seconds: float = 5.0
-    lease_seconds: float = 600.0
-    time_limit_seconds: float = 3600.0
-    time_limits: Mapping[str, float] = field(default_factory=dict)
-
-    def time_limit(self, step: Any) -> float:
-        """The time limit of a step class, s."""
-        configured = self.time_limits.get(step.name)
-        if configured is not None:
-            return float(configured)
-        return float(getattr(step, "time_limit", 0.0) or self.time_limit_seconds)
 
 
 DEFAULT_POLICY = RunPolicy()

@@ -12,8 +12,6 @@ positions photometry uses); the WCS is also written into the calibrated frame's 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -21,31 +19,15 @@ from astropy.io import fits
 from autowisp.core.astrometry import SolveError, check_fit, default_order, refine, solve
 from autowisp.core.calibration import MaskBit
 from autowisp.core.extraction import extract_sources
-from autowisp.db.models import ImageType, Scope
 from autowisp.errors import PermanentError, TransientError
-from autowisp.ingest.classify import header_pointing
 from autowisp.io.atomic import atomic_path
 from autowisp.io.catalogue import Catalogue, OfflineGaia, OnlineGaia
+from autowisp.io.keywords import header_pixel_scale, header_pointing
 from autowisp.io.solve_field import SolveFieldError, find_solve_field, solve_field
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
+from autowisp.vocabulary import ImageType, Scope
 
-__all__ = ["Astrometry", "header_pixel_scale"]
-
-
-def header_pixel_scale(header: Mapping[str, Any]) -> float | None:
-    """Pixel scale (arcsec/px) from PIXSCALE/SECPIX, or from FOCALLEN (mm) and XPIXSZ (µm)."""
-    for key in ("PIXSCALE", "SECPIX", "SCALE"):
-        try:
-            value = float(header[key])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if value > 0:
-            return value
-    try:
-        focal, pixel = float(header["FOCALLEN"]), float(header["XPIXSZ"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return 206.265 * pixel / focal if focal > 0 and pixel > 0 else None
+__all__ = ["Astrometry"]
 
 
 class Astrometry(Step):

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from autowisp.db.models import ImageType, Scope
 from autowisp.errors import PermanentError
+from autowisp.vocabulary import ImageType, Scope
 
 __all__ = [
     "ImageInfo",

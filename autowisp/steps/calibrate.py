@@ -18,9 +18,9 @@ from astropy.io import fits
 from autowisp.core.bayer import channels
 from autowisp.core.calibration import MaskBit, calibrate_frame
 from autowisp.core.cosmics import cosmic_ray_mask
-from autowisp.db.models import ImageType, Scope
 from autowisp.errors import PermanentError
-from autowisp.io.fits import header_iso, read_image
+from autowisp.io.fits import read_image
+from autowisp.io.keywords import header_iso
 from autowisp.io.stacks import write_product
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
 from autowisp.steps.masters import (
@@ -31,6 +31,7 @@ from autowisp.steps.masters import (
     read_master,
     saturation_level,
 )
+from autowisp.vocabulary import ImageType, Scope
 
 __all__ = ["Calibrate"]
 

@@ -11,11 +11,11 @@ import h5py
 import numpy as np
 
 from autowisp.core.bayer import channels
-from autowisp.db.models import Scope
 from autowisp.errors import PermanentError
 from autowisp.io.atomic import atomic_path
 from autowisp.io.fits import read_image
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
+from autowisp.vocabulary import Scope
 
 __all__ = ["FrameQC", "channel_statistics"]
 

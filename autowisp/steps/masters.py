@@ -22,11 +22,12 @@ from autowisp.core.calibration import (
     photon_transfer,
     robust_level,
 )
-from autowisp.db.models import ImageType, Scope
 from autowisp.errors import PermanentError
-from autowisp.io.fits import header_iso, image_hdu_index, read_image
+from autowisp.io.fits import image_hdu_index, read_image
+from autowisp.io.keywords import header_iso
 from autowisp.io.stacks import band_rows, read_bands, write_product
 from autowisp.steps.base import ImageInfo, Parameter, Step, StepContext, StepResult
+from autowisp.vocabulary import ImageType, Scope
 
 __all__ = ["MasterBias", "MasterDark", "MasterFlat", "read_master"]
 

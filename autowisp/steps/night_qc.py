@@ -13,9 +13,9 @@ import json
 
 import numpy as np
 
-from autowisp.db.models import Scope
 from autowisp.io.atomic import atomic_path, write_bytes_atomic
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
+from autowisp.vocabulary import Scope
 
 __all__ = ["NightQC", "flag_outliers"]
 

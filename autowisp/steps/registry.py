@@ -9,18 +9,19 @@ so no task is ever created for it.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Iterator
 
-from autowisp.db.models import Scope
-from autowisp.errors import StepDefinitionError
+from autowisp.errors import ConfigurationError, StepDefinitionError
 from autowisp.steps.astrometry import Astrometry
 from autowisp.steps.base import Input, Kind, Step
 from autowisp.steps.calibrate import Calibrate
 from autowisp.steps.frame_qc import FrameQC
 from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
 from autowisp.steps.night_qc import NightQC
+from autowisp.vocabulary import Scope
 
-__all__ = ["PIPELINE", "Registry", "default_registry"]
+__all__ = ["PIPELINE", "Registry", "default_registry", "load_registry"]
 
 #: The package's steps, upstream first.
 PIPELINE: tuple[type[Step], ...] = (
@@ -146,3 +147,25 @@ class Registry:
 def default_registry() -> Registry:
     """The package's pipeline."""
     return Registry(PIPELINE)
+
+
+def load_registry(spec: str) -> Registry:
+    """The DAG of steps a ``module:attribute`` spec names (a Registry, or a function
+    returning one), such as :attr:`autowisp.config.Settings.registry_spec`.
+
+    Raises
+    ------
+    ConfigurationError
+        When the spec cannot be imported or does not give a Registry.
+    """
+    module_name, _, attribute = spec.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ConfigurationError(
+            f"pipeline registry {spec!r} cannot be imported: {error}"
+        ) from error
+    registry = found() if callable(found) and not isinstance(found, Registry) else found
+    if not isinstance(registry, Registry):
+        raise ConfigurationError(f"pipeline registry {spec!r} is not a Registry")
+    return registry

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_DATA, run_cli
+from tests.conftest import TEST_DATA, run_cli
 
 
 def _cli(home: Path, *args: str, check: bool = True, extra_env=None):
@@ -84,8 +84,8 @@ def test_config_change_reruns_only_downstream(demo_home, tmp_path):
 def test_ingest_command_reports_rejections(tmp_path):
     upload = tmp_path / "upload"
     upload.mkdir()
-    shutil.copy(SHARED_DATA / "panoptes" / "unsolved.fits", upload)
-    shutil.copy(SHARED_DATA / "panoptes" / "noheader.fits", upload)
+    shutil.copy(TEST_DATA / "panoptes" / "unsolved.fits", upload)
+    shutil.copy(TEST_DATA / "panoptes" / "noheader.fits", upload)
     config = tmp_path / "autowisp.toml"
     config.write_text('[ingest.camera_defaults]\n"012070048413" = "object"\n')
     result = _cli(

@@ -16,7 +16,6 @@ from scipy.spatial import cKDTree
 from autowisp.core.astrometry import solve
 from autowisp.core.extraction import extract_sources
 from autowisp.core.projection import TanSip
-from autowisp.db.models import TaskState
 from autowisp.io.catalogue import OfflineGaia
 from autowisp.simulate.night import NightConfig, simulate_night
 from autowisp.simulate.truth import read_truth
@@ -24,7 +23,8 @@ from autowisp.steps.astrometry import Astrometry
 from autowisp.steps.calibrate import Calibrate
 from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
 from autowisp.steps.registry import Registry
-from tests.conftest import SHARED_DATA
+from autowisp.vocabulary import TaskState
+from tests.conftest import TEST_DATA
 from tests.integration.conftest import process_upload
 
 REGISTRY = Registry([MasterBias, MasterDark, MasterFlat, Calibrate, Astrometry])
@@ -110,7 +110,7 @@ def _calibrated(solution_path):
 
 # -- the real PANOPTES frame ---------------------------------------------------------------
 
-PANOPTES = SHARED_DATA / "panoptes"
+PANOPTES = TEST_DATA / "panoptes"
 
 
 @pytest.fixture
@@ -163,8 +163,8 @@ def _panoptes_context(tmp_path, **parameters):
     pointing."""
     import datetime as dt
 
-    from autowisp.db.models import ImageType
     from autowisp.steps.base import ImageInfo, InputProduct, StepContext
+    from autowisp.vocabulary import ImageType
 
     raw = fits.getdata(PANOPTES / "unsolved.fits").astype(np.float32)
     header = dict(fits.getheader(PANOPTES / "unsolved.fits"))

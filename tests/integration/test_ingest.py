@@ -13,9 +13,9 @@ from sqlalchemy import func, select
 from autowisp.db.models import Camera, CameraType, Image, ImageState, ImageType, Night
 from autowisp.db.session import session_scope
 from autowisp.ingest.ingest import ingest_paths
-from tests.conftest import SHARED_DATA
+from tests.conftest import TEST_DATA
 
-PANOPTES = SHARED_DATA / "panoptes"
+PANOPTES = TEST_DATA / "panoptes"
 
 
 def _count(url, *where):

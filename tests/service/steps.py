@@ -11,10 +11,10 @@ import os
 import time
 from pathlib import Path
 
-from autowisp.db.models import ImageType, Scope
 from autowisp.io.atomic import write_bytes_atomic
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
 from autowisp.steps.registry import Registry
+from autowisp.vocabulary import ImageType, Scope
 
 
 def log_event(context: StepContext, event: str) -> None:

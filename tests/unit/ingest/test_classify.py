@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from autowisp.db.models import ImageType
 from autowisp.errors import IngestError
 from autowisp.ingest.classify import classify, night_date
+from autowisp.vocabulary import ImageType
 
 BASE = {"DATE-OBS": "2024-09-11T07:00:00", "EXPTIME": 120.0, "CAMSN": "42"}
 

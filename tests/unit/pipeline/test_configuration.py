@@ -1,10 +1,10 @@
 import pytest
 
-from autowisp.db.models import Scope
 from autowisp.errors import ConfigurationError, StepDefinitionError
 from autowisp.pipeline.configuration import resolve_versions
 from autowisp.steps.base import Parameter, Step
 from autowisp.steps.registry import Registry, default_registry
+from autowisp.vocabulary import Scope
 
 
 def _step(name, scope=Scope.IMAGE, inputs=(), parameters=()):

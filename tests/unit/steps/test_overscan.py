@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from autowisp.core.calibration import overscan_levels, parse_section, robust_level
-from autowisp.db.models import ImageType
 from autowisp.errors import PermanentError
 from autowisp.steps.base import ImageInfo
 from autowisp.steps.masters import frame_sections
+from autowisp.vocabulary import ImageType
 
 
 def _image(header, layout="RGGB"):
