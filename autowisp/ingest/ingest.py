@@ -6,13 +6,14 @@ be used is recorded as rejected with the reason, and the rest of the upload goes
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import datetime as dt
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from autowisp.core.bayer import channels
@@ -27,12 +28,20 @@ from autowisp.db.models import (
 )
 from autowisp.db.nights import close_nights, join_night
 from autowisp.db.session import session_scope
-from autowisp.errors import IngestError
+from autowisp.errors import AutowispError, ConfigurationError, IngestError
 from autowisp.ingest.classify import FrameFacts, classify
 from autowisp.ingest.headers import FITS_SUFFIXES, read_raw_file, sha256_of
 from autowisp.io.keywords import header_serial
 
-__all__ = ["IngestReport", "find_files", "ingest_paths"]
+__all__ = [
+    "IngestReport",
+    "find_files",
+    "get_or_create_camera",
+    "get_or_create_camera_type",
+    "get_or_create_night",
+    "get_or_create_observatory",
+    "ingest_paths",
+]
 
 
 @dataclass
@@ -75,66 +84,160 @@ def find_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             raise FileNotFoundError(f"no such file or directory: {path}")
 
 
+# Get-or-create of the rows frames share. Each runs in a short transaction of its own
+# (committed at once), never in an ingest batch's: a batch then holds no lock on these
+# unique keys while it reads its files, so two ingests never wait for each other's batch
+# (or deadlock) over a camera or night. INSERT ... ON CONFLICT DO NOTHING then SELECT:
+# when another ingest creates the same row at the same time, both get its id.
+
+
+def _insert_unless_present(
+    session: Session, model: type[Any], values: Mapping[str, Any], keys: Sequence[str]
+) -> bool:
+    """``INSERT ... ON CONFLICT (keys) DO NOTHING``; whether the row was inserted.
+
+    Only a conflict on ``keys`` (a unique constraint of ``model``'s table) is ignored: any other
+    IntegrityError is raised.
+    """
+    dialect = session.get_bind().dialect.name
+    statement: postgresql.Insert | sqlite.Insert
+    if dialect == "postgresql":
+        statement = postgresql.insert(model)
+    elif dialect == "sqlite":
+        statement = sqlite.insert(model)
+    else:
+        raise ConfigurationError(
+            f"ingest supports PostgreSQL and SQLite databases, not {dialect!r}: "
+            "set the database URL to a postgresql:// or sqlite:/// one"
+        )
+    result = session.connection().execute(
+        statement.values(dict(values)).on_conflict_do_nothing(index_elements=list(keys))
+    )
+    return result.rowcount == 1
+
+
+def _get_or_create(
+    session: Session, model: type[Any], key: Mapping[str, Any], values: Mapping[str, Any]
+) -> tuple[int, bool]:
+    """Id of ``model``'s row whose unique columns equal ``key`` (made from ``key`` and
+    ``values`` if there is none), and whether this call made it."""
+    where = [getattr(model, column) == value for column, value in key.items()]
+    found = session.scalar(select(model.id).where(*where))
+    if found is not None:
+        return found, False
+    created = _insert_unless_present(session, model, {**key, **values}, list(key))
+    found = session.scalar(select(model.id).where(*where))
+    if found is None:
+        raise AutowispError(
+            f"the {model.__tablename__} row {dict(key)} was deleted while ingest was "
+            "creating it: run the ingest again"
+        )
+    return found, created
+
+
+def get_or_create_observatory(
+    session: Session, *, name: str, latitude: float, longitude: float, height: float
+) -> int:
+    """Id of the observatory called ``name`` (lat, lon in deg, height in m if new)."""
+    values = {"latitude": latitude, "longitude": longitude, "height": height}
+    return _get_or_create(session, Observatory, {"name": name}, values)[0]
+
+
+def get_or_create_camera_type(
+    session: Session, *, make: str, model: str, layout: str, width: int, height: int
+) -> int:
+    """Id of the camera type ``model`` with Bayer ``layout`` (or MONO); a new type gets
+    its channels in the same transaction, so they are made once, by whoever made it.
+    ``width`` and ``height`` (px) are of the first frame seen."""
+    type_id, created = _get_or_create(
+        session,
+        CameraType,
+        {"model": model, "layout": layout},
+        {"make": make, "width": width, "height": height},
+    )
+    if created:
+        session.execute(
+            insert(Channel),
+            [
+                {
+                    "camera_type_id": type_id,
+                    "name": c.name,
+                    "colour": c.colour,
+                    "y0": c.y0,
+                    "x0": c.x0,
+                }
+                for c in channels(layout)
+            ],
+        )
+    return type_id
+
+
+def get_or_create_camera(
+    session: Session,
+    *,
+    serial: str,
+    camera_type_id: int,
+    observatory: Callable[[Session], int | None],
+) -> int:
+    """Id of the camera ``serial`` of a type; ``observatory(session)`` gives the site's
+    id for a new camera (and is not called for a known one)."""
+    key = {"serial": serial, "camera_type_id": camera_type_id}
+    found = session.scalar(
+        select(Camera.id).where(Camera.serial == serial, Camera.camera_type_id == camera_type_id)
+    )
+    if found is not None:
+        return found
+    return _get_or_create(session, Camera, key, {"observatory_id": observatory(session)})[0]
+
+
+def get_or_create_night(
+    session: Session, *, camera_id: int, local_date: dt.date, upload_path: str
+) -> int:
+    """Id of a camera's night of ``local_date`` (uploaded to ``upload_path`` if new)."""
+    return _get_or_create(
+        session,
+        Night,
+        {"camera_id": camera_id, "local_date": local_date},
+        {"upload_path": upload_path},
+    )[0]
+
+
 def _observatory_id(session: Session, facts: FrameFacts) -> int | None:
     if facts.latitude is None or facts.longitude is None:
         return None
-    name = f"{facts.latitude:.3f},{facts.longitude:.3f}"
-    found = session.scalar(select(Observatory.id).where(Observatory.name == name))
-    if found is None:
-        observatory = Observatory(
-            name=name,
-            latitude=facts.latitude,
-            longitude=facts.longitude,
-            height=facts.height or 0.0,
-        )
-        session.add(observatory)
-        session.flush()
-        found = observatory.id
-    return found
+    return get_or_create_observatory(
+        session,
+        name=f"{facts.latitude:.3f},{facts.longitude:.3f}",
+        latitude=facts.latitude,
+        longitude=facts.longitude,
+        height=facts.height or 0.0,
+    )
 
 
-def _camera_id(session: Session, facts: FrameFacts, width: int, height: int) -> int:
-    type_id = session.scalar(
-        select(CameraType.id).where(
-            CameraType.model == facts.model, CameraType.layout == facts.layout
+def _camera_id(database_url: str, facts: FrameFacts, width: int, height: int) -> int:
+    with session_scope(database_url) as session:
+        type_id = get_or_create_camera_type(
+            session,
+            make=facts.make,
+            model=facts.model,
+            layout=facts.layout,
+            width=width,
+            height=height,
         )
-    )
-    if type_id is None:
-        camera_type = CameraType(
-            make=facts.make, model=facts.model, width=width, height=height, layout=facts.layout
-        )
-        camera_type.channels = [
-            Channel(name=ch.name, colour=ch.colour, y0=ch.y0, x0=ch.x0)
-            for ch in channels(facts.layout)
-        ]
-        session.add(camera_type)
-        session.flush()
-        type_id = camera_type.id
-    camera_id = session.scalar(
-        select(Camera.id).where(Camera.serial == facts.serial, Camera.camera_type_id == type_id)
-    )
-    if camera_id is None:
-        camera = Camera(
+    with session_scope(database_url) as session:
+        return get_or_create_camera(
+            session,
             serial=facts.serial,
             camera_type_id=type_id,
-            observatory_id=_observatory_id(session, facts),
+            observatory=lambda short: _observatory_id(short, facts),
         )
-        session.add(camera)
-        session.flush()
-        camera_id = camera.id
-    return camera_id
 
 
-def _night_id(session: Session, camera_id: int, facts: FrameFacts, upload: Path) -> int:
-    night_id = session.scalar(
-        select(Night.id).where(Night.camera_id == camera_id, Night.local_date == facts.night)
-    )
-    if night_id is None:
-        night = Night(camera_id=camera_id, local_date=facts.night, upload_path=str(upload))
-        session.add(night)
-        session.flush()
-        night_id = night.id
-    return night_id
+def _night_id(database_url: str, camera_id: int, facts: FrameFacts, upload: Path) -> int:
+    with session_scope(database_url) as session:
+        return get_or_create_night(
+            session, camera_id=camera_id, local_date=facts.night, upload_path=str(upload)
+        )
 
 
 def _known_layouts(session: Session) -> dict[str, str]:
@@ -142,7 +245,7 @@ def _known_layouts(session: Session) -> dict[str, str]:
     return {serial: layout for serial, layout in rows}
 
 
-BATCH = 200  # files per transaction; each file has its own savepoint
+BATCH = 200  # files per transaction
 
 
 def ingest_paths(
@@ -156,13 +259,18 @@ def ingest_paths(
 ) -> IngestReport:
     """Ingest files and directories; ``progress(path, done, total)`` after each file.
 
-    The nights of files in a directory holding the upload ``marker`` file are closed
-    afterwards (complete: their barriers may run); with ``close``, every night the files
-    went to is (the operator says the upload is complete, as ``autowisp run PATH`` does).
+    A new frame joins its night's current generation (a closed night reopens as the next
+    one: :func:`autowisp.db.nights.join_night`). The nights of files in a directory
+    holding the upload ``marker`` file are closed at the end (complete: their barriers may
+    run); with ``close``, every night the files went to is (the operator says the upload
+    is complete, as ``autowisp run PATH`` does).
 
-    Files are committed in batches of :data:`BATCH`, each in its own savepoint, so one
-    bad file never undoes another and an interrupted ingest loses at most a batch's
-    work (which a rerun redoes: nothing is half-recorded).
+    Files are read in batches of :data:`BATCH` and each batch's rows committed in one
+    transaction, so an interrupted ingest loses at most a batch's work (which a rerun
+    redoes: nothing is half-recorded). A bad file is recorded as rejected and never
+    undoes another. Cameras, nights and the like are made in short transactions of
+    their own as files need them, so concurrent ingests (an operator's and the upload
+    watcher's) neither lose frames nor wait for each other's batches.
     """
     files = list(find_files(paths))
     report = IngestReport()
@@ -179,16 +287,33 @@ def ingest_paths(
                     select(Image.sha256).where(Image.sha256.in_(_hashes(batch, report)))
                 )
             )
+            rows = []
             for number, path in enumerate(batch, start=first + 1):
-                night = _ingest_one(session, path, rules, layouts, known, report, cache)
-                if night is not None and marker and (path.parent / marker).exists():
-                    marked.add(night)
+                row = _image_row(database_url, session, path, rules, layouts, known, report, cache)
+                if row is not None:
+                    rows.append(row)
                 if progress is not None:
                     progress(path, number, len(files))
+            # This batch's writes, all in one go: in sha256 order, so two ingests storing
+            # the same files lock them in the same order and never deadlock.
+            joined: dict[int, list[str]] = {}
+            for row in sorted(rows, key=lambda values: values["sha256"]):
+                if _store(session, row, report) and row.get("night_id") is not None:
+                    joined.setdefault(row["night_id"], []).append(row["sha256"])
+                    if marker and (Path(row["path"]).parent / marker).exists():
+                        marked.add(row["night_id"])
+            # Then the nights the new frames joined, in id order (no deadlock either).
+            for night_id in sorted(joined):
+                generation = join_night(session, night_id)
+                session.execute(
+                    update(Image)
+                    .where(Image.sha256.in_(joined[night_id]))
+                    .values(generation=generation)
+                )
     complete = report.nights if close else marked
     if complete:
         with session_scope(database_url) as session:
-            reason = "upload complete (autowisp run / --close)" if close else f"{marker} file"
+            reason = "upload complete (autowisp run / close)" if close else f"{marker} file"
             report.closed = set(close_nights(session, complete, reason=reason))
     return report
 
@@ -204,16 +329,18 @@ def _hashes(batch: list[Path], report: IngestReport) -> list[str]:
     return hashes
 
 
-def _ingest_one(
+def _image_row(
+    database_url: str,
     session: Session,
     path: Path,
-    rules,
-    layouts,
+    rules: Mapping[str, Any],
+    layouts: dict[str, str],
     known: set[str],
     report: IngestReport,
     cache: dict[tuple, int],
-) -> int | None:
-    """Ingest one file; the night it joined (None if rejected or already known)."""
+) -> dict[str, Any] | None:
+    """The image row to store for ``path``: accepted or rejected with the reason; None
+    for a file already known (counted as a duplicate) or unreadable (rejected here)."""
     if path in report.unreadable:
         report.rejected.append((str(path), f"cannot read the file: {report.unreadable[path]}"))
         return None
@@ -221,58 +348,61 @@ def _ingest_one(
     if sha in known:
         report.duplicates += 1
         return None
-    row = Image(
-        path=str(path),
-        sha256=sha,
-        size_bytes=path.stat().st_size,
-        state=ImageState.INGESTED,
-        header={},
-    )
+    known.add(sha)  # the same bytes again in this batch are a duplicate of this file
+    row: dict[str, Any] = {
+        "path": str(path),
+        "sha256": sha,
+        "size_bytes": path.stat().st_size,
+        "state": ImageState.INGESTED,
+        "header": {},
+    }
     try:
-        with session.begin_nested():
-            try:
-                raw = read_raw_file(path, sha)
-                row.header, row.width, row.height = raw.header, raw.width, raw.height
-                facts = classify(raw.header, path, rules, layouts)
-                camera_key = ("camera", facts.model, facts.layout, facts.serial)
-                camera_id = cache.get(camera_key) or _camera_id(
-                    session, facts, raw.width, raw.height
-                )
-                night_key = ("night", camera_id, facts.night)
-                night_id = cache.get(night_key) or _night_id(
-                    session, camera_id, facts, path.parent
-                )
-                row.camera_id, row.night_id = camera_id, night_id
-                row.generation = join_night(session, night_id)
-                row.image_type, row.exptime = facts.image_type, facts.exptime
-                row.date_obs, row.jd, row.ra, row.dec = (
-                    facts.date_obs,
-                    facts.jd_mid,
-                    facts.ra,
-                    facts.dec,
-                )
-                layouts[facts.serial] = facts.layout
-            except IngestError as error:
-                row.state, row.reject_reason = ImageState.REJECTED, str(error)
-                row.night_id = row.image_type = None
-                # Operators ask which frames of a camera were rejected: keep a known one.
-                serial = header_serial(row.header)
-                row.camera_id = (
-                    session.scalar(select(Camera.id).where(Camera.serial == serial).limit(1))
-                    if serial
-                    else None
-                )
-            session.add(row)
-            session.flush()
-    except IntegrityError:
-        report.duplicates += 1  # another ingest stored the same bytes meanwhile
-        return None
-    known.add(sha)
-    if row.state is ImageState.INGESTED:
-        cache[camera_key], cache[night_key] = camera_id, night_id
-    if row.state is ImageState.REJECTED:
-        report.rejected.append((str(path), row.reject_reason or ""))
-        return None
+        raw = read_raw_file(path, sha)
+        row.update(header=raw.header, width=raw.width, height=raw.height)
+        facts = classify(raw.header, path, rules, layouts)
+    except IngestError as error:
+        row.update(state=ImageState.REJECTED, reject_reason=str(error))
+        # Operators ask which frames of a camera were rejected: keep a known one.
+        serial = header_serial(row["header"])
+        if serial:
+            row["camera_id"] = session.scalar(
+                select(Camera.id).where(Camera.serial == serial).limit(1)
+            )
+        return row
+    camera_key = ("camera", facts.model, facts.layout, facts.serial)
+    if camera_key not in cache:
+        cache[camera_key] = _camera_id(database_url, facts, raw.width, raw.height)
+    camera_id = cache[camera_key]
+    night_key = ("night", camera_id, facts.night)
+    if night_key not in cache:
+        cache[night_key] = _night_id(database_url, camera_id, facts, path.parent)
+    layouts[facts.serial] = facts.layout
+    row.update(
+        camera_id=camera_id,
+        night_id=cache[night_key],
+        image_type=facts.image_type,
+        exptime=facts.exptime,
+        date_obs=facts.date_obs,
+        jd=facts.jd_mid,
+        ra=facts.ra,
+        dec=facts.dec,
+    )
+    return row
+
+
+def _store(session: Session, row: dict[str, Any], report: IngestReport) -> bool:
+    """Insert an image row unless its bytes (sha256) are stored already; count it; whether
+    it is a new accepted frame.
+
+    Only the sha256 conflict makes a duplicate (another ingest stored the same bytes
+    meanwhile); any other IntegrityError is raised, and the batch rolled back.
+    """
+    if not _insert_unless_present(session, Image, row, ["sha256"]):
+        report.duplicates += 1
+        return False
+    if row["state"] is ImageState.REJECTED:
+        report.rejected.append((row["path"], row.get("reject_reason") or ""))
+        return False
     report.ingested += 1
-    report.nights.add(row.night_id)  # type: ignore[arg-type]
-    return row.night_id
+    report.nights.add(row["night_id"])
+    return True

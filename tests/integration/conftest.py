@@ -7,7 +7,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from autowisp.db.migrate import upgrade
-from autowisp.db.models import Configuration, Task
+from autowisp.db.models import Configuration, Image, Task
 from autowisp.db.models import Step as StepRow
 from autowisp.db.session import session_scope
 from autowisp.ingest.ingest import ingest_paths
@@ -17,7 +17,7 @@ from autowisp.pipeline.local import run_local
 def process_upload(home: Path, upload: Path, registry, parameters=None) -> list:
     """Ingest ``upload`` into a new SQLite database under ``home``, run ``registry`` on
     it with the local executor, and return the active tasks' rows (step name, target,
-    state, output path, QC, last error), in image order."""
+    state, output path, QC, last error), in the order of the frames' file names."""
     url = f"sqlite:///{home / 'db.sqlite'}"
     upgrade(url)
     ingest_paths(url, [upload], close=True)
@@ -30,6 +30,7 @@ def process_upload(home: Path, upload: Path, registry, parameters=None) -> list:
             )
             .join(StepRow, StepRow.id == Task.step_id)
             .join(Configuration, Configuration.id == Task.configuration_id)
+            .outerjoin(Image, Image.id == Task.image_id)
             .where(Configuration.active.is_(True))
-            .order_by(Task.image_id, Task.id)
+            .order_by(Image.path, Task.id)
         ).all()  # fmt: skip

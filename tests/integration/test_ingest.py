@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import datetime as dt
+import multiprocessing
 import shutil
+import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 from astropy.io import fits
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
-from autowisp.db.models import Camera, CameraType, Image, ImageState, ImageType, Night
+from autowisp.db.models import (
+    Camera,
+    CameraType,
+    Image,
+    ImageState,
+    ImageType,
+    Night,
+    Observatory,
+)
 from autowisp.db.session import session_scope
+from autowisp.ingest import ingest as ingest_module
 from autowisp.ingest.ingest import ingest_paths
 from tests.conftest import TEST_DATA
 
@@ -162,3 +175,173 @@ def test_rules_classify_by_header_and_path(db_url, tmp_path):
 def test_missing_path_is_an_error(db_url, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         ingest_paths(db_url, [tmp_path / "nowhere"])
+
+
+# Two ingests at once: the upload watcher and an operator (or two `autowisp ingest`
+# processes) reach the same new site, camera models, cameras and nights together.
+
+RACE_MODELS = ("Canon EOS R", "Canon EOS Ra")
+RACE_SERIALS_PER_MODEL = 2
+RACE_NIGHTS = 2
+RACE_FRAMES = 4  # per camera and night
+RACE_BATCH = 4  # files per transaction: many commits, so the two ingests interleave
+
+
+def _race_frames(root: Path, round_number: int) -> tuple[list[Path], dict[str, tuple]]:
+    """One directory per camera and night; a round has its own site, models and serials.
+
+    Returns the directories and, for each file's name, (serial, model, night date).
+    """
+    directories, truth = [], {}
+    latitude = 19.5 + round_number  # a new site each round: the observatory is raced too
+    index = 0
+    for model_number, base_model in enumerate(RACE_MODELS):
+        model = f"{base_model} r{round_number}"
+        for serial_number in range(RACE_SERIALS_PER_MODEL):
+            serial = f"R{round_number}M{model_number}S{serial_number}"
+            for night in range(RACE_NIGHTS):
+                directory = root / f"{serial}_n{night}"
+                directory.mkdir(parents=True)
+                directories.append(directory)
+                for frame in range(RACE_FRAMES):
+                    index += 1
+                    header = fits.Header()
+                    header["IMAGETYP"] = "object"
+                    header["EXPTIME"] = 30.0
+                    # 04:00 UTC at longitude 0: the night of the evening before.
+                    header["DATE-OBS"] = f"2024-09-{11 + night:02d}T04:{frame:02d}:00"
+                    header["CAMSN"] = serial
+                    header["CAMMODEL"] = model
+                    header["BAYERPAT"] = "RGGB"
+                    header["LAT-OBS"] = latitude
+                    header["LONG-OBS"] = 0.0
+                    data = np.full((8, 10), 1000 + index + 10000 * round_number, np.int16)
+                    name = f"{serial}_n{night}_{frame}.fits"
+                    fits.PrimaryHDU(data, header).writeto(directory / name)
+                    truth[name] = (serial, model, dt.date(2024, 9, 10 + night))
+    return directories, truth
+
+
+def _ingest_in_child(url, directories, barrier, results, name):
+    """Run in a child process: wait for the other ingest, then ingest at the same time."""
+    ingest_module.BATCH = RACE_BATCH
+    barrier.wait(timeout=120)
+    try:
+        report = ingest_paths(url, directories)
+    except Exception:  # handed to the parent, which fails the test with the traceback
+        results.put((name, traceback.format_exc()))
+        return
+    counts = {"ingested": report.ingested, "duplicates": report.duplicates}
+    results.put((name, {**counts, "rejected": report.rejected}))
+
+
+@pytest.mark.slow
+def test_two_ingests_at_once_lose_nothing(db_url, tmp_path):
+    """Two processes ingest the same directories at once (started together at a barrier),
+    so both meet each new site, camera model, camera and night at about the same time.
+
+    A race is probabilistic: several rounds, each with a new site, models, cameras and
+    nights, and small batches (many commits) to interleave the two ingests often.
+    """
+    context = multiprocessing.get_context("spawn")
+    rounds = 4
+    for round_number in range(rounds):
+        directories, truth = _race_frames(tmp_path / f"round{round_number}", round_number)
+        # The same directories, each camera's nights in the other order: while one ingest
+        # registers a camera from its first night, the other meets it in its last.
+        swapped = [
+            directory
+            for start in range(0, len(directories), RACE_NIGHTS)
+            for directory in directories[start : start + RACE_NIGHTS][::-1]
+        ]
+        orders = {"forward": directories, "swapped": swapped}
+        barrier, results = context.Barrier(len(orders)), context.Queue()
+        processes = [
+            context.Process(
+                target=_ingest_in_child,
+                args=(db_url, [str(d) for d in order], barrier, results, name),
+            )
+            for name, order in orders.items()
+        ]
+        for process in processes:
+            process.start()
+        reports = dict(results.get(timeout=300) for _ in processes)
+        for process in processes:
+            process.join(timeout=60)
+        failed = {name: text for name, text in reports.items() if isinstance(text, str)}
+        assert not failed, f"round {round_number}: an ingest failed:\n{failed}"
+        assert [p.exitcode for p in processes] == [0, 0]
+        files = len(truth)
+        assert not any(r["rejected"] for r in reports.values()), reports
+        total = sum(r["ingested"] + r["duplicates"] for r in reports.values())
+        assert total == 2 * files, (round_number, reports)
+        prefix = f"R{round_number}M"
+        with session_scope(db_url) as session:
+            rows = session.execute(
+                select(Image.path, Camera.serial, CameraType.model, Night.local_date)
+                .join(Camera, Image.camera_id == Camera.id)
+                .join(CameraType, Camera.camera_type_id == CameraType.id)
+                .join(Night, Image.night_id == Night.id)
+                .where(Camera.serial.startswith(prefix))
+            ).all()
+            stored = {Path(path).name: (serial, model, date) for path, serial, model, date in rows}
+            # Every file once, under its own camera and night.
+            assert len(rows) == len(stored), (round_number, "a file is stored twice")
+            lost = sorted(set(truth) - set(stored))
+            assert not lost, (round_number, f"{len(lost)} of {files} files lost", lost, reports)
+            assert stored == truth
+            assert sum(r["ingested"] for r in reports.values()) == files
+            serials = session.execute(
+                select(Camera.serial, func.count())
+                .where(Camera.serial.startswith(prefix))
+                .group_by(Camera.serial)
+            ).all()
+            assert len(serials) == len(RACE_MODELS) * RACE_SERIALS_PER_MODEL
+            assert {n for _s, n in serials} == {1}
+            nights = session.execute(
+                select(Night.camera_id, Night.local_date, func.count())
+                .join(Camera, Night.camera_id == Camera.id)
+                .where(Camera.serial.startswith(prefix))
+                .group_by(Night.camera_id, Night.local_date)
+            ).all()
+            assert len(nights) == len(serials) * RACE_NIGHTS and {n for *_k, n in nights} == {1}
+            types = session.scalars(
+                select(CameraType).where(CameraType.model.endswith(f" r{round_number}"))
+            ).all()
+            assert sorted(t.model for t in types) == sorted(
+                f"{m} r{round_number}" for m in RACE_MODELS
+            )
+            for camera_type in types:
+                assert sorted(c.name for c in camera_type.channels) == ["B", "G1", "G2", "R"]
+            sites = session.scalars(
+                select(func.count())
+                .select_from(Observatory)
+                .where(Observatory.latitude == 19.5 + round_number)
+            ).one()
+            assert sites == 1
+
+
+def test_same_bytes_stored_meanwhile_by_another_ingest_is_a_duplicate(db_url, tmp_path):
+    first = _write(tmp_path / "a.fits", {"IMAGETYP": "object"})
+    _write(tmp_path / "b.fits", {"IMAGETYP": "object", "EXPTIME": 60.0})
+    others = []
+
+    def another_ingest_stores_a_meanwhile(path, done, total):
+        if path == first:  # after this ingest looked for known files, before it stores
+            others.append(ingest_paths(db_url, [first]))
+
+    report = ingest_paths(db_url, [tmp_path], progress=another_ingest_stores_a_meanwhile)
+    assert [o.ingested for o in others] == [1]
+    assert (report.ingested, report.duplicates, report.rejected) == (1, 1, [])
+    assert _count(db_url) == 2
+
+
+def test_other_integrity_errors_are_raised_not_counted_as_duplicates(
+    db_url, tmp_path, monkeypatch
+):
+    _write(tmp_path / "a.fits", {"IMAGETYP": "object"})
+    # A night id that is not in the table: the image row breaks its foreign key.
+    monkeypatch.setattr(ingest_module, "get_or_create_night", lambda session, **_: 987654)
+    with pytest.raises(IntegrityError, match=r"(?i)foreign key"):
+        ingest_paths(db_url, [tmp_path])
+    assert _count(db_url) == 0
