@@ -272,11 +272,30 @@ def ingest_paths(
     their own as files need them, so concurrent ingests (an operator's and the upload
     watcher's) neither lose frames nor wait for each other's batches.
     """
+    paths = [Path(p) for p in paths]
     files = list(find_files(paths))
     report = IngestReport()
     rules = rules or {}
     cache: dict[tuple, int] = {}  # camera and night ids found so far in this ingest
-    marked: set[int] = set()  # nights of files beside an upload marker
+    marked_files: list[str] = []  # sha256 of the files under an upload marker
+    roots = [Path(p).absolute() for p in paths if Path(p).is_dir()]
+    markers: dict[Path, bool] = {}
+
+    def beside_marker(path: Path) -> bool:
+        """Whether the file's directory, or one above it within a given directory,
+        holds the upload marker."""
+        for directory in path.parents:
+            if not any(directory.is_relative_to(root) for root in roots):
+                return path.parent == directory and _has(directory)
+            if _has(directory):
+                return True
+        return False
+
+    def _has(directory: Path) -> bool:
+        if directory not in markers:
+            markers[directory] = (directory / str(marker)).exists()
+        return markers[directory]
+
     with session_scope(database_url) as session:
         layouts = _known_layouts(session)
     for first in range(0, len(files), BATCH):
@@ -289,6 +308,8 @@ def ingest_paths(
             )
             rows = []
             for number, path in enumerate(batch, start=first + 1):
+                if marker and path in report.hashes and beside_marker(path):
+                    marked_files.append(report.hashes[path])
                 row = _image_row(database_url, session, path, rules, layouts, known, report, cache)
                 if row is not None:
                     rows.append(row)
@@ -300,8 +321,6 @@ def ingest_paths(
             for row in sorted(rows, key=lambda values: values["sha256"]):
                 if _store(session, row, report) and row.get("night_id") is not None:
                     joined.setdefault(row["night_id"], []).append(row["sha256"])
-                    if marker and (Path(row["path"]).parent / marker).exists():
-                        marked.add(row["night_id"])
             # Then the nights the new frames joined, in id order (no deadlock either).
             for night_id in sorted(joined):
                 generation = join_night(session, night_id)
@@ -310,6 +329,19 @@ def ingest_paths(
                     .where(Image.sha256.in_(joined[night_id]))
                     .values(generation=generation)
                 )
+    with session_scope(database_url) as session:
+        # A marker closes the nights of its directory's frames, new or known (the marker
+        # usually arrives after the files, and the directory is ingested again).
+        marked = {
+            night
+            for start in range(0, len(marked_files), 1000)
+            for night in session.scalars(
+                select(Image.night_id).where(
+                    Image.sha256.in_(marked_files[start : start + 1000]),
+                    Image.night_id.is_not(None),
+                )
+            )
+        }
     complete = report.nights if close else marked
     if complete:
         with session_scope(database_url) as session:

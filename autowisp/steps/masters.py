@@ -253,6 +253,7 @@ def _header(
 class MasterBias(Step):
     name = "master_bias"
     scope = Scope.NIGHT
+    inputs = ("frame_qc",)
     queue = "heavy"
     image_types = frozenset({ImageType.BIAS})
     parameters = COMMON
@@ -279,6 +280,7 @@ class MasterBias(Step):
 class MasterDark(Step):
     name = "master_dark"
     scope = Scope.NIGHT
+    inputs = ("frame_qc",)
     queue = "heavy"
     master_inputs = ("master_bias",)
     image_types = frozenset({ImageType.DARK})
@@ -324,6 +326,7 @@ class MasterDark(Step):
 class MasterFlat(Step):
     name = "master_flat"
     scope = Scope.NIGHT
+    inputs = ("frame_qc",)
     queue = "heavy"
     master_inputs = ("master_bias", "master_dark")
     image_types = frozenset({ImageType.FLAT})

@@ -21,13 +21,14 @@ from autowisp.simulate.night import NightConfig, simulate_night
 from autowisp.simulate.truth import read_truth
 from autowisp.steps.astrometry import Astrometry
 from autowisp.steps.calibrate import Calibrate
+from autowisp.steps.frame_qc import FrameQC
 from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
 from autowisp.steps.registry import Registry
 from autowisp.vocabulary import TaskState
 from tests.conftest import TEST_DATA
 from tests.integration.conftest import process_upload
 
-REGISTRY = Registry([MasterBias, MasterDark, MasterFlat, Calibrate, Astrometry])
+REGISTRY = Registry([FrameQC, MasterBias, MasterDark, MasterFlat, Calibrate, Astrometry])
 
 
 @pytest.fixture(scope="module")

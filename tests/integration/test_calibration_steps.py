@@ -22,11 +22,12 @@ from autowisp.ingest.ingest import ingest_paths
 from autowisp.pipeline.local import run_local
 from autowisp.simulate.truth import read_truth
 from autowisp.steps.calibrate import Calibrate
+from autowisp.steps.frame_qc import FrameQC
 from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat, read_master
 from autowisp.steps.registry import Registry
 from tests.integration.conftest import process_upload
 
-REGISTRY = Registry([MasterBias, MasterDark, MasterFlat, Calibrate])
+REGISTRY = Registry([FrameQC, MasterBias, MasterDark, MasterFlat, Calibrate])
 
 
 @pytest.fixture(scope="module")
