@@ -59,7 +59,7 @@ def _output(rows, step):
 def test_every_step_is_done(calibrated_night):
     _summary, rows, _ = calibrated_night
     assert sorted(r[0] for r in rows) == sorted(
-        ["master_bias", "master_dark", "master_flat"] + ["calibrate"] * 6
+        ["master_bias", "master_dark", "master_flat"] + ["calibrate"] * 6 + ["frame_qc"] * 38
     )
     assert all(r[1] is TaskState.DONE for r in rows), [r for r in rows if r[4]]
 
@@ -206,7 +206,11 @@ def test_a_night_without_calibration_waits_then_uses_the_nearest_masters(small_n
     ingest_paths(url, [later], close=True)
     run_local(url, tmp_path / "storage", REGISTRY, jobs=1, step_parameters=parameters)
     with session_scope(url) as session:
-        waiting = session.execute(select(Task.state, Task.wait_reason)).all()
+        waiting = session.execute(
+            select(Task.state, Task.wait_reason)
+            .join(StepRow, StepRow.id == Task.step_id)
+            .where(StepRow.name == "calibrate")
+        ).all()
     assert len(waiting) == 2
     assert all(s is TaskState.PENDING and "waiting for a master_bias" in e for s, e in waiting)
     # Calibration frames of another night of the same camera arrive.
@@ -281,7 +285,11 @@ def test_a_camera_may_proceed_uncalibrated_and_says_so(small_night, tmp_path):
         step_parameters={"calibrate": {"uncalibrated_cameras": [serial]}},
     )
     with session_scope(url) as session:
-        rows = session.execute(select(Task.state, Task.qc, Task.output_path)).all()
+        rows = session.execute(
+            select(Task.state, Task.qc, Task.output_path)
+            .join(StepRow, StepRow.id == Task.step_id)
+            .where(StepRow.name == "calibrate")
+        ).all()
     assert len(rows) == 2
     for state, qc, path in rows:
         assert state is TaskState.DONE and qc["uncalibrated"] is True
