@@ -142,6 +142,9 @@ class Step(abc.ABC):
     master_inputs : night steps (calibration masters) whose output is taken from the
         nearest night of the same camera that has it done, the task's own night first;
         the task waits, pending with the reason, while the camera has none.
+    outputs : the kinds of product it writes, by their names in :mod:`autowisp.io`
+        ("master_frame", "calibrated_frame", "astrometric_solution", "frame_qc",
+        "night_qc"); each has one writer and one reader there.
     parameters : the parameters with their defaults and units.
     version : bump when the code changes what the step computes.
     image_types : frames an image step runs on; for a night step, the night needs at
@@ -153,6 +156,7 @@ class Step(abc.ABC):
     scope: ClassVar[Scope]
     inputs: ClassVar[tuple[str, ...]] = ()
     master_inputs: ClassVar[tuple[str, ...]] = ()
+    outputs: ClassVar[tuple[str, ...]] = ()
     parameters: ClassVar[tuple[Parameter, ...]] = ()
     version: ClassVar[str] = "1"
     image_types: ClassVar[frozenset[ImageType]] = frozenset(ImageType)
