@@ -54,7 +54,7 @@ def demo(
             typer.echo(f"  {step} plot: {qc['plot']}")
     calibrated = sorted(settings.storage_root.glob("calibrate/*/*"))
     if calibrated:
-        typer.echo(f"  calibrated frames (e-, with ERROR and MASK HDUs): {calibrated[-1]}")
+        typer.echo(f"  calibrated frames (e-, compressed IMAGE and MASK HDUs): {calibrated[-1]}")
     solved = sorted(settings.storage_root.glob("astrometry/*/*"))
     if solved:
         typer.echo(f"  astrometry (TAN-SIP WCS, SOURCES and CATALOGUE positions): {solved[-1]}")

@@ -26,6 +26,7 @@ __all__ = [
     "MaskBit",
     "StackResult",
     "calibrate_frame",
+    "calibrated_error",
     "clipped_stack",
     "overscan_levels",
     "parse_section",
@@ -221,15 +222,17 @@ def calibrate_frame(
     signal_adu = raw - overscan - bias - dark_rate * exptime
     with np.errstate(divide="ignore", invalid="ignore"):
         image = signal_adu * gain / flat
-        # Poisson of every detected electron (light and dark current), read noise, and
-        # the masters' errors.
-        detected = np.maximum((raw - overscan - bias) * gain, 0.0)
-        variance_e = (
-            detected
-            + np.square(read_noise)
-            + np.square(gain) * (np.square(bias_error) + np.square(dark_error * exptime))
-        )
-        error = np.sqrt(variance_e / np.square(flat) + np.square(image * flat_error / flat))
+    error = calibrated_error(
+        image,
+        exptime=exptime,
+        dark_rate=dark_rate,
+        flat=flat,
+        gain=gain,
+        read_noise=read_noise,
+        bias_error=bias_error,
+        dark_error=dark_error,
+        flat_error=flat_error,
+    )
     mask = np.zeros(raw.shape, dtype=np.uint8)
     saturated = raw >= saturation
     mask[saturated] |= np.uint8(MaskBit.SATURATED)
@@ -248,6 +251,40 @@ def calibrate_frame(
     image[bad] = 0.0
     error[bad] = np.inf
     return image.astype(np.float32), error.astype(np.float32), mask
+
+
+def calibrated_error(
+    image: np.ndarray,
+    *,
+    exptime: float,
+    dark_rate: np.ndarray | float,
+    flat: np.ndarray | float,
+    gain: np.ndarray | float,
+    read_noise: np.ndarray | float,
+    bias_error: np.ndarray | float = 0.0,
+    dark_error: np.ndarray | float = 0.0,
+    flat_error: np.ndarray | float = 0.0,
+) -> np.ndarray:
+    """Error (e⁻, float64) of a calibrated image, from the image itself and the masters.
+
+    The variance is the Poisson noise of every detected electron (light and dark
+    current: ``image · flat + gain · dark_rate · exptime``, i.e. (I − O − B0)·g, floored
+    at 0), the read noise and the masters' errors, divided by the flat, plus the flat's
+    error. It depends on the raw frame only through the calibrated image, so a product
+    that stores the image, names its masters and records gain, read noise and exposure
+    time need not store the error (:mod:`autowisp.io.products`). Units as
+    :func:`calibrate_frame`; non-finite where the flat is 0.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        detected = np.maximum(image * flat + np.multiply(gain, dark_rate) * exptime, 0.0)
+        variance_e = (
+            detected
+            + np.square(read_noise)
+            + np.square(gain)
+            * (np.square(bias_error) + np.square(np.multiply(dark_error, exptime)))
+        )
+        return np.sqrt(variance_e / np.square(flat) + np.square(image * flat_error / flat))
 
 
 def parse_section(text: str) -> tuple[slice, slice]:

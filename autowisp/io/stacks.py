@@ -1,4 +1,4 @@
-"""Reading many frames band by band, and writing calibration products as FITS.
+"""Reading many frames band by band (products are written by :mod:`autowisp.io.products`).
 
 Master stacks never hold all frames at once: each file is opened once
 and read in row bands sized to a memory limit, the lesson of ccdproc's combine, which
@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from autowisp.io.atomic import atomic_path
 from autowisp.io.fits import image_hdu_index
 
-__all__ = ["band_rows", "read_bands", "write_product"]
+__all__ = ["band_rows", "read_bands"]
 
 #: Bytes per frame value that the clipped stack needs (sorted float32 copy, two float64
 #: prefix sums, and temporaries).
@@ -66,17 +65,3 @@ def read_bands(
                 )
                 data[index] = transform(index, values, band) if transform else values
             yield band, data
-
-
-def write_product(path: Path, images: dict[str, np.ndarray], header: fits.Header) -> None:
-    """Write named images as one FITS file, atomically: the first is the primary HDU."""
-    hdus = []
-    for number, (name, data) in enumerate(images.items()):
-        if number == 0:
-            hdu = fits.PrimaryHDU(data, header=header)
-            hdu.header["EXTNAME"] = name
-        else:
-            hdu = fits.ImageHDU(data, name=name)
-        hdus.append(hdu)
-    with atomic_path(path) as temporary:
-        fits.HDUList(hdus).writeto(temporary)

@@ -3,26 +3,26 @@
 Sources are extracted with sep (:mod:`autowisp.core.extraction`); the frame is solved from
 its header pointing against the offline Gaia catalogue (:mod:`autowisp.core.astrometry`),
 or blind through astrometry.net's ``solve-field`` when the header has no pointing and it
-is installed. The output FITS file carries the WCS in its primary header, a ``SOURCES``
-table and a ``CATALOGUE`` table of every catalogue star projected into the frame (the
-positions photometry uses); the WCS is also written into the calibrated frame's header
-(atomically), so DS9 or astropy open it solved.
+is installed. The product (:class:`autowisp.io.solution.AstrometricSolution`) carries the
+WCS in its primary header, a ``SOURCES`` table and a ``CATALOGUE`` table of every
+catalogue star projected into the frame (the positions photometry uses). The calibrated
+frame is only read: two astrometry configurations never overwrite each other's solution,
+and a calibrate rerun loses none.
 """
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
-from astropy.io import fits
 
 from autowisp.core.astrometry import SolveError, check_fit, default_order, refine, solve
 from autowisp.core.calibration import MaskBit
 from autowisp.core.extraction import extract_sources
 from autowisp.errors import PermanentError, TransientError
-from autowisp.io.atomic import atomic_path
 from autowisp.io.catalogue import Catalogue, OfflineGaia, OnlineGaia
 from autowisp.io.keywords import header_pixel_scale, header_pointing
+from autowisp.io.products import read_calibrated_frame
+from autowisp.io.provenance import Provenance
+from autowisp.io.solution import AstrometricSolution, write_astrometric_solution
 from autowisp.io.solve_field import SolveFieldError, find_solve_field, solve_field
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
 from autowisp.vocabulary import ImageType, Scope
@@ -32,6 +32,7 @@ __all__ = ["Astrometry"]
 
 class Astrometry(Step):
     name = "astrometry"
+    outputs = ("astrometric_solution",)
     scope = Scope.IMAGE
     inputs = ("calibrate",)
     image_types = frozenset({ImageType.OBJECT})
@@ -66,18 +67,12 @@ class Astrometry(Step):
         products = context.inputs.get("calibrate", ())
         if not products or products[0].output_path is None:
             raise PermanentError(f"no calibrated frame for {image.path.name}")
-        calibrated_path = products[0].output_path
-        with fits.open(calibrated_path, memmap=False) as hdus:
-            header = hdus[0].header.copy()
-            data = np.asarray(hdus["IMAGE"].data if "IMAGE" in hdus else hdus[0].data, float)
-            mask = np.asarray(hdus["MASK"].data) if "MASK" in hdus else None
+        frame = read_calibrated_frame(products[0].output_path, with_error=False)
+        data = np.asarray(frame.image, float)
         parameters = context.parameters
-        layout = str(header.get("BAYERPAT", image.layout))
-        saturated = None
-        excluded = None
-        if mask is not None:
-            saturated = (mask & (MaskBit.SATURATED | MaskBit.BLEED)) != 0
-            excluded = (mask & ~(MaskBit.SATURATED | MaskBit.BLEED)) != 0
+        layout = frame.layout
+        saturated = (frame.mask & (MaskBit.SATURATED | MaskBit.BLEED)) != 0
+        excluded = (frame.mask & ~(MaskBit.SATURATED | MaskBit.BLEED)) != 0
         sources = extract_sources(
             data,
             layout,
@@ -165,23 +160,32 @@ class Astrometry(Step):
             "catalogue": positions.name,
             "catalogue_stars": int(inside.sum()),
             "fwhm_px": float(np.median(sources.fwhm[: min(len(sources), 200)])),
-            "uncalibrated": bool(header.get("UNCALIB", False)),
+            "uncalibrated": frame.uncalibrated,
             **qc_extra,
         }
+        star_of_source = np.full(len(sources), -1, dtype=np.int64)
+        star_of_source[matched_sources] = matched_stars
+        keep = np.flatnonzero(inside)
+        product = AstrometricSolution(
+            wcs_header=wcs_header,
+            sources={
+                "x": sources.x, "y": sources.y, "flux": sources.flux, "peak": sources.peak,
+                "fwhm": sources.fwhm, "flags": sources.flags, "source_id": star_of_source,
+            },
+            catalogue={
+                "source_id": catalogue.source_id[keep], "ra": catalogue.ra[keep],
+                "dec": catalogue.dec[keep], "g": catalogue.g[keep], "bp": catalogue.bp[keep],
+                "rp": catalogue.rp[keep], "x": cx[keep], "y": cy[keep],
+            },
+            epoch=float(catalogue.epoch),
+            qc=qc,
+            provenance=Provenance.of(
+                context, version=self.version, uncalibrated=frame.uncalibrated,
+                calibrated=products[0],
+            ),
+        )  # fmt: skip
         path = context.output_path("fits")
-        self._write(
-            path,
-            wcs_header,
-            qc,
-            sources,
-            matched_sources,
-            matched_stars,
-            catalogue,
-            cx,
-            cy,
-            inside,
-        )
-        _add_wcs(calibrated_path, wcs_header)
+        write_astrometric_solution(path, product)
         return StepResult(path, qc)
 
     def _blind(
@@ -222,64 +226,3 @@ class Astrometry(Step):
         if choice != "offline":
             raise PermanentError(f"unknown catalogue {choice!r}: use 'offline' or 'online'")
         return offline
-
-    @staticmethod
-    def _write(
-        path, wcs_header, qc, sources, matched_sources, matched_stars, catalogue, cx, cy, inside
-    ):
-        primary = fits.PrimaryHDU(header=wcs_header.copy())
-        for key, value in qc.items():
-            if isinstance(value, (int, float, bool, str)) and len(key) <= 8:
-                primary.header[key.upper()] = value
-        primary.header["UNCALIB"] = (qc["uncalibrated"], "frame calibrated without masters")
-        primary.header["MATCHED"] = qc["matched"]
-        primary.header["RMSPX"] = (qc["rms_px"], "[px] RMS residual of the fit")
-        star_of_source = np.full(len(sources), -1, dtype=np.int64)
-        star_of_source[matched_sources] = matched_stars
-        source_table = fits.BinTableHDU.from_columns(
-            [
-                fits.Column("x", "D", array=sources.x),
-                fits.Column("y", "D", array=sources.y),
-                fits.Column("flux", "D", array=sources.flux),
-                fits.Column("peak", "D", array=sources.peak),
-                fits.Column("fwhm", "D", array=sources.fwhm),
-                fits.Column("flags", "J", array=sources.flags),
-                fits.Column("source_id", "K", array=star_of_source),
-            ],
-            name="SOURCES",
-        )
-        keep = np.flatnonzero(inside)
-        catalogue_table = fits.BinTableHDU.from_columns(
-            [
-                fits.Column("source_id", "K", array=catalogue.source_id[keep]),
-                fits.Column("ra", "D", array=catalogue.ra[keep]),
-                fits.Column("dec", "D", array=catalogue.dec[keep]),
-                fits.Column("g", "E", array=catalogue.g[keep]),
-                fits.Column("bp", "E", array=catalogue.bp[keep]),
-                fits.Column("rp", "E", array=catalogue.rp[keep]),
-                fits.Column("x", "D", array=cx[keep]),
-                fits.Column("y", "D", array=cy[keep]),
-            ],
-            name="CATALOGUE",
-        )
-        catalogue_table.header["EPOCH"] = (catalogue.epoch, "Julian year of the positions")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as temporary:
-            fits.HDUList([primary, source_table, catalogue_table]).writeto(temporary)
-
-
-SIP_TERM = re.compile(r"(A|B|AP|BP)_\d+_\d+")
-
-
-def _add_wcs(path, wcs_header: fits.Header) -> None:
-    """Write the WCS into a FITS file's primary header, atomically (rerunning replaces it)."""
-    with fits.open(path, memmap=False) as hdus:
-        hdus.verify("silentfix")
-        copy = fits.HDUList([hdu.copy() for hdu in hdus])
-    primary = copy[0].header
-    # An earlier solution's SIP terms go, whatever their order.
-    for key in [k for k in primary if SIP_TERM.fullmatch(k) or k in wcs_header]:
-        primary.remove(key, ignore_missing=True, remove_all=True)
-    primary.update(wcs_header)
-    with atomic_path(path) as temporary:
-        copy.writeto(temporary)

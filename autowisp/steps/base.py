@@ -174,6 +174,9 @@ class Step(abc.ABC):
         night's once it is closed and its master done, else the nearest valid night's of
         the same camera; the task waits, pending with the reason, while there is none
         (cameras listed in an ``uncalibrated_cameras`` parameter proceed without).
+    outputs : the kinds of product it writes, by their names in :mod:`autowisp.io`
+        ("master_frame", "calibrated_frame", "astrometric_solution", "frame_qc",
+        "night_qc"); each has one writer and one reader there.
     parameters : the parameters with their defaults and units.
     version : bump when the code changes what the step computes.
     image_types : frames an image step runs on; for a night step, the night needs at
@@ -186,6 +189,7 @@ class Step(abc.ABC):
     scope: ClassVar[Scope]
     inputs: ClassVar[tuple[str | Input, ...]] = ()
     master_inputs: ClassVar[tuple[str, ...]] = ()
+    outputs: ClassVar[tuple[str, ...]] = ()
     parameters: ClassVar[tuple[Parameter, ...]] = ()
     version: ClassVar[str] = "1"
     image_types: ClassVar[frozenset[ImageType]] = frozenset(ImageType)

@@ -5,15 +5,15 @@ overscan level where the camera has an overscan (BIASSEC/DATASEC or the ``oversc
 parameter; the product is cut to the light-sensitive region), the nearest masters of the
 camera at the frame's ISO, and the gain and read noise that master_flat measured by
 photon transfer (or given as parameters). Cosmic-ray hits away from stars are flagged
-(:mod:`autowisp.core.cosmics`). Written as FITS with ``IMAGE`` (e⁻), ``ERROR`` (e⁻) and
-``MASK`` (:class:`autowisp.core.calibration.MaskBit`) HDUs; the header names the masters
-used and carries the Bayer layout.
+(:mod:`autowisp.core.cosmics`). Written as :class:`autowisp.io.products.CalibratedFrame`:
+tile-compressed ``IMAGE`` (e⁻) and ``MASK`` (:class:`autowisp.core.calibration.MaskBit`);
+the ERROR (e⁻) is derived by the reader from the image and the masters, which the header
+names (MBIAS, MDARK, MFLAT) with the raw frame, gain, read noise and Bayer layout.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from astropy.io import fits
 
 from autowisp.core.bayer import channels
 from autowisp.core.calibration import MaskBit, calibrate_frame
@@ -21,14 +21,20 @@ from autowisp.core.cosmics import cosmic_ray_mask
 from autowisp.errors import PermanentError
 from autowisp.io.fits import read_image
 from autowisp.io.keywords import header_iso
-from autowisp.io.stacks import write_product
-from autowisp.steps.base import Parameter, Step, StepContext, StepResult
+from autowisp.io.products import (
+    KEPT_KEYWORDS,
+    CalibratedFrame,
+    read_master_frame,
+    write_calibrated_frame,
+)
+from autowisp.io.provenance import Provenance
+from autowisp.steps.base import InputProduct, Parameter, Step, StepContext, StepResult
 from autowisp.steps.masters import (
     OVERSCAN,
     SATURATION,
     check_overscan_agrees,
+    master_product,
     overscan_of,
-    read_master,
     saturation_level,
 )
 from autowisp.vocabulary import ImageType, Scope
@@ -38,6 +44,7 @@ __all__ = ["Calibrate"]
 
 class Calibrate(Step):
     name = "calibrate"
+    outputs = ("calibrated_frame",)
     scope = Scope.IMAGE
     master_inputs = ("master_bias", "master_dark", "master_flat")
     image_types = frozenset({ImageType.OBJECT})
@@ -71,58 +78,67 @@ class Calibrate(Step):
 
     def run(self, context: StepContext) -> StepResult:
         image = context.require_image()
-        masters = {}
+        products: dict[str, InputProduct] = {}
         for step in self.master_inputs:
-            products = context.inputs.get(step, ())
-            if not products or products[0].output_path is None:
+            product = master_product(context, step)
+            if product is None:
                 if image.camera_serial in context.parameters["uncalibrated_cameras"]:
                     return self._uncalibrated(context)
                 iso = header_iso(image.header)
                 at = f" at ISO {iso}" if iso is not None else ""
                 raise PermanentError(f"no {step} of this camera{at} for {image.path.name}")
-            masters[step] = (products[0].output_path, read_master(products[0].output_path))
+            products[step] = product
+        masters = {step: read_master_frame(p.output_path) for step, p in products.items()}
         whole, header = read_image(image.path)
         raw, overscan = overscan_of(image, whole, context.parameters)
-        for step, (_, master) in masters.items():
+        for step, master in masters.items():
             check_overscan_agrees(master, step, overscan is not None)
-        flat_header = masters["master_flat"][1]["header"]
-        gain = float(context.parameters["gain"]) or float(flat_header["GAIN"])
-        read_noise = float(context.parameters["read_noise"]) or float(flat_header["RDNOISE"])
+        bias, dark, flat = (masters[s] for s in self.master_inputs)
+        gain = float(context.parameters["gain"]) or float(flat.gain or 0.0)
+        read_noise = float(context.parameters["read_noise"]) or float(flat.read_noise or 0.0)
+        if gain <= 0:
+            raise PermanentError(
+                f"the master flat {products['master_flat'].output_path} gives no gain: set "
+                "[steps.calibrate] gain (e-/ADU)"
+            )
         saturation = saturation_level(context.parameters, header)
-        bias, dark, flat = (masters[s][1] for s in self.master_inputs)
-        if raw.shape != bias["MASTER"].shape:
+        if raw.shape != bias.master.shape:
             raise PermanentError(
                 f"{image.path.name} is {raw.shape[1]}x{raw.shape[0]} but the masters are "
-                f"{bias['MASTER'].shape[1]}x{bias['MASTER'].shape[0]}"
+                f"{bias.master.shape[1]}x{bias.master.shape[0]}"
             )
-        calibrated, error, mask = calibrate_frame(
+        calibrated, _error, mask = calibrate_frame(
             raw,
             exptime=image.exptime,
-            bias=bias["MASTER"],
-            dark_rate=dark["MASTER"],
-            flat=flat["MASTER"],
+            bias=bias.master,
+            dark_rate=dark.master,
+            flat=flat.master,
             gain=gain,
             read_noise=read_noise,
             saturation=saturation,
-            bias_error=bias["ERROR"],
-            dark_error=dark["ERROR"],
-            flat_error=flat["ERROR"],
-            hot=dark["HOT"].astype(bool),
+            bias_error=bias.error,
+            dark_error=dark.error,
+            flat_error=flat.error,
+            hot=dark.hot,
             overscan=0.0 if overscan is None else overscan,
         )
         hits = self._cosmic_rays(context, calibrated, mask, image.layout)
-        out = fits.Header()
-        for key in ("DATE-OBS", "EXPTIME", "CAMSN", "INSTRUME", "RA-MNT", "DEC-MNT"):
-            if key in header:
-                out[key] = header[key]
-        out["BUNIT"] = "electron"
-        out["BAYERPAT"] = image.layout
-        out["GAIN"], out["RDNOISE"] = gain, read_noise
-        out["UNCALIB"] = (False, "calibrated with bias, dark and flat masters")
-        for step, (path, _) in masters.items():
-            out.add_history(f"{step}: {path}")
         path = context.output_path("fits")
-        write_product(path, {"IMAGE": calibrated, "ERROR": error, "MASK": mask}, out)
+        write_calibrated_frame(
+            path,
+            CalibratedFrame(
+                image=calibrated,
+                mask=mask,
+                gain=gain,
+                read_noise=read_noise,
+                exptime=image.exptime,
+                layout=image.layout,
+                provenance=Provenance.of(
+                    context, version=self.version, uncalibrated=False, masters=products
+                ),
+                header={k: header[k] for k in KEPT_KEYWORDS if k in header},
+            ),
+        )
         good = mask == 0
         return StepResult(
             path,
@@ -166,7 +182,7 @@ class Calibrate(Step):
         gain = float(context.parameters["gain"]) or 1.0
         read_noise = float(context.parameters["read_noise"])
         saturation = saturation_level(context.parameters, header)
-        calibrated, error, mask = calibrate_frame(
+        calibrated, _error, mask = calibrate_frame(
             raw,
             exptime=image.exptime,
             bias=bias,
@@ -178,16 +194,25 @@ class Calibrate(Step):
             overscan=0.0 if overscan is None else overscan,
         )
         hits = self._cosmic_rays(context, calibrated, mask, image.layout)
-        out = fits.Header()
-        out["BUNIT"] = "electron" if context.parameters["gain"] else "adu"
-        out["BAYERPAT"] = image.layout
-        out["UNCALIB"] = (True, "no bias, dark or flat master: bias level only")
         if has_overscan:
-            out.add_history("bias level: the frame's overscan")
+            how = "bias level: the frame's overscan"
         else:
-            out.add_history(f"bias level estimated per channel: {sorted(set(bias.flat))[:4]}")
+            how = f"bias level estimated per channel: {sorted(set(bias.flat))[:4]}"
         path = context.output_path("fits")
-        write_product(path, {"IMAGE": calibrated, "ERROR": error, "MASK": mask}, out)
+        write_calibrated_frame(
+            path,
+            CalibratedFrame(
+                image=calibrated,
+                mask=mask,
+                gain=gain,
+                read_noise=read_noise,
+                exptime=image.exptime,
+                layout=image.layout,
+                unit="electron" if context.parameters["gain"] else "adu",
+                provenance=Provenance.of(context, version=self.version, uncalibrated=True),
+                header={k: header[k] for k in KEPT_KEYWORDS if k in header} | {"HISTORY": how},
+            ),
+        )
         return StepResult(
             path,
             {

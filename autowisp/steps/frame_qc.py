@@ -2,18 +2,19 @@
 
 Operators see at a glance which frames are blank, saturated or odd, and night_qc uses
 these figures to flag outliers (an over-exposed flat, a frame taken with the cap on).
-Output: ``frame_qc/<config>/<night>/image-<id>.h5`` with one row per channel.
+Output: ``frame_qc/<config>/<night>/image-<id>.h5`` with one row per channel
+(:class:`autowisp.io.products.FrameQCReport`).
 """
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 
 from autowisp.core.bayer import channels
 from autowisp.errors import PermanentError
-from autowisp.io.atomic import atomic_path
 from autowisp.io.fits import read_image
+from autowisp.io.products import ChannelQC, FrameQCReport, write_frame_qc
+from autowisp.io.provenance import Provenance
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
 from autowisp.vocabulary import Scope
 
@@ -38,6 +39,7 @@ def channel_statistics(image: np.ndarray, layout: str, saturation: float) -> dic
 class FrameQC(Step):
     name = "frame_qc"
     scope = Scope.IMAGE
+    outputs = ("frame_qc",)
     version = "1"
     parameters = (
         Parameter(
@@ -59,13 +61,12 @@ class FrameQC(Step):
         )
         stats = channel_statistics(data, image_info.layout, saturation)
         path = context.output_path("h5")
-        names = list(stats)
-        with atomic_path(path) as temporary, h5py.File(temporary, "w") as out:
-            out.attrs["image"] = str(image_info.path)
-            out.attrs["image_type"] = str(image_info.image_type)
-            out.attrs["jd"] = image_info.jd
-            out.attrs["saturation_adu"] = saturation
-            out.create_dataset("channel", data=np.array(names, dtype="S4"))
-            for key in ("median", "noise", "saturated_fraction"):
-                out.create_dataset(key, data=np.array([stats[n][key] for n in names]))
+        report = FrameQCReport(
+            channels={name: ChannelQC(**values) for name, values in stats.items()},
+            saturation_adu=saturation,
+            image_type=str(image_info.image_type),
+            jd=image_info.jd,
+            provenance=Provenance.of(context, version=self.version),
+        )
+        write_frame_qc(path, report)
         return StepResult(path, {"channels": stats, "saturation_adu": saturation})

@@ -2,9 +2,11 @@
 
 Each is a sigma-clipped median (:func:`autowisp.core.calibration.clipped_stack`) of the
 night's frames of its type, each frame first calibrated with the masters below it,
-read in row bands under ``memory_limit_mb``. Written as FITS (``MASTER``, ``ERROR``,
-``USED`` and for darks ``HOT``) with provenance: the frames used and the ones rejected
-and why. The flat step also measures the gain and read noise by photon transfer.
+read in row bands under ``memory_limit_mb``. Written as
+:class:`autowisp.io.products.MasterFrame` (``MASTER``, ``ERROR``, ``USED`` and for darks
+``HOT``) with provenance: the frames used and the ones rejected and why, and the masters
+below it (MBIAS, MDARK). The flat step also measures the gain and read noise by photon
+transfer.
 """
 
 from __future__ import annotations
@@ -25,11 +27,20 @@ from autowisp.core.calibration import (
 from autowisp.errors import PermanentError
 from autowisp.io.fits import image_hdu_index, read_image
 from autowisp.io.keywords import header_iso
-from autowisp.io.stacks import band_rows, read_bands, write_product
-from autowisp.steps.base import ImageInfo, Parameter, Step, StepContext, StepResult
+from autowisp.io.products import MasterFrame, read_master_frame, write_master_frame
+from autowisp.io.provenance import Provenance
+from autowisp.io.stacks import band_rows, read_bands
+from autowisp.steps.base import (
+    ImageInfo,
+    InputProduct,
+    Parameter,
+    Step,
+    StepContext,
+    StepResult,
+)
 from autowisp.vocabulary import ImageType, Scope
 
-__all__ = ["MasterBias", "MasterDark", "MasterFlat", "read_master"]
+__all__ = ["MasterBias", "MasterDark", "MasterFlat", "master_product"]
 
 COMMON: tuple[Parameter, ...] = (
     Parameter("min_frames", 10, "", "Fewest frames a master may be made of."),
@@ -95,14 +106,6 @@ def overscan_of(
     return raw[data], levels[data]
 
 
-def read_master(path: Path) -> dict[str, np.ndarray]:
-    """All images of a master or calibrated product, by HDU name, plus its header."""
-    with fits.open(path, memmap=False) as hdus:
-        result = {hdu.name: np.asarray(hdu.data) for hdu in hdus if hdu.data is not None}
-        result["header"] = hdus[0].header.copy()  # type: ignore[assignment]
-    return result
-
-
 def _frames(context: StepContext, kind: ImageType) -> list[ImageInfo]:
     return [image for image in context.require_night().images if image.image_type is kind]
 
@@ -159,23 +162,31 @@ def _check_shapes(frames: list[ImageInfo]) -> tuple[int, int]:
     return next(iter(shapes))
 
 
-def _upstream(context: StepContext, step: str) -> dict[str, np.ndarray]:
+def master_product(context: StepContext, step: str) -> InputProduct | None:
+    """The master ``step`` this task was given, or None when the camera has none."""
     products = context.inputs.get(step, ())
     if not products or products[0].output_path is None:
+        return None
+    return products[0]
+
+
+def _upstream(context: StepContext, step: str) -> tuple[InputProduct, MasterFrame]:
+    product = master_product(context, step)
+    if product is None or product.output_path is None:
         raise PermanentError(f"{context.step} found no {step} of this camera")
-    master = read_master(products[0].output_path)
+    master = read_master_frame(product.output_path)
     frames = context.require_night().images
     if frames:
         check_overscan_agrees(
             master, step, frame_sections(frames[0], context.parameters)[1] is not None
         )
-    return master
+    return product, master
 
 
-def check_overscan_agrees(master, step: str, frame_has_overscan: bool) -> None:
+def check_overscan_agrees(master: MasterFrame, step: str, frame_has_overscan: bool) -> None:
     """Refuse a master taken with a different overscan handling than the frame's (for
     example an overscan configured for calibrate but not for the master steps)."""
-    relative = bool(master["header"].get("OVERSCN", False))
+    relative = master.overscan_relative
     if relative != frame_has_overscan:
         raise PermanentError(
             f"{step} was made {'with' if relative else 'without'} overscan correction but "
@@ -230,28 +241,41 @@ def _overscan_by_channel(path: Path, section: tuple[slice, slice], channel_map) 
     return levels
 
 
-def _header(
-    context: StepContext, frames: list[ImageInfo], unit: str, iso: int | None
-) -> fits.Header:
-    header = fits.Header()
-    header["STEP"] = context.step
-    header["CONFIG"] = (context.config_version, "configuration version of the step")
-    header["BUNIT"] = unit
-    header["NFRAMES"] = (len(frames), "frames stacked")
+def _product(
+    context: StepContext,
+    step: type[Step],
+    frames: list[ImageInfo],
+    rejected: list[tuple[ImageInfo, str]],
+    images: dict[str, np.ndarray],
+    *,
+    unit: str,
+    iso: int | None,
+    masters: dict[str, InputProduct] | None = None,
+    **facts,
+) -> MasterFrame:
+    """The master frame a master step writes, with its provenance."""
+    night = context.require_night()
     relative = bool(frames) and frame_sections(frames[0], context.parameters)[1] is not None
-    header["OVERSCN"] = (relative, "levels relative to each frame's overscan")
-    if iso is not None:
-        header["ISO"] = (iso, "ISO of the frames stacked")
-    header["CAMSN"] = context.night.camera_serial if context.night else ""
-    if context.night and context.night.layout != "MONO":
-        header["BAYERPAT"] = context.night.layout
-    for image in frames:
-        header.add_history(f"used {image.path}")
-    return header
+    return MasterFrame(
+        master=images["MASTER"],
+        error=images["ERROR"],
+        used=images["USED"],
+        hot=images.get("HOT"),
+        provenance=Provenance.of(context, version=step.version, masters=masters),
+        frames_used=tuple((str(f.path), f.sha256) for f in frames),
+        rejected=tuple((str(f.path), reason) for f, reason in rejected),
+        iso=iso,
+        overscan_relative=relative,
+        camera_serial=night.camera_serial,
+        layout=night.layout,
+        unit=unit,
+        **facts,
+    )
 
 
 class MasterBias(Step):
     name = "master_bias"
+    outputs = ("master_frame",)
     scope = Scope.NIGHT
     inputs = ("frame_qc",)
     queue = "heavy"
@@ -263,7 +287,9 @@ class MasterBias(Step):
         _check_count(context, frames, "bias", rejected)
         images = _stack(context, frames, None)
         path = context.output_path("fits")
-        write_product(path, images, _rejections(_header(context, frames, "adu", iso), rejected))
+        write_master_frame(
+            path, _product(context, type(self), frames, rejected, images, unit="adu", iso=iso)
+        )
         master = images["MASTER"]
         return StepResult(
             path,
@@ -279,6 +305,7 @@ class MasterBias(Step):
 
 class MasterDark(Step):
     name = "master_dark"
+    outputs = ("master_frame",)
     scope = Scope.NIGHT
     inputs = ("frame_qc",)
     queue = "heavy"
@@ -290,8 +317,8 @@ class MasterDark(Step):
         frames = [f for f in _frames(context, ImageType.DARK) if f.exptime > 0]
         frames, rejected, iso = _one_iso(frames, "dark")
         _check_count(context, frames, "dark", rejected)
-        bias_master = _upstream(context, "master_bias")
-        bias = bias_master["MASTER"]
+        bias_product, bias_master = _upstream(context, "master_bias")
+        bias = bias_master.master
 
         def to_rate(index: int, band: np.ndarray, rows: slice) -> np.ndarray:
             return (band - bias[rows]) / frames[index].exptime
@@ -299,18 +326,18 @@ class MasterDark(Step):
         images = _stack(context, frames, to_rate)
         # The master bias's error is common to every frame: the scatter does not show it.
         exptime = float(np.mean([f.exptime for f in frames]))
-        images["ERROR"] = np.hypot(images["ERROR"], bias_master["ERROR"] / exptime).astype(
-            np.float32
-        )
+        images["ERROR"] = np.hypot(images["ERROR"], bias_master.error / exptime).astype(np.float32)
         rate = images["MASTER"]
         median = float(np.median(rate))
         spread = float(1.4826 * np.median(np.abs(rate - median)))
         hot = rate > median + float(context.parameters["hot_sigma"]) * max(spread, 1e-6)
-        images["HOT"] = hot.astype(np.uint8)
+        images["HOT"] = hot
         path = context.output_path("fits")
-        header = _rejections(_header(context, frames, "adu/s", iso), rejected)
-        header["HOTPIX"] = (int(hot.sum()), "pixels flagged hot")
-        write_product(path, images, header)
+        product = _product(
+            context, type(self), frames, rejected, images, unit="adu/s", iso=iso,
+            masters={"master_bias": bias_product},
+        )  # fmt: skip
+        write_master_frame(path, product)
         return StepResult(
             path,
             {
@@ -325,6 +352,7 @@ class MasterDark(Step):
 
 class MasterFlat(Step):
     name = "master_flat"
+    outputs = ("master_frame",)
     scope = Scope.NIGHT
     inputs = ("frame_qc",)
     queue = "heavy"
@@ -345,9 +373,10 @@ class MasterFlat(Step):
 
     def run(self, context: StepContext) -> StepResult:
         frames, rejected, iso = _one_iso(_frames(context, ImageType.FLAT), "flat")
-        bias_master = _upstream(context, "master_bias")
-        bias = bias_master["MASTER"]
-        dark = _upstream(context, "master_dark")["MASTER"]
+        bias_product, bias_master = _upstream(context, "master_bias")
+        bias = bias_master.master
+        dark_product, dark_master = _upstream(context, "master_dark")
+        dark = dark_master.master
         layout = context.night.layout if context.night else "MONO"
         chans = channels(layout)
         kept, levels = [], {}
@@ -398,12 +427,14 @@ class MasterFlat(Step):
             norm = float(np.median(view))
             view /= norm
             channel.view(images["ERROR"])[...] /= norm
-        header = _rejections(_header(context, kept, "", iso), rejected)
         gain, read_noise = self._photon_transfer(kept, context, bias, dark, chans)
-        header["GAIN"] = (gain, "[e-/ADU] photon transfer, this night's flats")
-        header["RDNOISE"] = (read_noise, "[e-] photon transfer, this night's biases")
+        product = _product(
+            context, type(self), kept, rejected, images, unit="", iso=iso,
+            masters={"master_bias": bias_product, "master_dark": dark_product},
+            gain=gain, read_noise=read_noise,
+        )  # fmt: skip
         path = context.output_path("fits")
-        write_product(path, images, header)
+        write_master_frame(path, product)
         return StepResult(
             path,
             {
@@ -442,12 +473,6 @@ class MasterFlat(Step):
             gains.append(gain)
             noises.append(noise)
         return float(np.median(gains)), float(np.median(noises))
-
-
-def _rejections(header: fits.Header, rejected: list[tuple[ImageInfo, str]]) -> fits.Header:
-    for image, reason in rejected:
-        header.add_history(f"rejected {image.path}: {reason}")
-    return header
 
 
 def _block_means(image: np.ndarray, block: int) -> np.ndarray:

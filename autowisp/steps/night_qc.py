@@ -1,9 +1,10 @@
 """night_qc: the night's frames at a glance, with outliers flagged (a barrier step).
 
-Runs once every frame of the night has its frame_qc done (or dead, or excluded). For
-each frame type it compares each frame's median level with the night's same-type frames
-and flags those more than ``outlier_sigma`` robust deviations away (an over-exposed flat,
-a cloudy or capped frame). Writes ``night-<id>.json`` and a plot of the object frames'
+Runs once every frame of the night has its frame_qc done (or dead, or excluded), reading
+their reports (:func:`autowisp.io.products.read_frame_qc`). For each frame type it
+compares each frame's median level with the night's same-type frames and flags those
+more than ``outlier_sigma`` robust deviations away (an over-exposed flat, a cloudy or
+capped frame). Writes ``night-<id>.json`` and a plot of the object frames'
 sky level and noise through the night, ``night-<id>.png``.
 """
 
@@ -13,7 +14,10 @@ import json
 
 import numpy as np
 
+from autowisp.errors import PermanentError
 from autowisp.io.atomic import atomic_path, write_bytes_atomic
+from autowisp.io.products import read_frame_qc
+from autowisp.io.provenance import Provenance
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
 from autowisp.vocabulary import Scope
 
@@ -34,6 +38,7 @@ class NightQC(Step):
     name = "night_qc"
     scope = Scope.NIGHT
     inputs = ("frame_qc",)
+    outputs = ("night_qc",)
     queue = "heavy"
     version = "1"
     parameters = (
@@ -55,15 +60,24 @@ class NightQC(Step):
             image = by_id.get(product.image_id or -1)
             if image is None:
                 continue
-            medians = [c["median"] for c in product.qc["channels"].values()]
+            if product.output_path is None:
+                raise PermanentError(f"frame_qc of {image.path.name} is done but wrote no report")
+            try:
+                report = read_frame_qc(product.output_path)
+            except (OSError, KeyError) as error:
+                raise PermanentError(
+                    f"cannot read the frame_qc report {product.output_path} of "
+                    f"{image.path.name}: {error}; rerun frame_qc for this night"
+                ) from error
+            channels = report.as_dict()
             rows.append(
                 {
                     "image_id": image.id,
                     "path": str(image.path),
                     "type": str(image.image_type),
                     "jd": image.jd,
-                    "level": float(np.mean(medians)),
-                    "channels": product.qc["channels"],
+                    "level": float(np.mean([c["median"] for c in channels.values()])),
+                    "channels": channels,
                 }
             )
         summary: dict = {
@@ -73,6 +87,10 @@ class NightQC(Step):
             "frames_used": len(rows),
             "frames_in_night": len(night.images),
             "types": {},
+            "provenance": {
+                key: value
+                for key, value, _ in Provenance.of(context, version=self.version).items()
+            },
         }
         for kind in sorted({row["type"] for row in rows}):
             group = [row for row in rows if row["type"] == kind]

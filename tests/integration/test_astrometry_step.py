@@ -17,6 +17,8 @@ from autowisp.core.astrometry import solve
 from autowisp.core.extraction import extract_sources
 from autowisp.core.projection import TanSip
 from autowisp.io.catalogue import OfflineGaia
+from autowisp.io.products import read_calibrated_frame
+from autowisp.io.solution import read_astrometric_solution
 from autowisp.simulate.night import NightConfig, simulate_night
 from autowisp.simulate.truth import read_truth
 from autowisp.steps.astrometry import Astrometry
@@ -65,9 +67,8 @@ def test_catalogue_positions_match_the_true_positions(solved_night):
         with fits.open(row.output_path) as hdus:
             wcs = TanSip.from_header(hdus[0].header)
             catalogue = hdus["CATALOGUE"].data
-        # DS9 and astropy read the solution from the calibrated frame's header.
-        calibrated = _calibrated(row.output_path)
-        astropy_wcs = WCS(fits.getheader(calibrated))
+        # DS9 and astropy read the solution from the product's header.
+        astropy_wcs = WCS(read_astrometric_solution(row.output_path).wcs_header)
         # Every star of the truth with S/N > 100 in its 3-px aperture, summed over channels.
         signal = np.nansum(truth.object["aperture_signal"][frame, :, :, 1], axis=1)
         noise = np.sqrt(np.nansum(truth.object["aperture_sigma"][frame, :, :, 1] ** 2, axis=1))
@@ -92,14 +93,23 @@ def test_catalogue_positions_match_the_true_positions(solved_night):
     assert np.sqrt(np.mean(error**2)) < 0.05
 
 
-def test_the_calibrated_frame_carries_the_solution(solved_night):
+def test_the_solution_is_its_own_product_and_names_its_frames(solved_night):
     rows, _ = solved_night
-    with fits.open(rows[0].output_path) as hdus:
-        solution = hdus[0].header
-    calibrated = _calibrated(rows[0].output_path)
-    header = fits.getheader(calibrated)
+    solution = read_astrometric_solution(rows[0].output_path)
     for key in ("CTYPE1", "CRVAL1", "CRVAL2", "CD1_1", "A_ORDER", "AP_ORDER"):
-        assert header[key] == solution[key]
+        assert key in solution.wcs_header
+    assert solution.qc["matched"] == rows[0].qc["matched"]
+    assert len(solution.catalogue["x"]) == rows[0].qc["catalogue_stars"]
+    calibrated = _calibrated(rows[0].output_path)
+    # The calibrated frame is not touched: no WCS in it.
+    assert "CTYPE1" not in fits.getheader(calibrated)
+    frame = read_calibrated_frame(calibrated, with_error=False)
+    assert solution.provenance.raw_file == frame.provenance.raw_file
+    assert solution.provenance.raw_file.startswith("object_")
+    assert solution.provenance.raw_sha256 == frame.provenance.raw_sha256
+    assert solution.provenance.uncalibrated is False
+    storage = Path(rows[0].output_path).parents[3]
+    assert (storage / solution.provenance.references["CALFRAME"].split(" ", 2)[2]) == calibrated
 
 
 def _calibrated(solution_path):
@@ -172,11 +182,8 @@ def _panoptes_context(tmp_path, **parameters):
     for key in ("RA-MNT", "DEC-MNT", "HA-MNT"):
         header.pop(key)
     calibrated = tmp_path / "calibrated.fits"
-    primary = fits.PrimaryHDU(raw - 2048.0)
-    primary.header["EXTNAME"] = "IMAGE"
-    primary.header["BAYERPAT"] = "RGGB"
     mask = (raw >= header["WHTLVLN"]).astype(np.uint8)  # MaskBit.SATURATED
-    fits.HDUList([primary, fits.ImageHDU(mask, name="MASK")]).writeto(calibrated)
+    _write_calibrated(calibrated, raw - 2048.0, mask)
     image = ImageInfo(
         1, PANOPTES / "unsolved.fits", ImageType.OBJECT, 120.4,
         dt.datetime(2016, 9, 9, 8, 12, 26, tzinfo=dt.UTC), 2457640.8433, "RGGB",
@@ -187,6 +194,21 @@ def _panoptes_context(tmp_path, **parameters):
         task_id=1, step="astrometry", target="image:1", config_version="test",
         parameters=values | parameters, storage_root=tmp_path / "storage", image=image,
         inputs={"calibrate": (InputProduct("image:1", 1, calibrated, {}),)},
+    )  # fmt: skip
+
+
+def _write_calibrated(path, image, mask):
+    """A calibrated frame product holding ``image`` (e⁻) and ``mask``."""
+    from autowisp.io.products import CalibratedFrame, write_calibrated_frame
+    from autowisp.io.provenance import Provenance
+
+    provenance = Provenance("calibrate", "1", "test", raw_file="unsolved.fits", uncalibrated=False)
+    write_calibrated_frame(
+        path,
+        CalibratedFrame(
+            image=image, mask=mask, gain=1.0, read_noise=5.0, exptime=120.4, layout="RGGB",
+            provenance=provenance,
+        ),
     )  # fmt: skip
 
 
@@ -215,7 +237,7 @@ def test_without_pointing_solve_field_solves_blind(tmp_path):
     assert result.qc["solver"] == "solve-field"
     assert result.qc["matched"] >= 100 and result.qc["rms_px"] < 0.2
     assert result.qc["pixel_scale"] == pytest.approx(10.3, rel=0.01)
-    header = fits.getheader(tmp_path / "calibrated.fits")
+    header = read_astrometric_solution(result.output_path).wcs_header
     assert header["CTYPE1"] == "RA---TAN-SIP"
 
 
@@ -225,9 +247,7 @@ def test_a_frame_of_empty_sky_fails_with_its_reason(tmp_path):
     context = _panoptes_context(tmp_path)
     rng = np.random.default_rng(8)
     noise = rng.normal(300.0, 20.0, (700, 700)).astype(np.float32)
-    with fits.open(tmp_path / "calibrated.fits", mode="update") as hdus:
-        hdus["IMAGE"].data = noise
-        hdus["MASK"].data = np.zeros((700, 700), np.uint8)
+    _write_calibrated(tmp_path / "calibrated.fits", noise, np.zeros((700, 700), np.uint8))
     context = _with_pointing(context, (301.56, 44.46))
     with pytest.raises(PermanentError, match=r"too few sources|no match"):
         Astrometry().run(context)
@@ -305,12 +325,22 @@ def test_an_unreachable_archive_is_retried_later(tmp_path, monkeypatch):
     assert not list((tmp_path / "storage").rglob("*.fits"))
 
 
-def test_rerunning_replaces_the_solution_in_the_calibrated_frame(tmp_path):
+def test_astrometry_leaves_the_calibrated_frame_byte_for_byte_unchanged(tmp_path):
+    """Two configurations solve the same frame: each writes its own product, and the
+    calibrated frame's bytes are the same before and after."""
+    import hashlib
+
+    def sha256(path):
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
     context = _with_pointing(_panoptes_context(tmp_path), (301.56439, 44.456875))
+    before = sha256(tmp_path / "calibrated.fits")
     first = Astrometry().run(context)
-    header_once = fits.getheader(tmp_path / "calibrated.fits")
-    second = Astrometry().run(context)
-    header_twice = fits.getheader(tmp_path / "calibrated.fits")
-    assert first.qc == second.qc
-    assert list(header_once.keys()) == list(header_twice.keys())
-    assert header_twice["A_ORDER"] == 3 and header_twice.count("CRVAL1") == 1
+    second = Astrometry().run(replace(context, config_version="other", parameters={
+        **context.parameters, "sip_order": 4}))  # fmt: skip
+    assert sha256(tmp_path / "calibrated.fits") == before
+    assert first.output_path != second.output_path
+    one, two = (read_astrometric_solution(r.output_path) for r in (first, second))
+    assert one.wcs_header["A_ORDER"] == 3 and two.wcs_header["A_ORDER"] == 4
+    assert one.provenance.config_version == "test" and two.provenance.config_version == "other"
+    assert one.wcs_header.count("CRVAL1") == 1

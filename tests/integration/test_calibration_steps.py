@@ -19,11 +19,12 @@ from autowisp.db.models import Configuration, Task, TaskState
 from autowisp.db.models import Step as StepRow
 from autowisp.db.session import session_scope
 from autowisp.ingest.ingest import ingest_paths
+from autowisp.io.products import read_calibrated_frame, read_master_frame
 from autowisp.pipeline.local import run_local
 from autowisp.simulate.truth import read_truth
 from autowisp.steps.calibrate import Calibrate
 from autowisp.steps.frame_qc import FrameQC
-from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat, read_master
+from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
 from autowisp.steps.registry import Registry
 from tests.integration.conftest import process_upload
 
@@ -53,7 +54,7 @@ def calibrated_night(small_night, tmp_path_factory):
 def _output(rows, step):
     [row] = [r for r in rows if r[0] == step]
     assert row[1] is TaskState.DONE, row
-    return read_master(Path(row[2])), row[3]
+    return read_master_frame(Path(row[2])), row[3]
 
 
 def test_every_step_is_done(calibrated_night):
@@ -67,7 +68,7 @@ def test_every_step_is_done(calibrated_night):
 def test_master_bias_matches_the_true_bias(calibrated_night):
     _, rows, truth = calibrated_night
     master, qc = _output(rows, "master_bias")
-    pull = (master["MASTER"] - truth.calibration["bias"]) / master["ERROR"]
+    pull = (master.master - truth.calibration["bias"]) / master.error
     assert abs(np.mean(pull)) < 0.05 + 0.5 / np.sqrt(12)  # quantisation of the raw ADU
     assert 0.85 < np.std(pull) < 1.2
     assert qc["frames"] == 10
@@ -79,9 +80,9 @@ def test_master_dark_rate_and_hot_pixels(calibrated_night):
     gain = truth.camera["gain"]
     true_rate = truth.calibration["dark_rate"] / gain  # ADU/s
     hot = truth.calibration["hot"]
-    pull = ((master["MASTER"] - true_rate) / master["ERROR"])[~hot]
+    pull = ((master.master - true_rate) / master.error)[~hot]
     assert abs(np.mean(pull)) < 0.1 and 0.85 < np.std(pull) < 1.2
-    flagged = master["HOT"].astype(bool)
+    flagged = master.hot
     assert flagged[hot].mean() >= 0.95
     assert flagged[~hot].mean() < 1e-3
 
@@ -94,7 +95,7 @@ def test_master_flat_matches_the_true_flat_and_rejects_bad_flats(calibrated_nigh
     for channel in channels("RGGB"):
         channel.view(normalised)[...] /= np.median(channel.view(true_flat))
     good = ~truth.calibration["dead"]
-    pull = ((master["MASTER"] - normalised) / master["ERROR"])[good]
+    pull = ((master.master - normalised) / master.error)[good]
     assert 0.9 < np.std(pull) < 1.2
     assert abs(np.mean(pull)) < 0.1
     reasons = {Path(path).name: reason for path, reason in qc["rejected"].items()}
@@ -108,21 +109,24 @@ def test_master_flat_matches_the_true_flat_and_rejects_bad_flats(calibrated_nigh
 def test_calibrated_frames_carry_error_mask_and_provenance(calibrated_night):
     _, rows, truth = calibrated_night
     outputs = [Path(r[2]) for r in rows if r[0] == "calibrate"]
-    product = read_master(outputs[0])
-    header = product["header"]
-    assert header["BUNIT"] == "electron" and header["BAYERPAT"] == "RGGB"
-    assert header["UNCALIB"] is False
-    assert "".join(header["HISTORY"]).count("master_flat: ") == 1
-    assert product["IMAGE"].shape == product["ERROR"].shape == product["MASK"].shape
-    mask = product["MASK"]
+    product = read_calibrated_frame(outputs[0])
+    assert product.unit == "electron" and product.layout == "RGGB"
+    assert product.provenance.uncalibrated is False
+    flat_row = next(r for r in rows if r[0] == "master_flat")
+    assert product.provenance.references["MFLAT"].endswith(
+        str(Path(flat_row[2]).relative_to(outputs[0].parents[3]))
+    )
+    assert product.image.shape == product.error.shape == product.mask.shape
+    mask = product.mask
     assert np.all(mask[truth.calibration["dead"]] & MaskBit.LOW_RESPONSE)
     assert (mask[truth.calibration["hot"]] & MaskBit.HOT).astype(bool).mean() >= 0.95
-    assert np.all(np.isfinite(product["IMAGE"])) and np.all(product["ERROR"] > 0)
+    assert np.all(np.isfinite(product.image)) and np.all(product.error > 0)
     # Cosmic-ray hits: every flagged pixel is a true hit of some frame of the night.
     hits = {(int(x), int(y)) for _, x, y, _ in truth.object["cosmic_rays"]}
     flagged = 0
     for path, qc in ((Path(r[2]), r[3]) for r in rows if r[0] == "calibrate"):
-        rows_, cols_ = np.nonzero(read_master(path)["MASK"] & MaskBit.COSMIC_RAY)
+        mask = read_calibrated_frame(path, with_error=False).mask
+        rows_, cols_ = np.nonzero(mask & MaskBit.COSMIC_RAY)
         assert qc["cosmic_ray_pixels"] == rows_.size
         assert {(int(x), int(y)) for x, y in zip(cols_, rows_, strict=True)} <= hits
         flagged += rows_.size
@@ -228,8 +232,12 @@ def test_a_night_without_calibration_waits_then_uses_the_nearest_masters(small_n
         Path(p) for name, _, p, n in rows if name == "calibrate" and "2024-09-13" in p
     ]
     assert len(later_outputs) == 2
-    history = read_master(later_outputs[0])["header"]["HISTORY"]
-    assert flat_path in "".join(history)  # long paths wrap over several HISTORY cards
+    # The master flat of the other night, named with its night and configuration (a
+    # long value continued over CONTINUE cards).
+    reference = read_calibrated_frame(later_outputs[0]).provenance.references["MFLAT"]
+    storage = tmp_path / "storage"
+    assert reference.startswith("2024-09-10 cfg=")
+    assert reference.endswith(str(Path(flat_path).relative_to(storage)))
 
 
 def test_a_monochrome_camera_is_the_one_channel_case(tmp_path):
@@ -258,14 +266,14 @@ def test_a_monochrome_camera_is_the_one_channel_case(tmp_path):
             )
         ).all()
     assert all(state is TaskState.DONE for _, state, _, _ in rows), rows
-    flat = read_master(Path(next(p for n, _, p, _ in rows if n == "master_flat")))
+    flat = read_master_frame(Path(next(p for n, _, p, _ in rows if n == "master_flat")))
     truth = read_truth(next((tmp_path / "mono").rglob("truth.h5")))
     true_flat = truth.calibration["flat"] / np.median(truth.calibration["flat"])
     good = ~truth.calibration["dead"]
-    pull = ((flat["MASTER"] - true_flat) / flat["ERROR"])[good]
+    pull = ((flat.master - true_flat) / flat.error)[good]
     assert 0.9 < np.std(pull) < 1.2
-    product = read_master(Path(next(p for n, _, p, _ in rows if n == "calibrate")))
-    assert product["header"]["BAYERPAT"] == "MONO"
+    product = read_calibrated_frame(Path(next(p for n, _, p, _ in rows if n == "calibrate")))
+    assert product.layout == "MONO"
 
 
 def test_a_camera_may_proceed_uncalibrated_and_says_so(small_night, tmp_path):
@@ -293,10 +301,14 @@ def test_a_camera_may_proceed_uncalibrated_and_says_so(small_night, tmp_path):
     assert len(rows) == 2
     for state, qc, path in rows:
         assert state is TaskState.DONE and qc["uncalibrated"] is True
-        product = read_master(Path(path))
-        assert product["header"]["UNCALIB"] is True
+        product = read_calibrated_frame(Path(path))
+        assert product.provenance.uncalibrated is True
+        assert not product.provenance.references  # no masters
         # The bias level is gone: the sky (~300 e-/px here) is what is left, in ADU.
-        assert 50 < np.median(product["IMAGE"]) < 400
+        assert 50 < np.median(product.image) < 400
+        # Without masters the error is Poisson and read noise of the image itself.
+        expected = np.sqrt(np.maximum(product.image, 0) + product.read_noise**2)
+        np.testing.assert_allclose(product.error, expected, rtol=1e-6)
 
 
 def _with_iso(paths, iso, directory):
@@ -379,12 +391,10 @@ def test_an_overscan_follows_the_bias_level_from_frame_to_frame(tmp_path):
     reasons = {Path(path).name: reason for path, reason in flat_qc["rejected"].items()}
     assert reasons["flat_0099.fits"].startswith("over-exposed"), reasons
     truth = read_truth(next((tmp_path / "upload").rglob("truth.h5")))
-    bias = read_master(next(r.output_path for r in rows if r.name == "master_bias"))
-    assert bias["MASTER"].shape == (256, 320)
+    bias = read_master_frame(next(r.output_path for r in rows if r.name == "master_bias"))
+    assert bias.master.shape == (256, 320)
     # The master bias is the bias pattern above the overscan level.
-    pull = (bias["MASTER"] - (truth.calibration["bias"] - truth.camera["bias_level"])) / bias[
-        "ERROR"
-    ]
+    pull = (bias.master - (truth.calibration["bias"] - truth.camera["bias_level"])) / bias.error
     assert abs(np.mean(pull)) < 0.1 and 0.85 < np.std(pull) < 1.2
     # Each frame's sky level, per channel, against the truth: the drift (20 ADU rms, about
     # 30 e-) is gone. (The median of a frame sits ~10 e- above the sky because of its
@@ -392,7 +402,7 @@ def test_an_overscan_follows_the_bias_level_from_frame_to_frame(tmp_path):
     flat = truth.calibration["flat"]
     offsets = []
     for frame, row in enumerate(r for r in rows if r.name == "calibrate"):
-        image = read_master(row.output_path)["IMAGE"]
+        image = read_calibrated_frame(row.output_path, with_error=False).image
         assert image.shape == (256, 320)
         offsets.append(
             [

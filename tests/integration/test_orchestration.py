@@ -19,6 +19,7 @@ from autowisp.db.models import Step as StepRow
 from autowisp.db.session import session_scope
 from autowisp.errors import PermanentError, TransientError
 from autowisp.ingest.ingest import ingest_paths
+from autowisp.io.products import read_calibrated_frame
 from autowisp.pipeline import state
 from autowisp.pipeline.cycle import triage
 from autowisp.pipeline.local import apply_configuration, run_local
@@ -96,9 +97,11 @@ def test_a_night_with_its_own_calibration_frames_uses_its_own_masters(small_nigh
         for master in ("master_bias", "master_dark", "master_flat"):
             [used] = task.inputs[master]
             assert _night_of_task(url, used) == local_date, (master, task.target)
-        # The calibrated frame says so too.
-        history = "".join(fits.getheader(task.output_path).get("HISTORY", []))
-        assert "/2024-09-13/" in history and "/2024-09-10/" not in history
+        # The calibrated frame says so too (MBIAS, MDARK, MFLAT: night, config, file).
+        product = read_calibrated_frame(Path(task.output_path), with_error=False)
+        for keyword in ("MBIAS", "MDARK", "MFLAT"):
+            reference = product.provenance.references[keyword]
+            assert reference.startswith("2024-09-13 cfg=") and "/2024-09-13/" in reference
     # The masters of the second night were made from its own frames.
     for master in ("master_bias", "master_dark", "master_flat"):
         tasks = [t for t, d in _rows(url, master) if d.isoformat() == "2024-09-13"]
