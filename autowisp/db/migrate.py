@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -24,7 +25,7 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def _run(url: str, action, revision: str) -> None:
+def _run(url: str, action: Callable[[Config, str], None], revision: str) -> None:
     config = alembic_config(url)
     # Our engine: it creates the SQLite file's directory and sets its pragmas.
     with engine_for(url).begin() as connection:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -24,6 +24,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -82,7 +83,9 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         value = value.astimezone(dt.UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+    def process_result_value(
+        self, value: dt.datetime | None, dialect: Dialect
+    ) -> dt.datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
@@ -99,6 +102,10 @@ class Base(DeclarativeBase):
         list[Any]: JSON,
         dt.datetime: UTCDateTime,
     }
+    if TYPE_CHECKING:
+        # Every model here is mapped to a table (no mapping to a join or a select), so
+        # ``Model.__table__`` is a Table; SQLAlchemy can only declare it a FromClause.
+        __table__: ClassVar[Table]
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:

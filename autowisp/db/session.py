@@ -6,13 +6,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["dispose_engine", "engine_for", "session_scope"]
+__all__ = ["dispose_engine", "engine_for", "rowcount", "session_scope"]
 
 _ENGINES: dict[str, tuple[int, Engine]] = {}
 
@@ -70,3 +70,14 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def rowcount(result: Result[*tuple[Any, ...]]) -> int:
+    """How many rows an INSERT, UPDATE or DELETE without RETURNING matched.
+
+    ``Session.execute`` returns a :class:`~sqlalchemy.engine.CursorResult` for such a
+    statement, which has ``rowcount``, but SQLAlchemy declares its return type as the
+    base :class:`~sqlalchemy.engine.Result` (sqlalchemy/sqlalchemy#9185): this names
+    the subclass for the type checker and changes nothing at run time.
+    """
+    return cast("CursorResult[*tuple[Any, ...]]", result).rowcount

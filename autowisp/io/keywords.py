@@ -62,8 +62,10 @@ def header_pointing(header: Mapping[str, Any]) -> tuple[float, float] | None:
 
 def header_iso(header: Mapping[str, Any] | None) -> int | None:
     """The ISO setting a header gives (ISO, ISOSPEED...), or None."""
+    if header is None or not hasattr(header, "get"):
+        return None
     for key in ISO_KEYWORDS:
-        value = header.get(key) if hasattr(header, "get") else None
+        value = header.get(key)
         try:
             if value is not None and float(value) > 0:
                 return round(float(value))

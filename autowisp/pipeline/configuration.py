@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from autowisp.db.models import Configuration, Step, utcnow
+from autowisp.db.models import Base, Configuration, Step, utcnow
 from autowisp.errors import ConfigurationError
 from autowisp.steps.registry import Registry
 
@@ -84,7 +84,9 @@ def resolve_versions(
     return versions
 
 
-def _insert_missing(session: Session, table, values: dict, keys: list[str]) -> None:
+def _insert_missing(
+    session: Session, table: type[Base], values: dict[str, Any], keys: list[str]
+) -> None:
     """INSERT ... ON CONFLICT DO NOTHING: safe when two schedulers start together."""
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert

@@ -145,7 +145,7 @@ def run_local(
     last_triage = -1.0
     changed = True
     ready: list[Any] = []
-    retry_due = 0
+    retry_due: int | None = 0
 
     def new_pool() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(

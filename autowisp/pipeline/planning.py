@@ -15,13 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import and_, exists, select, update
+from sqlalchemy import Select, and_, exists, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from autowisp.db.clock import db_time
 from autowisp.db.models import Configuration, Image, ImageState, Night, Scope, Task, TaskState
+from autowisp.db.session import rowcount
 from autowisp.steps.registry import Registry
 
 __all__ = ["plan_tasks", "supersede_old_generations"]
@@ -41,7 +42,7 @@ def _insert_ignore(session: Session, rows: list[dict[str, Any]]) -> int:
             .values(rows[start : start + 2000])
             .on_conflict_do_nothing(index_elements=KEY)
         )
-        created += session.execute(statement).rowcount or 0
+        created += rowcount(session.execute(statement)) or 0
     return created
 
 
@@ -67,6 +68,7 @@ def plan_tasks(
             "state": TaskState.PENDING.value,
         }
         rows: list[dict[str, Any]]
+        query: Select[*tuple[Any, ...]]
         if step.scope is Scope.IMAGE and not registry.generational(step.name):
             # NOT IN over a subquery: PostgreSQL hashes it, linear in the number of frames.
             query = select(Image.id, Image.night_id).where(
@@ -159,4 +161,4 @@ def supersede_old_generations(session: Session, *, nights: Iterable[int] | None 
         )
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount or 0
+    return rowcount(result) or 0

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from autowisp.db.clock import db_time
 from autowisp.db.models import Task, TaskState
-from autowisp.db.session import session_scope
+from autowisp.db.session import rowcount, session_scope
 from autowisp.pipeline import state
 from autowisp.pipeline.configuration import active_configurations
 from autowisp.pipeline.cycle import housekeeping, triage
@@ -72,7 +72,7 @@ def requeue_stale(
         )
         .values(state=TaskState.PENDING, queued_at=None)
     )
-    return result.rowcount or 0
+    return rowcount(result) or 0
 
 
 def claim_for_queue(

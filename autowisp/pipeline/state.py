@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from autowisp.db.clock import db_time
 from autowisp.db.models import ErrorKind, Task, TaskState
+from autowisp.db.session import rowcount
 
 __all__ = [
     "claim",
@@ -57,7 +58,7 @@ def mark_queued(
                 inputs=dict(inputs.get(task_id, {})),
             )
         )
-        if result.rowcount == 1:
+        if rowcount(result) == 1:
             claimed.append(task_id)
     return claimed
 
@@ -81,7 +82,7 @@ def claim(session: Session, task_id: int, *, lease_seconds: float) -> str | None
             wait_reason=None,
         )
     )
-    return token if result.rowcount == 1 else None
+    return token if rowcount(result) == 1 else None
 
 
 def _owned(task_id: int, token: str) -> Any:
@@ -95,7 +96,7 @@ def requeue(session: Session, task_id: int) -> bool:
         .where(Task.id == task_id, Task.state == TaskState.QUEUED)
         .values(state=TaskState.PENDING, queued_at=None)
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def heartbeat(session: Session, task_id: int, token: str, *, lease_seconds: float) -> bool:
@@ -105,7 +106,7 @@ def heartbeat(session: Session, task_id: int, token: str, *, lease_seconds: floa
         .where(_owned(task_id, token))
         .values(lease_expires_at=db_time(session, plus_seconds=lease_seconds))
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def finish(
@@ -135,7 +136,7 @@ def finish(
             not_before=None,
         )
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def fail(
@@ -176,7 +177,7 @@ def fail(
             not_before=retry_at,
         )
     )
-    return new_state if result.rowcount == 1 else None
+    return new_state if rowcount(result) == 1 else None
 
 
 def lease_token(session: Session, task_id: int) -> str | None:
@@ -199,7 +200,7 @@ def exclude(session: Session, task_id: int, *, reason: str) -> bool:
             finished_at=db_time(session),
         )
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def reset(
@@ -230,7 +231,7 @@ def reset(
             last_error=Task.last_error.concat(" [reset by operator]"),
         )
     )
-    return result.rowcount or 0
+    return rowcount(result) or 0
 
 
 def note_waiting(session: Session, reasons: Mapping[int, str]) -> int:
@@ -248,11 +249,13 @@ def note_waiting(session: Session, reasons: Mapping[int, str]) -> int:
         for task_id in chunk:
             if stored.get(task_id, reasons[task_id]) != reasons[task_id]:
                 changed += (
-                    session.execute(
-                        update(Task)
-                        .where(Task.id == task_id, Task.state == TaskState.PENDING)
-                        .values(wait_reason=reasons[task_id])
-                    ).rowcount
+                    rowcount(
+                        session.execute(
+                            update(Task)
+                            .where(Task.id == task_id, Task.state == TaskState.PENDING)
+                            .values(wait_reason=reasons[task_id])
+                        )
+                    )
                     or 0
                 )
     return changed
@@ -268,7 +271,7 @@ def release_due_retries(session: Session) -> int:
         )
         .values(state=TaskState.PENDING)
     )
-    return result.rowcount or 0
+    return rowcount(result) or 0
 
 
 def sweep_expired_leases(session: Session, *, max_attempts: int) -> int:
@@ -277,32 +280,36 @@ def sweep_expired_leases(session: Session, *, max_attempts: int) -> int:
     expired = and_(Task.state == TaskState.RUNNING, Task.lease_expires_at < now)
     message = "lease expired: the worker running this task stopped (killed, out of memory?)"
     dead = (
-        session.execute(
-            update(Task)
-            .where(expired, Task.attempts >= max_attempts)
-            .values(
-                state=TaskState.DEAD,
-                error_kind=ErrorKind.TRANSIENT,
-                finished_at=now,
-                lease_token=None,
-                last_error=f"gave up after {max_attempts} attempts: {message}",
+        rowcount(
+            session.execute(
+                update(Task)
+                .where(expired, Task.attempts >= max_attempts)
+                .values(
+                    state=TaskState.DEAD,
+                    error_kind=ErrorKind.TRANSIENT,
+                    finished_at=now,
+                    lease_token=None,
+                    last_error=f"gave up after {max_attempts} attempts: {message}",
+                )
             )
-        ).rowcount
+        )
         or 0
     )
     retried = (
-        session.execute(
-            update(Task)
-            .where(expired)
-            .values(
-                state=TaskState.FAILED,
-                error_kind=ErrorKind.TRANSIENT,
-                finished_at=now,
-                lease_token=None,
-                last_error=message,
-                not_before=now,
+        rowcount(
+            session.execute(
+                update(Task)
+                .where(expired)
+                .values(
+                    state=TaskState.FAILED,
+                    error_kind=ErrorKind.TRANSIENT,
+                    finished_at=now,
+                    lease_token=None,
+                    last_error=message,
+                    not_before=now,
+                )
             )
-        ).rowcount
+        )
         or 0
     )
     return dead + retried
