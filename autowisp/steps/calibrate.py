@@ -13,6 +13,8 @@ names (MBIAS, MDARK, MFLAT) with the raw frame, gain, read noise and Bayer layou
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from autowisp.core.bayer import channels
@@ -88,7 +90,9 @@ class Calibrate(Step):
                 at = f" at ISO {iso}" if iso is not None else ""
                 raise PermanentError(f"no {step} of this camera{at} for {image.path.name}")
             products[step] = product
-        masters = {step: read_master_frame(p.output_path) for step, p in products.items()}
+        masters = {
+            step: read_master_frame(Path(str(p.output_path))) for step, p in products.items()
+        }
         whole, header = read_image(image.path)
         raw, overscan = overscan_of(image, whole, context.parameters)
         for step, master in masters.items():

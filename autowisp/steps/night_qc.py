@@ -11,6 +11,7 @@ sky level and noise through the night, ``night-<id>.png``.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class NightQC(Step):
         night = context.require_night()
         by_id = {image.id: image for image in night.images}
         products = context.inputs.get("frame_qc", ())
-        rows = []
+        rows: list[dict[str, Any]] = []
         for product in products:
             image = by_id.get(product.image_id or -1)
             if image is None:
