@@ -53,6 +53,7 @@ __all__ = [
     "Step",
     "Task",
     "TaskState",
+    "Wakeup",
 ]
 
 NAMING_CONVENTION = {
@@ -203,6 +204,12 @@ class Night(Base):
     last_file_at: Mapped[dt.datetime | None] = mapped_column(
         UTCDateTime(), doc="When its latest frame was ingested (for the quiet period)."
     )
+    planned_generation: Mapped[int] = mapped_column(
+        Integer,
+        default=0,
+        server_default="0",
+        doc="Latest closed generation whose tasks the planner has created.",
+    )
 
     camera: Mapped[Camera] = relationship()
 
@@ -212,6 +219,7 @@ class Image(Base):
     __table_args__ = (
         Index("ix_image_camera_state", "camera_id", "state"),
         Index("ix_image_night_type", "night_id", "image_type"),
+        Index("ix_image_planned_at", "planned_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -242,6 +250,9 @@ class Image(Base):
         server_default="1",
         doc="The night's generation the frame arrived in (barriers of generation g use "
         "the frames of generations <= g).",
+    )
+    planned_at: Mapped[dt.datetime | None] = mapped_column(
+        UTCDateTime(), doc="When the planner created the frame's tasks (None: not yet)."
     )
 
     night: Mapped[Night | None] = relationship()
@@ -275,6 +286,11 @@ class Configuration(Base):
     )
     active: Mapped[bool] = mapped_column(
         Boolean, default=True, doc="The step's current configuration (others are history)."
+    )
+    planned_at: Mapped[dt.datetime | None] = mapped_column(
+        UTCDateTime(),
+        doc="When the planner last created tasks for every target of this configuration "
+        "(None: since its activation, not yet).",
     )
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
@@ -352,6 +368,18 @@ class Task(Base):
     configuration: Mapped[Configuration] = relationship()
     image: Mapped[Image | None] = relationship()
     night: Mapped[Night | None] = relationship()
+
+
+class Wakeup(Base):
+    """A task of ``step_id`` in ``night_id`` changed state: the planner looks at that
+    night's pending tasks again (and, for a master, at the camera's other nights').
+    Rows are appended by state transitions and consumed by the planner."""
+
+    __tablename__ = "wakeup"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    night_id: Mapped[int | None] = mapped_column(Integer)
+    step_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class MasterFrame(Base):

@@ -141,11 +141,17 @@ def activate(
                 Configuration.step_id == step.id, Configuration.version == wanted.version
             )
         ).one()
+        if not configuration.active:
+            # Activated again after a while: frames and nights that arrived meanwhile were
+            # planned for another configuration only; plan every target for this one.
+            configuration.planned_at = None
         session.execute(
             update(Configuration)
             .where(Configuration.step_id == step.id)
             .values(active=Configuration.id == configuration.id)
+            .execution_options(synchronize_session=False)
         )
+        configuration.active = True
         result[step_cls.name] = configuration
     # Steps no longer in the pipeline keep their history but are no longer current.
     session.execute(

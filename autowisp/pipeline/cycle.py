@@ -12,15 +12,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from autowisp.config import Settings
-from autowisp.db.models import Configuration, Task, TaskState
+from autowisp.db.models import Configuration, Night, Task, TaskState, Wakeup
 from autowisp.db.nights import close_quiet_nights
 from autowisp.pipeline import state
 from autowisp.pipeline.dependencies import Decision, evaluate
 from autowisp.pipeline.planning import plan_tasks, supersede_old_generations
+from autowisp.steps.base import Kind
 from autowisp.steps.registry import Registry
 
 __all__ = ["Triage", "housekeeping", "triage"]
@@ -58,37 +59,79 @@ def night_quiet_seconds(settings: Settings) -> float:
     return float(settings.pipeline.get("night_quiet_seconds", 3600.0))
 
 
+def _woken(
+    session: Session, registry: Registry, configurations: Mapping[str, Configuration]
+) -> set[int]:
+    """Consume the wakeups: the nights whose tasks changed, and for a master step's
+    change, every night of its camera with pending tasks (they may take that master)."""
+    rows = session.execute(delete(Wakeup).returning(Wakeup.night_id, Wakeup.step_id)).all()
+    nights = {night for night, _ in rows if night is not None}
+    masters = {
+        configurations[edge.step].step_id
+        for step in registry
+        for edge in registry.edges(step.name)
+        if edge.kind is Kind.MASTER
+    }
+    cameras_of = [night for night, step in rows if step in masters and night is not None]
+    if cameras_of:
+        cameras = select(Night.camera_id).where(Night.id.in_(cameras_of)).scalar_subquery()
+        nights.update(
+            session.scalars(
+                select(Task.night_id)
+                .join(Night, Night.id == Task.night_id)
+                .where(Night.camera_id.in_(cameras), Task.state == TaskState.PENDING)
+                .distinct()
+            )
+        )
+    return nights
+
+
 def triage(
     session: Session,
     registry: Registry,
     configurations: Mapping[str, Configuration],
     *,
     nights: Sequence[int] | None = None,
+    full: bool = False,
 ) -> Triage:
-    """Plan, then decide every pending task of the active configurations (of ``nights``)."""
+    """Plan, then decide the pending tasks of the active configurations that may have
+    changed: those of nights with new tasks or woken by a transition (all of them with
+    ``full``, or when a configuration was just activated). Only ``nights`` when given."""
     result = Triage()
     supersede_old_generations(session, nights=nights)
-    result.created = plan_tasks(session, registry, configurations, nights=nights)
+    plan = plan_tasks(session, registry, configurations, nights=nights)
+    result.created = plan.created
+    everything = full or plan.full
+    look_at = set(plan.nights)
     current = [c.id for c in configurations.values()]
+    ready: dict[int, Decision] = {}
     for _ in range(CASCADE_ROUNDS):
+        look_at |= _woken(session, registry, configurations)
         query = select(Task).where(
             Task.state == TaskState.PENDING, Task.configuration_id.in_(current)
         )
         if nights is not None:
             query = query.where(Task.night_id.in_(list(nights)))
+        if not everything:
+            if not look_at:
+                break
+            query = query.where(Task.night_id.in_(sorted(look_at)))
         pending = session.scalars(query.order_by(Task.id)).all()
         decisions = evaluate(session, registry, configurations, pending)
         excluded = 0
-        result.ready, result.waiting = [], {}
         for decision in decisions:
+            result.waiting.pop(decision.task_id, None)
+            ready.pop(decision.task_id, None)
             if decision.verdict == "exclude":
                 excluded += state.exclude(session, decision.task_id, reason=decision.reason)
             elif decision.verdict == "ready":
-                result.ready.append(decision)
+                ready[decision.task_id] = decision
             else:
                 result.waiting[decision.task_id] = decision.reason
         result.excluded += excluded
+        look_at = set()
         if not excluded:
             break
+    result.ready = list(ready.values())
     state.note_waiting(session, result.waiting)
     return result

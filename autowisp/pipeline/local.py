@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -141,10 +142,11 @@ def run_local(
         )
     context = multiprocessing.get_context("fork")
     in_flight: dict[Future[tuple[int, str | None]], int] = {}
+    backlog: deque[int] = deque()  # queued for this run, not yet handed to the pool
     finished = 0
     last_triage = -1.0
     changed = True
-    ready: list[Any] = []
+    first = True
     retry_due: int | None = 0
 
     def new_pool() -> ProcessPoolExecutor:
@@ -159,42 +161,47 @@ def run_local(
     try:
         while True:
             now = time.monotonic()
-            batch: list[int] = []
-            if changed or now - last_triage > 2.0 or not in_flight:
+            triaged = changed or now - last_triage > 2.0 or not (in_flight or backlog)
+            if triaged:
                 with session_scope(database_url) as session:
                     housekeeping(
                         session,
                         max_attempts=policy.max_attempts,
                         night_quiet_seconds=night_quiet_seconds,
                     )
-                    result = triage(session, registry, configurations, nights=night_list)
+                    result = triage(
+                        session, registry, configurations, nights=night_list, full=first
+                    )
                     summary.planned += result.created
                     summary.excluded += result.excluded
-                    ready = [d for d in result.ready if d.task_id not in in_flight.values()]
-                    room = max(2 * jobs - len(in_flight), 0)
-                    batch = state.mark_queued(
-                        session,
-                        [d.task_id for d in ready[:room]],
-                        {d.task_id: d.inputs for d in ready[:room]},
+                    backlog.extend(
+                        state.mark_queued(
+                            session,
+                            [d.task_id for d in result.ready],
+                            {d.task_id: d.inputs for d in result.ready},
+                        )
                     )
                     retry_due = session.scalar(
                         select(func.count())
                         .select_from(Task)
                         .where(Task.configuration_id.in_(current), Task.state == TaskState.FAILED)
                     )
-                last_triage, changed = now, False
-                for number, task_id in enumerate(batch):
-                    try:
-                        in_flight[pool.submit(_work, task_id)] = task_id
-                    except BrokenProcessPool as error:  # a child died since the last wait
-                        pool = _replace_pool(
-                            pool, new_pool, [*in_flight.values(), *batch[number:]], error,
-                            database_url, policy, summary,
-                        )  # fmt: skip
-                        in_flight.clear()
-                        break
+                last_triage, changed, first = now, False, False
+            while backlog and len(in_flight) < 2 * jobs:
+                task_id = backlog.popleft()
+                try:
+                    in_flight[pool.submit(_work, task_id)] = task_id
+                except BrokenProcessPool as error:  # a child died since the last wait
+                    pool = _replace_pool(
+                        pool, new_pool, [*in_flight.values(), task_id, *backlog], error,
+                        database_url, policy, summary,
+                    )  # fmt: skip
+                    in_flight.clear()
+                    backlog.clear()
+                    changed = True
+                    break
             if not in_flight:
-                if not retry_due and not ready:
+                if triaged and not changed and not retry_due and not backlog:
                     break  # done, or what is left waits for something this run cannot do
                 time.sleep(poll_seconds)
                 continue
@@ -217,7 +224,7 @@ def run_local(
                 summary.outcomes[key] = summary.outcomes.get(key, 0) + 1
                 finished += 1
                 if progress is not None:
-                    progress(finished, finished + len(in_flight) + len(ready))
+                    progress(finished, finished + len(in_flight) + len(backlog))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     _left_over(database_url, summary, current, night_list)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from autowisp.db.clock import db_time
 from autowisp.db.models import Task, TaskState
-from autowisp.db.session import rowcount, session_scope
+from autowisp.db.session import session_scope
 from autowisp.pipeline import state
 from autowisp.pipeline.configuration import active_configurations
 from autowisp.pipeline.cycle import housekeeping, triage
@@ -63,16 +63,16 @@ def requeue_stale(
     configurations = [c for c, queue in queues.items() if queue in empty]
     if not configurations:
         return 0
-    result = session.execute(
+    return state.transition(
+        session,
         update(Task)
         .where(
             Task.state == TaskState.QUEUED,
             Task.configuration_id.in_(configurations),
             Task.queued_at < db_time(session, plus_seconds=-older_than),
         )
-        .values(state=TaskState.PENDING, queued_at=None)
+        .values(state=TaskState.PENDING, queued_at=None),
     )
-    return rowcount(result) or 0
 
 
 def claim_for_queue(
@@ -105,8 +105,10 @@ def schedule_once(
     queued_timeout: float = 600.0,
     night_quiet_seconds: float | None = 3600.0,
     batch: int = 5000,
+    full: bool = False,
 ) -> CycleReport:
-    """Run one scheduling cycle (see the module docstring)."""
+    """Run one scheduling cycle (see the module docstring). Pending tasks are looked at
+    again when something they may depend on changed (a wakeup), or all with ``full``."""
     report = CycleReport()
     with session_scope(database_url) as session:
         configurations = active_configurations(session, registry)
@@ -123,7 +125,7 @@ def schedule_once(
             empty=_empty_queues(publish, set(queue_of.values())),
         )
     with session_scope(database_url) as session:
-        result = triage(session, registry, configurations)
+        result = triage(session, registry, configurations, full=full)
         report.created, report.excluded = result.created, result.excluded
         report.pending_waiting = len(result.waiting)
     ready = result.ready
@@ -162,9 +164,15 @@ def run_scheduler(
     interval: float = 5.0,
     once: bool = False,
     report: Callable[[CycleReport], None] | None = None,
+    full_every: float = 600.0,
 ) -> None:
-    """Schedule every ``interval`` seconds (or once); survives database and broker outages."""
+    """Schedule every ``interval`` seconds (or once); survives database and broker outages.
+
+    The first cycle, and one every ``full_every`` seconds, look at every pending task (a
+    safety net under the wakeups); the others only at those something woke."""
+    last_full: float | None = None
     while True:
+        full = last_full is None or time.monotonic() - last_full > full_every
         try:
             cycle = schedule_once(
                 database_url,
@@ -173,7 +181,10 @@ def run_scheduler(
                 policy=policy,
                 queued_timeout=queued_timeout,
                 night_quiet_seconds=night_quiet_seconds,
+                full=full,
             )
+            if full:
+                last_full = time.monotonic()
             if report is not None:
                 report(cycle)
         except Exception as error:  # the loop's boundary: database or broker down, retry

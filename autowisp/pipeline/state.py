@@ -16,11 +16,11 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Update, and_, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from autowisp.db.clock import db_time
-from autowisp.db.models import ErrorKind, Task, TaskState
+from autowisp.db.models import ErrorKind, Task, TaskState, Wakeup
 from autowisp.db.session import rowcount
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "requeue",
     "reset",
     "sweep_expired_leases",
+    "transition",
 ]
 
 #: How much of an error message a task row keeps (tracebacks of bugs included).
@@ -85,18 +86,27 @@ def claim(session: Session, task_id: int, *, lease_seconds: float) -> str | None
     return token if rowcount(result) == 1 else None
 
 
+def transition(session: Session, statement: Update) -> int:
+    """Execute a transition; the nights (and steps) of the rows it changed are noted in
+    ``wakeup`` so the planner looks at their pending tasks again. The rows changed."""
+    rows = session.execute(statement.returning(Task.night_id, Task.step_id)).all()
+    if rows:
+        session.execute(insert(Wakeup), [{"night_id": n, "step_id": s} for n, s in set(rows)])
+    return len(rows)
+
+
 def _owned(task_id: int, token: str) -> Any:
     return and_(Task.id == task_id, Task.state == TaskState.RUNNING, Task.lease_token == token)
 
 
 def requeue(session: Session, task_id: int) -> bool:
     """queued → pending (its executor went away before it started)."""
-    result = session.execute(
+    statement = (
         update(Task)
         .where(Task.id == task_id, Task.state == TaskState.QUEUED)
         .values(state=TaskState.PENDING, queued_at=None)
     )
-    return rowcount(result) == 1
+    return transition(session, statement) == 1
 
 
 def heartbeat(session: Session, task_id: int, token: str, *, lease_seconds: float) -> bool:
@@ -120,7 +130,7 @@ def finish(
 ) -> bool:
     """running → done with its output and quality figures; False if the lease is not ours
     (it expired and the task went back, or another worker holds it now)."""
-    result = session.execute(
+    statement = (
         update(Task)
         .where(_owned(task_id, token))
         .values(
@@ -136,7 +146,7 @@ def finish(
             not_before=None,
         )
     )
-    return rowcount(result) == 1
+    return transition(session, statement) == 1
 
 
 def fail(
@@ -164,7 +174,7 @@ def fail(
         new_state = TaskState.FAILED
         delay = min(backoff_seconds * 2 ** (attempts - 1), 3600.0)
         retry_at = db_time(session, plus_seconds=delay)
-    result = session.execute(
+    statement = (
         update(Task)
         .where(_owned(task_id, token))
         .values(
@@ -177,7 +187,7 @@ def fail(
             not_before=retry_at,
         )
     )
-    return new_state if rowcount(result) == 1 else None
+    return new_state if transition(session, statement) == 1 else None
 
 
 def lease_token(session: Session, task_id: int) -> str | None:
@@ -190,7 +200,7 @@ def lease_token(session: Session, task_id: int) -> str | None:
 
 def exclude(session: Session, task_id: int, *, reason: str) -> bool:
     """pending → excluded: it will not run (an input is unusable), with the reason."""
-    result = session.execute(
+    statement = (
         update(Task)
         .where(Task.id == task_id, Task.state == TaskState.PENDING)
         .values(
@@ -200,7 +210,7 @@ def exclude(session: Session, task_id: int, *, reason: str) -> bool:
             finished_at=db_time(session),
         )
     )
-    return rowcount(result) == 1
+    return transition(session, statement) == 1
 
 
 def reset(
@@ -222,16 +232,16 @@ def reset(
         query = query.where(Task.step_id.in_(list(step_ids)))
     if night_id is not None:
         query = query.where(Task.night_id == night_id)
-    result = session.execute(
+    return transition(
+        session,
         query.values(
             state=TaskState.PENDING,
             attempts=0,
             not_before=None,
             queued_at=None,
             last_error=Task.last_error.concat(" [reset by operator]"),
-        )
+        ),
     )
-    return rowcount(result) or 0
 
 
 def note_waiting(session: Session, reasons: Mapping[int, str]) -> int:
@@ -263,15 +273,15 @@ def note_waiting(session: Session, reasons: Mapping[int, str]) -> int:
 
 def release_due_retries(session: Session) -> int:
     """failed → pending for tasks whose backoff has passed."""
-    result = session.execute(
+    return transition(
+        session,
         update(Task)
         .where(
             Task.state == TaskState.FAILED,
             or_(Task.not_before.is_(None), Task.not_before <= db_time(session)),
         )
-        .values(state=TaskState.PENDING)
+        .values(state=TaskState.PENDING),
     )
-    return rowcount(result) or 0
 
 
 def sweep_expired_leases(session: Session, *, max_attempts: int) -> int:
@@ -279,21 +289,17 @@ def sweep_expired_leases(session: Session, *, max_attempts: int) -> int:
     now = db_time(session)
     expired = and_(Task.state == TaskState.RUNNING, Task.lease_expires_at < now)
     message = "lease expired: the worker running this task stopped (killed, out of memory?)"
-    dead = (
-        rowcount(
-            session.execute(
-                update(Task)
-                .where(expired, Task.attempts >= max_attempts)
-                .values(
-                    state=TaskState.DEAD,
-                    error_kind=ErrorKind.TRANSIENT,
-                    finished_at=now,
-                    lease_token=None,
-                    last_error=f"gave up after {max_attempts} attempts: {message}",
-                )
-            )
-        )
-        or 0
+    dead = transition(
+        session,
+        update(Task)
+        .where(expired, Task.attempts >= max_attempts)
+        .values(
+            state=TaskState.DEAD,
+            error_kind=ErrorKind.TRANSIENT,
+            finished_at=now,
+            lease_token=None,
+            last_error=f"gave up after {max_attempts} attempts: {message}",
+        ),
     )
     retried = (
         rowcount(

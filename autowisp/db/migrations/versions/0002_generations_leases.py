@@ -4,7 +4,9 @@
   last_file_at; image: generation.
 - task: generation (part of the unique key), wait_reason, lease_token, inputs (the
   upstream task ids it reads), output_sha256.
-- configuration: upstream (input step -> configuration id).
+- configuration: upstream (input step -> configuration id), planned_at.
+- incremental planning: image.planned_at, night.planned_generation, and the wakeup table
+  (state transitions append the nights whose pending tasks the planner must look at).
 - views: v_night_progress and v_failures count current generations only; v_waiting lists
   pending tasks with their reasons.
 
@@ -109,12 +111,25 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("closed_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("close_reason", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("last_file_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(
+            sa.Column("planned_generation", sa.Integer(), nullable=False, server_default="0")
+        )
     with op.batch_alter_table("image", schema=None) as batch_op:
         batch_op.add_column(
             sa.Column("generation", sa.Integer(), nullable=False, server_default="1")
         )
+        batch_op.add_column(sa.Column("planned_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.create_index("ix_image_planned_at", ["planned_at"], unique=False)
     with op.batch_alter_table("configuration", schema=None) as batch_op:
         batch_op.add_column(sa.Column("upstream", sa.JSON(), nullable=False, server_default="{}"))
+        batch_op.add_column(sa.Column("planned_at", sa.DateTime(timezone=True), nullable=True))
+    op.create_table(
+        "wakeup",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("night_id", sa.Integer(), nullable=True),
+        sa.Column("step_id", sa.Integer(), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_wakeup")),
+    )
     with op.batch_alter_table("task", schema=None) as batch_op:
         batch_op.add_column(
             sa.Column("generation", sa.Integer(), nullable=False, server_default="0")
@@ -146,6 +161,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     _drop_views()
+    op.drop_table("wakeup")
     op.execute("DELETE FROM task WHERE generation > 1")
     with op.batch_alter_table("task", schema=None) as batch_op:
         batch_op.drop_constraint(
@@ -157,11 +173,15 @@ def downgrade() -> None:
         for column in ("output_sha256", "inputs", "lease_token", "wait_reason", "generation"):
             batch_op.drop_column(column)
     with op.batch_alter_table("configuration", schema=None) as batch_op:
+        batch_op.drop_column("planned_at")
         batch_op.drop_column("upstream")
     with op.batch_alter_table("image", schema=None) as batch_op:
+        batch_op.drop_index("ix_image_planned_at")
+        batch_op.drop_column("planned_at")
         batch_op.drop_column("generation")
     with op.batch_alter_table("night", schema=None) as batch_op:
         for column in (
+            "planned_generation",
             "last_file_at",
             "close_reason",
             "closed_at",
