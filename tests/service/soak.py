@@ -490,6 +490,7 @@ def check_soak(url: str, nights: Nights, reference: dict, report: SoakReport) ->
         if key[0].startswith("master_"):
             assert _used(path) == _used(local_path), key
         report.compared += 1
+    print(report.line())
     assert not rewritten, (
         f"{len(rewritten)} outputs no longer hash to the sha256 their task recorded (written "
         f"again after the task finished): {rewritten[:5]}"
