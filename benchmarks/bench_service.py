@@ -139,7 +139,7 @@ def _wait_done(url: str, total: int, timeout: float = 1800) -> float:
 def enqueue_rate(tasks: int) -> None:
     from autowisp.db.migrate import upgrade
     from autowisp.pipeline.broker import celery_publisher
-    from autowisp.pipeline.local import prepare
+    from autowisp.pipeline.local import apply_configuration
     from autowisp.pipeline.scheduler import schedule_once
 
     databases = ExitStack()
@@ -148,7 +148,7 @@ def enqueue_rate(tasks: int) -> None:
     try:
         upgrade(url)
         _fake_frames(url, tasks)
-        prepare(url, NOOP, {})  # task rows exist: the cycle measures queueing, not planning
+        apply_configuration(url, NOOP, {})  # the cycle plans the rows, then queues them
         redis.Redis.from_url(BROKER).flushdb()
         publish = celery_publisher(BROKER)
         start = time.perf_counter()
@@ -167,7 +167,7 @@ def enqueue_rate(tasks: int) -> None:
 def noop_throughput(tasks: int, workers: int, scratch: Path) -> float:
     from autowisp.db.migrate import upgrade
     from autowisp.pipeline.broker import celery_publisher
-    from autowisp.pipeline.local import prepare
+    from autowisp.pipeline.local import apply_configuration
     from autowisp.pipeline.scheduler import schedule_once
 
     databases = ExitStack()
@@ -177,7 +177,7 @@ def noop_throughput(tasks: int, workers: int, scratch: Path) -> float:
     try:
         upgrade(url)
         _fake_frames(url, tasks)
-        prepare(url, NOOP, {})
+        apply_configuration(url, NOOP, {})
         redis.Redis.from_url(BROKER).flushdb()
         processes = _workers(
             _env(url, scratch / f"s{workers}", "benchmarks.bench_service:NOOP"), workers

@@ -294,14 +294,19 @@ class Service:
     def tail(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in self.logs.iterdir())
 
+    @staticmethod
+    def kill(process: subprocess.Popen) -> None:
+        """SIGKILL a started process's whole group (a worker and its pool) and reap it."""
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait(10)
+
     def stop(self) -> None:
         for process in self.processes:
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            process.wait(10)
+            self.kill(process)
 
 
 @pytest.fixture
