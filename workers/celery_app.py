@@ -19,6 +19,8 @@ from celery import Celery
 from kombu import Queue
 
 from autowisp.config import Settings
+from autowisp.errors import ConfigurationError
+from autowisp.pipeline.broker import HARD_MARGIN, SOFT_MARGIN
 
 QUEUES = ("light", "heavy")
 
@@ -26,9 +28,20 @@ QUEUES = ("light", "heavy")
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for an AutoWISP deployment."""
     pipeline = settings.pipeline
-    lease = float(pipeline.get("lease_seconds", 600.0))
-    time_limit = float(pipeline.get("time_limit_seconds", 3600.0))
-    visibility = float(pipeline.get("visibility_timeout", time_limit + 300.0))
+    policy = settings.policy()
+    # The runner stops a step at its time limit; Celery's limits, just above the longest
+    # one, only catch a step that ignores the alarm. A message is redelivered by Redis
+    # after the visibility timeout: it must outlast the longest step, so a healthy task is
+    # never delivered twice (and if it were, the database claim makes it a no-op).
+    longest = max([policy.time_limit_seconds, *map(float, policy.time_limits.values())])
+    hard = longest + HARD_MARGIN
+    visibility = float(pipeline.get("visibility_timeout", hard + 300.0))
+    if visibility <= hard:
+        raise ConfigurationError(
+            f"[pipeline] visibility_timeout = {visibility:g} s must exceed the longest step "
+            f"time limit plus {HARD_MARGIN:g} s ({hard:g} s), or running tasks would be "
+            "delivered again"
+        )
     return {
         "broker_url": settings.broker_url,
         "result_backend": None,
@@ -37,8 +50,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "worker_max_tasks_per_child": int(pipeline.get("max_tasks_per_child", 200)),
-        "task_time_limit": time_limit,
-        "task_soft_time_limit": max(time_limit - 60.0, lease),
+        "task_time_limit": hard,
+        "task_soft_time_limit": longest + SOFT_MARGIN,
         "broker_transport_options": {"visibility_timeout": visibility},
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,

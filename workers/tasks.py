@@ -17,8 +17,9 @@ def _environment() -> tuple[Settings, Registry]:
 
 
 @app.task(name="autowisp.run_task", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_task(task_id: int) -> str | None:
-    """Run task row ``task_id``; a duplicate delivery finds it claimed and does nothing."""
+def run_task(task_id: int, time_limit: float | None = None) -> str | None:
+    """Run task row ``task_id`` within ``time_limit`` seconds (the step's, sent by the
+    scheduler); a duplicate delivery finds it claimed and does nothing."""
     settings, registry = _environment()
     outcome = run_pipeline_task(
         int(task_id),
@@ -26,5 +27,6 @@ def run_task(task_id: int) -> str | None:
         storage_root=settings.storage_root,
         registry=registry,
         policy=settings.policy(),
+        time_limit=time_limit,
     )
     return outcome.value if outcome else None

@@ -20,6 +20,10 @@ __all__ = ["TASK_NAME", "celery_publisher"]
 
 TASK_NAME = "autowisp.run_task"
 
+#: Seconds past a step's own time limit at which Celery's soft and hard limits strike.
+SOFT_MARGIN = 30.0
+HARD_MARGIN = 90.0
+
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +42,7 @@ def celery_publisher(broker_url: str) -> Publisher:
     class CeleryPublisher:
         """Calling it publishes; ``depth(queue)`` counts the messages waiting there."""
 
-        def __call__(self, messages: Sequence[tuple[int, str]]) -> None:
+        def __call__(self, messages: Sequence[tuple[int, str, float]]) -> None:
             publish(messages)
 
         def depth(self, queue: str) -> int | None:
@@ -50,7 +54,7 @@ def celery_publisher(broker_url: str) -> Publisher:
                 log.warning("cannot count the messages of queue %r: %s", queue, error)
                 return None
 
-    def publish(messages: Sequence[tuple[int, str]]) -> None:
+    def publish(messages: Sequence[tuple[int, str, float]]) -> None:
         if not messages:
             return
         declared: set[str] = set()
@@ -63,8 +67,18 @@ def celery_publisher(broker_url: str) -> Publisher:
             # the scheduler gives the rows back and publishes them on its next cycle.
             batch = getattr(producer, "batch", None)
             with batch(max_size=1000) if batch is not None else nullcontext():
-                for task_id, queue in messages:
-                    message = amqp.create_task_message(uuid(), TASK_NAME, (task_id,), {})
+                for task_id, queue, limit in messages:
+                    # The step's time limit travels with the task: the runner stops the
+                    # step at ``limit`` (a transient failure); Celery's soft and hard
+                    # limits just above it catch a step that ignores the runner's alarm.
+                    message = amqp.create_task_message(
+                        uuid(),
+                        TASK_NAME,
+                        (task_id,),
+                        {"time_limit": limit},
+                        time_limit=limit + HARD_MARGIN,
+                        soft_time_limit=limit + SOFT_MARGIN,
+                    )
                     producer.publish(
                         message.body,
                         exchange="",

@@ -46,7 +46,7 @@ __all__ = [
     "StepTimeout",
     "classify_error",
     "run_task",
-    "time_limit",
+    "time_limited",
     "with_db_retry",
 ]
 
@@ -192,7 +192,7 @@ class StepTimeout(TransientError):
 
 
 @contextmanager
-def time_limit(seconds: float, what: str) -> Iterator[None]:
+def time_limited(seconds: float, what: str) -> Iterator[None]:
     """Raise :class:`StepTimeout` in the main thread after ``seconds`` (no limit if 0, or
     outside the main thread, where signals cannot be delivered)."""
     if seconds <= 0 or threading.current_thread() is not threading.main_thread():
@@ -240,9 +240,11 @@ def run_task(
     storage_root: Path,
     registry: Registry,
     policy: RunPolicy = DEFAULT_POLICY,
+    time_limit: float | None = None,
 ) -> TaskState | None:
     """Run one task to an outcome; None if it was not ours to run (already claimed or
-    done) or its lease was lost meanwhile (another worker owns it now)."""
+    done) or its lease was lost meanwhile (another worker owns it now). The step may run
+    ``time_limit`` seconds (default: the policy's limit for it)."""
     token = _in_session(
         database_url, lambda s: state.claim(s, task_id, lease_seconds=policy.lease_seconds)
     )
@@ -268,8 +270,8 @@ def run_task(
         )
         beat.start()
         try:
-            limit = policy.time_limit(step_class)
-            with time_limit(limit, f"{context.step} of {context.target}"):
+            limit = time_limit if time_limit is not None else policy.time_limit(step_class)
+            with time_limited(limit, f"{context.step} of {context.target}"):
                 result = step.run(context)
         finally:
             stop.set()

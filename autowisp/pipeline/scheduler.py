@@ -35,9 +35,10 @@ __all__ = ["CycleReport", "claim_for_queue", "requeue_stale", "run_scheduler", "
 
 log = logging.getLogger(__name__)
 
-#: ``publish([(task_id, queue), ...])`` sends the messages; raising means none were sent.
-#: A publisher may have ``depth(queue) -> int | None``: messages waiting in that queue.
-Publisher = Callable[[Sequence[tuple[int, str]]], None]
+#: ``publish([(task_id, queue, time_limit_s), ...])`` sends the messages; raising means
+#: none were sent. A publisher may have ``depth(queue) -> int | None``: messages waiting
+#: in that queue.
+Publisher = Callable[[Sequence[tuple[int, str, float]]], None]
 
 
 @dataclass
@@ -113,6 +114,7 @@ def schedule_once(
     with session_scope(database_url) as session:
         configurations = active_configurations(session, registry)
         queue_of = {c.id: registry[name].queue for name, c in configurations.items()}
+        limit_of = {c.id: policy.time_limit(registry[name]) for name, c in configurations.items()}
         done = housekeeping(
             session, max_attempts=policy.max_attempts, night_quiet_seconds=night_quiet_seconds
         )
@@ -140,7 +142,9 @@ def schedule_once(
                     select(Task.id, Task.configuration_id).where(Task.id.in_(claimed))
                 ).all()
             )
-        messages = [(task_id, queue_of[queues[task_id]]) for task_id in claimed]
+        messages = [
+            (task_id, queue_of[queues[task_id]], limit_of[queues[task_id]]) for task_id in claimed
+        ]
         try:
             publish(messages)
         except Exception:

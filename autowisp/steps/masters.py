@@ -107,7 +107,14 @@ def overscan_of(
 
 
 def _frames(context: StepContext, kind: ImageType) -> list[ImageInfo]:
-    return [image for image in context.require_night().images if image.image_type is kind]
+    """The night generation's frames of ``kind`` whose frame QC is done (the barrier's
+    inputs: a frame that could not even be read is left out)."""
+    checked = {product.image_id for product in context.inputs.get("frame_qc", ())}
+    return [
+        image
+        for image in context.require_night().images
+        if image.image_type is kind and (image.id in checked or "frame_qc" not in context.inputs)
+    ]
 
 
 def _one_iso(

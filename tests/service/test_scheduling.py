@@ -47,7 +47,7 @@ REGISTRY = Registry([_A, _B, _C])
 def _schedule(url: str, out: str, cycles: int, barrier) -> None:
     def publish(messages):
         with open(out, "a") as stream:
-            stream.writelines(f"{task_id}\n" for task_id, _ in messages)
+            stream.writelines(f"{task_id}\n" for task_id, _, _ in messages)
         time.sleep(0.01)  # a broker round trip, so the two interleave
 
     barrier.wait(60)
