@@ -11,6 +11,15 @@ Where each value comes from, first match wins:
 
 Nothing is read at import time: call :meth:`Settings.load`.
 
+Retention (``[storage.retention]``, :mod:`autowisp.pipeline.retention`; applied by
+``autowisp prune``): empty by default, and then nothing is ever deleted.
+``<step> = "consumed"`` deletes a current product of the step once every task of the
+active configurations that reads it is done (steps whose readers are not known in
+advance, such as masters, are refused); ``superseded = N`` deletes the products of tasks
+that are no longer current (an older generation of their night, a configuration no
+longer active) N days after they finished. A product is never deleted while an
+unfinished reader names it, nor a master while a kept calibrated frame names it.
+
 The TOML file::
 
     [database]
@@ -19,6 +28,9 @@ The TOML file::
     url = "redis://redis:6379/0"
     [storage]
     root = "/data/autowisp"
+    [storage.retention]         # deleting intermediate products (default: empty, none)
+    calibrate = "consumed"      # once every task reading it is done (see below)
+    superseded = 30             # products of old generations/configurations, days after
     [steps.frame_qc]            # per-step parameters (see `autowisp config show`)
     saturation_fraction = 1e-3
     [ingest]
@@ -106,6 +118,7 @@ class Settings:
     ingest: Mapping[str, Any] = field(default_factory=dict)
     pipeline: Mapping[str, Any] = field(default_factory=dict)
     watch: Mapping[str, Any] = field(default_factory=dict)
+    retention: Mapping[str, Any] = field(default_factory=dict)
     config_file: Path | None = None
 
     @classmethod
@@ -154,6 +167,9 @@ class Settings:
             tables[name] = document.get(name, {})
             if not isinstance(tables[name], dict):
                 raise ConfigurationError(f"[{name}] in {path} must be a table")
+        retention = _get(document, "storage", "retention") or {}
+        if not isinstance(retention, dict):
+            raise ConfigurationError(f"[storage.retention] in {path} must be a table")
         pipeline = dict(tables["pipeline"])
         if env.get("AUTOWISP_REGISTRY"):
             pipeline["registry"] = env["AUTOWISP_REGISTRY"]
@@ -166,6 +182,7 @@ class Settings:
             ingest=tables["ingest"],
             pipeline=pipeline,
             watch=tables["watch"],
+            retention=retention,
             config_file=Path(path) if path is not None else None,
         )
 

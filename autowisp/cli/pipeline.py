@@ -1,4 +1,4 @@
-"""``autowisp init | ingest | run | close-night | status | retry | config show|apply``."""
+"""``autowisp init | ingest | run | close-night | status | retry | prune | config show|apply``."""
 
 from __future__ import annotations
 
@@ -413,19 +413,82 @@ def retry(
     """Give dead tasks (and with --excluded, excluded ones) a fresh start once fixed."""
     from sqlalchemy import select
 
-    from autowisp.db.models import Step, TaskState
+    from autowisp.db.models import Step, Task, TaskState
     from autowisp.pipeline import state
+    from autowisp.pipeline.retention import pruned_inputs
 
     settings = _settings()
     ensure_schema(settings)
     states = [TaskState.DEAD] + ([TaskState.EXCLUDED] if excluded else [])
+    refused: list[tuple[int, str]] = []
     with session_scope(settings.database_url) as session:
         step_ids = None
         if step is not None:
             step_ids = list(session.scalars(select(Step.id).where(Step.name == step)))
             if not step_ids:
                 raise typer.BadParameter(f"no step named {step!r}")
-        count = state.reset(
-            session, states=states, task_ids=task, step_ids=step_ids, night_id=night
-        )
+        # A task whose recorded inputs were pruned would run against missing files.
+        query = select(Task.id, Task.inputs).where(Task.state.in_(states))
+        if task is not None:
+            query = query.where(Task.id.in_(task))
+        if step_ids is not None:
+            query = query.where(Task.step_id.in_(step_ids))
+        if night is not None:
+            query = query.where(Task.night_id == night)
+        allowed = []
+        for task_id, inputs in session.execute(query).all():
+            pruned = pruned_inputs(session, inputs)
+            if pruned:
+                names = ", ".join(f"{name} task {i}" for name, i, _ in pruned)
+                refused.append((task_id, names))
+            else:
+                allowed.append(task_id)
+        count = state.reset(session, states=states, task_ids=allowed) if allowed else 0
     typer.echo(f"{count} task(s) pending again; `autowisp run` or the scheduler picks them up")
+    for task_id, names in refused:
+        typer.echo(
+            f"  task {task_id} not reset: its inputs were deleted by the retention policy "
+            f"({names}); they must be made again first"
+        )
+    if refused:
+        raise typer.Exit(1)
+
+
+def prune(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only list what would be deleted.")
+    ] = False,
+) -> None:
+    """Delete the intermediate products the ``[storage.retention]`` policy lets go, and
+    record it in their task rows (an empty policy, the default, deletes nothing)."""
+    from autowisp.pipeline.retention import RetentionPolicy
+    from autowisp.pipeline.retention import prune as prune_products
+
+    settings = _settings()
+    ensure_schema(settings)
+    registry = load_registry(settings.registry_spec)
+    try:
+        policy = RetentionPolicy.from_table(settings.retention, registry=registry)
+    except AutowispError as error:
+        raise typer.BadParameter(str(error)) from error
+    if not policy.enabled:
+        typer.echo("no retention policy ([storage.retention] is empty): nothing is deleted")
+        return
+    with session_scope(settings.database_url) as session:
+        report = prune_products(session, registry, policy, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for item in report.items:
+        typer.echo(
+            f"{verb} task {item.task_id} {item.step} {item.target} {item.path} "
+            f"({item.size_bytes} bytes): {item.reason}"
+        )
+    for path in report.missing:
+        typer.echo(f"  already missing: {path}")
+    for path, error in report.failed:
+        typer.echo(f"  could not delete {path}: {error}", err=True)
+    typer.echo(
+        f"{verb} {len(report.items)} product(s), {report.bytes_freed} bytes "
+        f"({report.bytes_freed / 1e9:.3f} GB)"
+    )
+    if report.failed:
+        raise typer.Exit(1)

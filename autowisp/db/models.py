@@ -362,6 +362,11 @@ class Task(Base):
     )
     output_path: Mapped[str | None] = mapped_column(Text)
     output_sha256: Mapped[str | None] = mapped_column(String(64), doc="Of the output file.")
+    output_pruned_at: Mapped[dt.datetime | None] = mapped_column(
+        UTCDateTime(),
+        doc="When the retention policy deleted the output file (None: not deleted); "
+        "output_path and output_sha256 stay as history.",
+    )
     qc: Mapped[dict[str, Any] | None] = mapped_column(JSON, doc="Quality figures of the run.")
 
     step: Mapped[Step] = relationship()

@@ -37,6 +37,7 @@ from autowisp.db.session import session_scope
 from autowisp.errors import PermanentError, TransientError
 from autowisp.pipeline import state
 from autowisp.pipeline.dependencies import input_products
+from autowisp.pipeline.retention import pruned_inputs
 from autowisp.steps.base import ImageInfo, InputProduct, NightInfo, StepContext
 from autowisp.steps.registry import Registry
 
@@ -125,6 +126,15 @@ def build_context(
             )
         inputs: dict[str, tuple[InputProduct, ...]] = {}
     else:
+        pruned = pruned_inputs(session, task.inputs)
+        if pruned:
+            names = ", ".join(
+                f"{name} task {i} (pruned {when:%Y-%m-%d})" for name, i, when in pruned
+            )
+            raise PermanentError(
+                f"task {task.id} reads products the retention policy deleted: {names}; "
+                "they must be made again before it can run"
+            )
         inputs = input_products(session, task.inputs)
     return StepContext(
         task_id=task.id,

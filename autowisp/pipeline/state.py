@@ -128,8 +128,9 @@ def finish(
     qc: Mapping[str, Any],
     output_sha256: str | None = None,
 ) -> bool:
-    """running → done with its output and quality figures; False if the lease is not ours
-    (it expired and the task went back, or another worker holds it now)."""
+    """running → done with its output and quality figures (a new output: no longer
+    pruned); False if the lease is not ours (it expired and the task went back, or
+    another worker holds it now)."""
     statement = (
         update(Task)
         .where(_owned(task_id, token))
@@ -140,6 +141,7 @@ def finish(
             lease_token=None,
             output_path=output_path,
             output_sha256=output_sha256,
+            output_pruned_at=None,
             qc=dict(qc),
             last_error=None,
             error_kind=None,
