@@ -131,3 +131,14 @@ def db_url(empty_db):
     """A URL of a database of each kind, migrated to head."""
     upgrade(empty_db)
     return empty_db
+
+
+@pytest.fixture
+def pg_url(postgres_available):
+    """A URL of a fresh PostgreSQL database migrated to head."""
+    gen = postgres_database(postgres_available)
+    url = next(gen)
+    upgrade(url)
+    yield url
+    for _ in gen:
+        pass

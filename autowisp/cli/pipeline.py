@@ -118,25 +118,34 @@ def run_parameters(settings: Settings) -> dict[str, Any]:
         raise typer.BadParameter(str(error)) from error
     with session_scope(settings.database_url) as session:
         drift = configuration_drift(session, registry, versions)
+        first_use = len(drift) == len(registry) and not _any_active(session)
         if settings.is_embedded:
-            if drift:
+            if drift and not first_use:
                 typer.echo(f"configuration file applied: new versions for {', '.join(drift)}")
             return {name: dict(version.parameters) for name, version in versions.items()}
         try:
             active = active_configurations(session, registry)
         except AutowispError as error:
-            errors.print(Text(str(error), style="red"))
+            typer.echo(str(error), err=True)
             raise typer.Exit(2) from error
         if drift:
-            errors.print(
-                Text(
-                    f"the configuration file differs from the database's active "
-                    f"configuration for {', '.join(drift)}: running with the active one "
-                    "(activate yours with `autowisp config apply`)",
-                    style="yellow",
-                )
+            typer.echo(
+                f"the configuration file differs from the database's active configuration "
+                f"for {', '.join(drift)}: running with the active one (activate yours with "
+                "`autowisp config apply`)",
+                err=True,
             )
         return {name: dict(c.parameters) for name, c in active.items()}
+
+
+def _any_active(session: Any) -> bool:
+    from sqlalchemy import select
+
+    from autowisp.db.models import Configuration
+
+    return (
+        session.scalar(select(Configuration.id).where(Configuration.active.is_(True))) is not None
+    )
 
 
 def do_ingest(settings: Settings, paths: list[Path], *, close: bool = False) -> IngestReport:

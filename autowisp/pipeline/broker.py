@@ -50,7 +50,9 @@ def celery_publisher(broker_url: str) -> Publisher:
                 with client.connection_or_acquire() as connection:
                     _, count, _ = connection.default_channel.queue_declare(queue, passive=True)
                 return int(count)
-            except Exception as error:  # an unknown queue or a broker hiccup: cannot tell
+            except Exception as error:  # an unknown queue or a broker hiccup
+                if "NOT_FOUND" in str(error) or type(error).__name__ == "NotFound":
+                    return 0  # never declared: nothing waits there
                 log.warning("cannot count the messages of queue %r: %s", queue, error)
                 return None
 

@@ -22,10 +22,9 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from autowisp.db.migrate import upgrade
 from autowisp.db.models import Configuration, Task, TaskState
 from autowisp.db.session import session_scope
-from tests.conftest import REPO, postgres_database
+from tests.conftest import REPO
 
 MACHINE_REDIS = os.environ.get("AUTOWISP_TEST_REDIS", "redis://127.0.0.1:6379")
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
@@ -62,16 +61,6 @@ def broker_url(request):
     redis.Redis.from_url(url).flushdb()
     yield url
     redis.Redis.from_url(url).flushdb()
-
-
-@pytest.fixture
-def pg_url(postgres_available):
-    gen = postgres_database(postgres_available)
-    url = next(gen)
-    upgrade(url)
-    yield url
-    for _ in gen:
-        pass
 
 
 class OwnRedis:
