@@ -48,6 +48,7 @@ class _Unit:
     files: Snapshot
     changed_at: float
     ingested: Snapshot | None = None
+    marked: bool = False
 
 
 @dataclass
@@ -69,13 +70,16 @@ class UploadWatcher:
             unit = self.units.get(directory)
             if unit is None or unit.files != files:
                 unit = self.units[directory] = _Unit(files, now, unit.ingested if unit else None)
-            if unit.ingested == files:
-                continue
             complete = (directory / self.marker).exists()
+            # Ingested already, unless the upload marker appeared since (it closes the
+            # directory's nights: ingest it again, its files are known and skipped).
+            if unit.ingested == files and (unit.marked or not complete):
+                continue
             if not complete and now - unit.changed_at < self.quiet_seconds:
                 continue
             report = self.ingest(sorted(files))
             unit.ingested = dict(files)
+            unit.marked = complete
             done.append((directory, report))
             log.info(
                 "ingested %s: %d new, %d known, %d rejected",

@@ -141,6 +141,11 @@ def activate(
                 Configuration.step_id == step.id, Configuration.version == wanted.version
             )
         ).one()
+        pinned = {edge.step: result[edge.step].id for edge in registry.edges(step_cls.name)}
+        if configuration.upstream != pinned:
+            # A row from before configurations pinned their inputs (schema 0001): its
+            # version already hashes the upstream versions, so these are its inputs.
+            configuration.upstream = pinned
         if not configuration.active:
             # Activated again after a while: frames and nights that arrived meanwhile were
             # planned for another configuration only; plan every target for this one.

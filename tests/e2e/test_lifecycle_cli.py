@@ -37,11 +37,19 @@ def test_an_open_night_waits_and_says_why_until_it_is_closed(small_night, tmp_pa
     again = _cli(home, "run", check=False)
     # Calibrate waits for nothing now; astrometry may die on these small frames.
     assert again.returncode == 0, again.stdout + again.stderr
-    steps = {
-        row["step"]: row for row in json.loads(_cli(home, "status", "--json").stdout)["progress"]
-    }
+    report = json.loads(_cli(home, "status", "--json").stdout)
+    steps = {row["step"]: row for row in report["progress"]}
     assert steps["night_qc"]["done"] == 1 and steps["calibrate"]["done"] == 6
     assert steps["night_qc"]["night_state"] == "closed" and steps["night_qc"]["generation"] == 1
+    # The simulator's two bad flats, rejected by master_flat, with their reasons.
+    flats = {
+        Path(row["path"]).name: row["reason"]
+        for row in report["rejected_frames"]
+        if row["step"] == "master_flat"
+    }
+    assert set(flats) == {"flat_0011.fits", "flat_0012.fits"}, flats
+    assert any("clouds" in r for r in flats.values()) and any("over" in r for r in flats.values())
+    assert "frames rejected by master steps" in _cli(home, "status").stdout
 
 
 def test_run_exits_non_zero_and_lists_what_waits(small_night, tmp_path):

@@ -41,3 +41,38 @@ def test_models_and_migrations_agree(db_url):
             assert connection.execute(text("SELECT COUNT(*) FROM v_night_progress")).scalar() == 0
     finally:
         engine.dispose()
+
+
+def test_configurations_from_before_pinning_get_their_inputs(empty_db):
+    """A database of schema 0001 holds configurations without pinned inputs: activating
+    the same versions after the upgrade fills them in (else their tasks would wait for
+    inputs of configuration -1)."""
+    from autowisp.pipeline.configuration import resolve_versions
+    from autowisp.pipeline.local import apply_configuration
+    from autowisp.steps.registry import default_registry
+
+    registry = default_registry()
+    versions = resolve_versions(registry, {})
+    upgrade(empty_db, "0001")
+    engine = create_engine(empty_db)
+    with engine.begin() as connection:
+        for number, name in enumerate(("frame_qc", "night_qc"), start=1):
+            connection.execute(
+                text(
+                    "INSERT INTO step (id, name, scope, code_version) "
+                    "VALUES (:id, :name, :scope, '1')"
+                ),
+                {"id": number, "name": name, "scope": "image" if number == 1 else "night"},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO configuration (step_id, version, parameters, active, "
+                    "created_at) VALUES (:id, :version, '{}', TRUE, CURRENT_TIMESTAMP)"
+                ),
+                {"id": number, "version": versions[name].version},
+            )
+    engine.dispose()
+    upgrade(empty_db)
+    configurations = apply_configuration(empty_db, registry, {})
+    assert configurations["night_qc"].upstream == {"frame_qc": configurations["frame_qc"].id}
+    assert configurations["night_qc"].version == versions["night_qc"].version  # same row

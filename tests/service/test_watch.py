@@ -88,3 +88,34 @@ def test_completion_marker_ingests_at_once(tmp_path, small_night):
         stop.set()
         thread.join(10)
     assert len(calls[0][1]) == 3
+
+
+def test_a_marker_written_after_the_files_closes_their_night(tmp_path, small_night):
+    """The observer writes UPLOAD_COMPLETE last: the watcher, which ingested the settled
+    files already, ingests the directory again and the marker closes the night."""
+    from autowisp.db.models import Night, NightState
+
+    source = sorted(p for p in small_night.iterdir() if p.is_dir())[0]
+    night_dir = tmp_path / "upload" / "cam" / "20240910"
+    night_dir.mkdir(parents=True)
+    for frame in sorted(source.rglob("object_*.fits"))[:2]:
+        shutil.copy(frame, night_dir / frame.name)
+    url = f"sqlite:///{tmp_path / 'watch.sqlite'}"
+    upgrade(url)
+    clock = [0.0]
+    watcher = UploadWatcher(
+        tmp_path / "upload", lambda files: ingest_paths(url, files), quiet_seconds=10.0,
+        clock=lambda: clock[0],
+    )  # fmt: skip
+    watcher.scan()
+    clock[0] = 11.0
+    assert len(watcher.scan()) == 1  # settled: ingested, the night still open
+    with session_scope(url) as session:
+        assert session.scalar(select(Night.state)) is NightState.OPEN
+    assert watcher.scan() == []  # nothing new
+    (night_dir / "UPLOAD_COMPLETE").touch()
+    [(_, report)] = watcher.scan()
+    assert report.ingested == 0 and report.duplicates == 2 and report.closed
+    with session_scope(url) as session:
+        assert session.scalar(select(Night.state)) is NightState.CLOSED
+    assert watcher.scan() == []  # and only once
