@@ -20,7 +20,9 @@ that are no longer current (an older generation of their night, a configuration 
 longer active) N days after they finished. A product is never deleted while an
 unfinished reader names it, nor a master while a kept calibrated frame names it.
 
-The TOML file::
+The TOML file (its ``[steps.*]`` become the database's active configuration with
+``autowisp init`` or ``autowisp config apply``; on the embedded SQLite database
+``autowisp run`` applies them itself)::
 
     [database]
     url = "postgresql+psycopg2://autowisp@db/autowisp"
@@ -42,18 +44,20 @@ The TOML file::
     [ingest.camera_defaults]     # last resort, by camera serial
     "012070048413" = "object"
     [pipeline]                   # retries and leases (defaults shown)
-    max_attempts = 3
+    max_attempts = 3             # of a task failing with transient errors
     backoff_seconds = 5.0        # first retry delay, doubled each attempt
     lease_seconds = 600.0        # a running task's lease, renewed by its heartbeat
     time_limit_seconds = 3600.0  # a step running longer fails (transient; retried)
     time_limits = { calibrate = 900.0 }   # per step, s
-    queued_timeout = 600.0       # a queued task whose queue is empty is published again
-    night_quiet_seconds = 3600.0 # an open night with no new frame for this long closes
+    queued_timeout = 600.0       # queued this long, its queue empty: published again
+    night_quiet_seconds = 3600.0 # an open night with no new frame this long closes (0: never)
+    visibility_timeout = 3900.0  # Celery workers: Redis redelivery (time limit + 300 s)
+    max_tasks_per_child = 200    # Celery workers: a pool process is replaced after this
     registry = "autowisp.steps.registry:default_registry"   # or AUTOWISP_REGISTRY
     [watch]
     quiet_seconds = 60.0         # a directory is ingested once unchanged this long
     rescan_seconds = 30.0        # periodic rescans (network mounts miss events)
-    marker = "UPLOAD_COMPLETE"   # or at once when this file appears
+    marker = "UPLOAD_COMPLETE"   # or at once when this file appears; it closes the night
 """
 
 from __future__ import annotations

@@ -308,7 +308,7 @@ def ingest_paths(
             )
             rows = []
             for number, path in enumerate(batch, start=first + 1):
-                if marker and path in report.hashes and beside_marker(path):
+                if path in report.hashes and (close or (marker and beside_marker(path))):
                     marked_files.append(report.hashes[path])
                 row = _image_row(database_url, session, path, rules, layouts, known, report, cache)
                 if row is not None:
@@ -342,7 +342,7 @@ def ingest_paths(
                 )
             )
         }
-    complete = report.nights if close else marked
+    complete = marked | report.nights if close else marked
     if complete:
         with session_scope(database_url) as session:
             reason = "upload complete (autowisp run / close)" if close else f"{marker} file"
