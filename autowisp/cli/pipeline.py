@@ -19,6 +19,7 @@ from autowisp.db.session import session_scope
 from autowisp.errors import AutowispError
 from autowisp.ingest.ingest import IngestReport, ingest_paths
 from autowisp.pipeline.configuration import (
+    StepVersion,
     activate,
     active_configurations,
     configuration_drift,
@@ -27,7 +28,7 @@ from autowisp.pipeline.configuration import (
 from autowisp.pipeline.cycle import night_quiet_seconds
 from autowisp.pipeline.local import RunSummary, run_local
 from autowisp.pipeline.status import STATES, collect_status
-from autowisp.steps.registry import load_registry
+from autowisp.steps.registry import Registry, load_registry
 
 console = Console()
 if not console.is_terminal:
@@ -91,14 +92,20 @@ def init(
     apply_file_configuration(settings)
 
 
+def file_versions(settings: Settings) -> tuple[Registry, dict[str, StepVersion]]:
+    """The pipeline and the configuration file's version of every step (a bad parameter
+    is reported as the command's bad input)."""
+    registry = load_registry(settings.registry_spec)
+    try:
+        return registry, resolve_versions(registry, settings.steps)
+    except AutowispError as error:
+        raise typer.BadParameter(str(error)) from error
+
+
 def apply_file_configuration(settings: Settings) -> list[str]:
     """Make the configuration file's step parameters the active ones: the steps whose
     version changed (their tasks, and their downstream steps', run again)."""
-    registry = load_registry(settings.registry_spec)
-    try:
-        versions = resolve_versions(registry, settings.steps)
-    except AutowispError as error:
-        raise typer.BadParameter(str(error)) from error
+    registry, versions = file_versions(settings)
     with session_scope(settings.database_url) as session:
         changed = configuration_drift(session, registry, versions)
         activate(session, registry, versions)
@@ -111,11 +118,7 @@ def run_parameters(settings: Settings) -> dict[str, Any]:
     """The step parameters a local run uses. The embedded database follows the
     configuration file (its user is its operator); a shared database keeps its active
     configuration, and a differing file is reported, not applied."""
-    registry = load_registry(settings.registry_spec)
-    try:
-        versions = resolve_versions(registry, settings.steps)
-    except AutowispError as error:
-        raise typer.BadParameter(str(error)) from error
+    registry, versions = file_versions(settings)
     with session_scope(settings.database_url) as session:
         drift = configuration_drift(session, registry, versions)
         first_use = len(drift) == len(registry) and not _any_active(session)

@@ -10,11 +10,10 @@ from typing import Annotated
 
 import typer
 
-from autowisp.cli.pipeline import _settings, do_ingest, ensure_schema
+from autowisp.cli.pipeline import _settings, do_ingest, ensure_schema, file_versions
 from autowisp.config import Settings
 from autowisp.db.session import session_scope
-from autowisp.errors import AutowispError
-from autowisp.pipeline.configuration import configuration_drift, resolve_versions
+from autowisp.pipeline.configuration import configuration_drift
 from autowisp.pipeline.cycle import night_quiet_seconds
 from autowisp.pipeline.scheduler import CycleReport, run_scheduler
 from autowisp.steps.registry import load_registry
@@ -23,12 +22,7 @@ from autowisp.steps.registry import load_registry
 def warn_about_drift(settings: Settings) -> None:
     """Say so when the configuration file is not the database's active configuration
     (the service runs the active one; `autowisp config apply` changes it)."""
-    registry = load_registry(settings.registry_spec)
-    try:
-        versions = resolve_versions(registry, settings.steps)
-    except AutowispError as error:
-        typer.echo(f"the configuration file is invalid, ignored: {error}", err=True)
-        return
+    registry, versions = file_versions(settings)
     with session_scope(settings.database_url) as session:
         drift = configuration_drift(session, registry, versions)
     if drift:
