@@ -223,6 +223,8 @@ def main() -> None:
                 f"waiting {report.pending_waiting}, excluded {report.excluded}",
             )
         )
+    for name, value in rows:  # the cycle's figures, before the slower worker runs
+        print(f"  {name}: {value}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         one = noop_throughput(args.noop, 1, Path(scratch))
         two = noop_throughput(args.noop, 2, Path(scratch))

@@ -108,6 +108,35 @@ def test_a_night_with_its_own_calibration_frames_uses_its_own_masters(small_nigh
         assert len(tasks) == 1 and tasks[0].state is TaskState.DONE
 
 
+def test_a_night_whose_masters_come_last_is_calibrated_with_them(small_night, tmp_path):
+    """Bug 1 with the second night's masters finishing last: its object frames arrive
+    (and are processed) before its calibration frames. The code before these changes
+    calibrated all 6 with the first night's masters and never again."""
+    first = _camera(small_night)
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    ingest_paths(url, [first], close=True)
+    run_local(url, tmp_path / "storage", CALIBRATION, jobs=2, step_parameters=FEW)
+    second = tmp_path / "second"
+    _shifted_copy(sorted(first.rglob("*.fits")), second, days=3)
+    objects, calibration = tmp_path / "objects", tmp_path / "calibration"
+    for frame in sorted(second.iterdir()):
+        target = objects if frame.name.startswith("object") else calibration
+        target.mkdir(exist_ok=True)
+        shutil.move(frame, target / frame.name)
+    ingest_paths(url, [objects])  # the upload is still going on
+    run_local(url, tmp_path / "storage", CALIBRATION, jobs=2, step_parameters=FEW)
+    ingest_paths(url, [calibration], close=True)
+    run_local(url, tmp_path / "storage", CALIBRATION, jobs=2, step_parameters=FEW)
+    later = [t for t, d in _rows(url, "calibrate") if d.isoformat() == "2024-09-13"]
+    current = [t for t in later if t.state is TaskState.DONE]
+    assert len(current) == 6
+    for task in current:
+        product = read_calibrated_frame(Path(task.output_path), with_error=False)
+        for keyword in ("MBIAS", "MDARK", "MFLAT"):
+            assert product.provenance.references[keyword].startswith("2024-09-13 "), keyword
+
+
 def test_a_night_uploaded_in_two_parts_runs_its_barriers_again_on_every_frame(
     small_night, tmp_path
 ):
