@@ -140,6 +140,11 @@ def fill(url: str, *, nights: int, objects: int) -> dict[str, int]:
         tasks("calibrate", generation=1, where="{n} > " + str(finished), state="pending")
         tasks("astrometry", generation=1, where=done_nights, state="done")
         tasks("astrometry", generation=1, where="{n} > " + str(finished), state="pending")
+        # Steady state: every frame, night and configuration planned already (their tasks
+        # exist), as a running deployment's are.
+        c.execute(text("UPDATE image SET planned_at = now()"))
+        c.execute(text("UPDATE night SET planned_generation = closed_generation"))
+        c.execute(text("UPDATE configuration SET planned_at = now()"))
         c.execute(
             text(
                 "UPDATE task SET state = 'dead', error_kind = 'permanent',"

@@ -46,7 +46,9 @@ def engine_for(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 60})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        # Batched executemany for UPDATEs too (one round trip per page, not per row).
+        options = {"executemany_mode": "values_plus_batch"} if "psycopg2" in url else {}
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, **options)
     _ENGINES[url] = (pid, engine)
     return engine
 

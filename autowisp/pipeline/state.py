@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import Update, and_, insert, or_, select, update
+from sqlalchemy import JSON, Update, and_, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from autowisp.db.clock import db_time
@@ -46,22 +46,30 @@ ERROR_LIMIT = 8000
 def mark_queued(
     session: Session, task_ids: Iterable[int], inputs: Mapping[int, Mapping[str, Any]]
 ) -> list[int]:
-    """pending → queued (handed to an executor), recording each task's resolved inputs."""
-    claimed = []
-    for task_id in task_ids:
-        result = session.execute(
-            update(Task)
-            .where(Task.id == task_id, Task.state == TaskState.PENDING)
+    """pending → queued (handed to an executor), recording each task's resolved inputs;
+    the ids that were pending (the others changed meanwhile)."""
+    ids = list(task_ids)
+    pending: list[int] = []
+    for start in range(0, len(ids), 1000):
+        pending += session.scalars(
+            select(Task.id).where(
+                Task.id.in_(ids[start : start + 1000]), Task.state == TaskState.PENDING
+            )
+        ).all()
+    if pending:
+        table = Task.__table__
+        session.execute(
+            update(table)
+            .where(table.c.id == bindparam("task"), table.c.state == TaskState.PENDING.value)
             .values(
-                state=TaskState.QUEUED,
+                state=TaskState.QUEUED.value,
                 queued_at=db_time(session),
                 wait_reason=None,
-                inputs=dict(inputs.get(task_id, {})),
-            )
+                inputs=bindparam("resolved", type_=JSON),
+            ),
+            [{"task": i, "resolved": dict(inputs.get(i, {}))} for i in pending],
         )
-        if rowcount(result) == 1:
-            claimed.append(task_id)
-    return claimed
+    return pending
 
 
 def claim(session: Session, task_id: int, *, lease_seconds: float) -> str | None:
@@ -89,7 +97,11 @@ def claim(session: Session, task_id: int, *, lease_seconds: float) -> str | None
 def transition(session: Session, statement: Update) -> int:
     """Execute a transition; the nights (and steps) of the rows it changed are noted in
     ``wakeup`` so the planner looks at their pending tasks again. The rows changed."""
-    rows = session.execute(statement.returning(Task.night_id, Task.step_id)).all()
+    rows = session.execute(
+        statement.returning(Task.night_id, Task.step_id).execution_options(
+            synchronize_session=False
+        )
+    ).all()
     if rows:
         session.execute(insert(Wakeup), [{"night_id": n, "step_id": s} for n, s in set(rows)])
     return len(rows)
@@ -248,29 +260,26 @@ def reset(
 
 def note_waiting(session: Session, reasons: Mapping[int, str]) -> int:
     """Record why pending tasks cannot run yet (they stay pending); only changed reasons
-    are written. Returns how many rows changed."""
+    are written, in one statement. Returns how many rows changed."""
     if not reasons:
         return 0
     ids = list(reasons)
-    changed = 0
+    changed = []
     for start in range(0, len(ids), 1000):
         chunk = ids[start : start + 1000]
         stored = dict(
             session.execute(select(Task.id, Task.wait_reason).where(Task.id.in_(chunk))).all()
         )
-        for task_id in chunk:
-            if stored.get(task_id, reasons[task_id]) != reasons[task_id]:
-                changed += (
-                    rowcount(
-                        session.execute(
-                            update(Task)
-                            .where(Task.id == task_id, Task.state == TaskState.PENDING)
-                            .values(wait_reason=reasons[task_id])
-                        )
-                    )
-                    or 0
-                )
-    return changed
+        changed += [i for i in chunk if i in stored and stored[i] != reasons[i]]
+    if changed:
+        table = Task.__table__
+        session.execute(
+            update(table)
+            .where(table.c.id == bindparam("task"), table.c.state == TaskState.PENDING.value)
+            .values(wait_reason=bindparam("reason")),
+            [{"task": i, "reason": reasons[i]} for i in changed],
+        )
+    return len(changed)
 
 
 def release_due_retries(session: Session) -> int:

@@ -147,6 +147,10 @@ def upgrade() -> None:
     op.execute(
         "UPDATE night SET state = 'closed', closed_generation = 1, close_reason = 'migration'"
     )
+    # Their frames have their tasks (planned by the code of revision 0001); the first cycle
+    # plans every configuration over every target anyway (configuration.planned_at NULL).
+    op.execute("UPDATE image SET planned_at = CURRENT_TIMESTAMP")
+    op.execute("UPDATE night SET planned_generation = 1")
     # Their night-level tasks worked on that generation.
     op.execute("UPDATE task SET generation = 1 WHERE image_id IS NULL AND night_id IS NOT NULL")
     # So did the frames' steps downstream of the masters (the pipeline of revision 0001).
