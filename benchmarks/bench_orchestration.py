@@ -31,7 +31,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, select, text
 
-from benchmarks.bench_service import noop_throughput
+from benchmarks.bench_service import exit_on_sigterm, noop_throughput
 from benchmarks.scratch import scratch_database
 
 CALIBRATION = 12  # each of bias, dark and flat, per night
@@ -197,6 +197,7 @@ def cycle_times(url: str, *, cycles: int) -> tuple[float, list[float], object]:
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nights", type=int, default=1000)
     parser.add_argument("--objects", type=int, default=320)

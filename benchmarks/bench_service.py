@@ -109,6 +109,13 @@ def _workers(env: dict, count: int) -> list[subprocess.Popen]:
     ]
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``kill``, ``timeout``) into SystemExit, so that the ``finally``
+    blocks stop the worker processes this benchmark started: left running, they would
+    take the next run's messages from the same Redis database."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def _stop(processes):
     for process in processes:
         try:
@@ -254,6 +261,7 @@ def night(frames: int, scratch: Path) -> None:
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--noop", type=int, default=2000)

@@ -273,7 +273,7 @@ def ingest_paths(
     watcher's) neither lose frames nor wait for each other's batches.
     """
     paths = [Path(p) for p in paths]
-    files = list(find_files(paths))
+    files = list(dict.fromkeys(find_files(paths)))  # a file named twice is read once
     report = IngestReport()
     rules = rules or {}
     cache: dict[tuple, int] = {}  # camera and night ids found so far in this ingest

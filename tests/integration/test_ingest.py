@@ -345,3 +345,10 @@ def test_other_integrity_errors_are_raised_not_counted_as_duplicates(
     with pytest.raises(IntegrityError, match=r"(?i)foreign key"):
         ingest_paths(db_url, [tmp_path])
     assert _count(db_url) == 0
+
+
+def test_a_file_named_twice_is_ingested_once(db_url, small_night):
+    camera = sorted(p for p in small_night.iterdir() if p.is_dir())[0]
+    frame = sorted(camera.rglob("bias_*.fits"))[0]
+    report = ingest_paths(db_url, [camera, frame])
+    assert report.ingested == len(list(camera.rglob("*.fits"))) and report.duplicates == 0
