@@ -15,7 +15,8 @@ Storage (what a frame costs; the astrometric solution is in
   cfitsio from same-channel pixel differences) divided by :data:`QUANTIZE_LEVEL` = 16,
   so a value is off by at most 1/32 of the noise; SUBTRACTIVE_DITHER_2 keeps zeros
   exact and removes the mean bias of rounding; a fixed dither seed makes the bytes
-  reproducible. The header states the level (``QLEVEL``). ``MASK`` is lossless (GZIP_2).
+  reproducible. The header states the level (``QLEVEL``). ``MASK`` is lossless (RICE_1;
+  GZIP would stamp the time of writing into the file, and the bytes would differ).
   ``ERROR`` is not stored: it is a deterministic function of the calibrated image, the
   masters the header names and the gain, read noise and exposure time it records
   (:func:`autowisp.core.calibration.calibrated_error`), recomputed by the reader from
@@ -235,7 +236,7 @@ def write_calibrated_frame(path: Path, product: CalibratedFrame) -> None:
         dither_seed=DITHER_SEED,
     )
     mask = fits.CompImageHDU(
-        np.asarray(product.mask, np.uint8), name="MASK", compression_type="GZIP_2"
+        np.asarray(product.mask, np.uint8), name="MASK", compression_type="RICE_1"
     )
     with atomic_path(path) as temporary:
         fits.HDUList([fits.PrimaryHDU(header=header), image, mask]).writeto(temporary)

@@ -76,7 +76,15 @@ def plan_tasks(
     when given."""
     night_filter = None if nights is None else list(nights)
     plan = Plan()
-    full = {name for name, c in configurations.items() if c.planned_at is None}
+    # From the database, not the objects given (they may be from an earlier session).
+    planned = dict(
+        session.execute(
+            select(Configuration.id, Configuration.planned_at).where(
+                Configuration.id.in_([c.id for c in configurations.values()])
+            )
+        ).all()
+    )
+    full = {name for name, c in configurations.items() if planned.get(c.id) is None}
     plan.full = bool(full)
     query_images = select(Image.id).where(Image.planned_at.is_(None)).order_by(Image.id)
     query_nights = select(Night.id, Night.closed_generation).where(

@@ -341,3 +341,22 @@ def test_errors_are_transient_permanent_or_a_bug(small_night, tmp_path):
 )
 def test_error_classes(error, kind):
     assert classify_error(error) is kind
+
+
+def test_a_master_finishing_wakes_the_nights_of_its_camera(small_night, tmp_path):
+    """A night without calibration frames waits for a master under way in another night of
+    its camera; when that master is done, the wakeup of its camera lets the waiting night
+    run in the same executor run (cycles after the first look only at woken nights)."""
+    first = _camera(small_night)
+    objects_only = tmp_path / "objects"
+    _shifted_copy(sorted(first.rglob("object_*.fits"))[:2], objects_only, days=3)
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    ingest_paths(url, [objects_only, first], close=True)
+    summary = run_local(url, tmp_path / "storage", CALIBRATION, jobs=2, step_parameters=FEW)
+    assert not summary.waiting, summary.waiting
+    later = [t for t, d in _rows(url, "calibrate") if d.isoformat() == "2024-09-13"]
+    assert len(later) == 2 and all(t.state is TaskState.DONE for t in later)
+    for task in later:
+        [bias] = task.inputs["master_bias"]
+        assert _night_of_task(url, bias).isoformat() == "2024-09-10"

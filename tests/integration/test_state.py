@@ -137,3 +137,26 @@ def test_leases_use_the_database_clock(db_url, small_night):
         # The database's now is the reference: this lease is not expired yet.
         assert state.sweep_expired_leases(session, max_attempts=3) == 0
         assert abs((started - dt.datetime.now(dt.UTC)).total_seconds()) < 30
+
+
+def test_a_backlog_is_not_republished_but_lost_messages_are(db_url, small_night):
+    """Bug 8: tasks queued longer than the timeout were republished even while their queue
+    still held them (a long backlog); now only when their queue is empty in the broker."""
+    from autowisp.pipeline.scheduler import requeue_stale
+
+    task_id = _first_task(db_url, small_night)
+    with session_scope(db_url) as session:
+        state.mark_queued(session, [task_id], {})
+        configuration = session.get(Task, task_id).configuration_id
+        session.execute(
+            update(Task)
+            .where(Task.id == task_id)
+            .values(queued_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2))
+        )
+    queues = {configuration: "light"}
+    with session_scope(db_url) as session:
+        assert requeue_stale(session, older_than=600, queues=queues, empty=set()) == 0
+        assert session.get(Task, task_id).state is TaskState.QUEUED  # still in the backlog
+    with session_scope(db_url) as session:  # the broker lost its messages: queue empty
+        assert requeue_stale(session, older_than=600, queues=queues, empty={"light"}) == 1
+        assert session.get(Task, task_id).state is TaskState.PENDING
