@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import literal, select
 from sqlalchemy.orm import Session
 
 from autowisp.db.models import Camera, Configuration, Image, ImageState, Night, Task, TaskState
@@ -72,7 +72,9 @@ def _chunks(values: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
 class _Facts:
     """Everything the decisions for a batch of pending tasks need, loaded in bulk."""
 
-    def __init__(self, session: Session, tasks: Sequence[Task]):
+    def __init__(self, session: Session, tasks: Sequence[Task], *, with_iso: bool):
+        """``with_iso``: read the frames' headers for their ISO (only master edges need
+        it; a header is a few kB of JSON per frame)."""
         self.session = session
         self.nights = sorted({t.night_id for t in tasks if t.night_id is not None})
         self.night_rows: dict[int, tuple[int, dt.date, int]] = {}
@@ -83,14 +85,14 @@ class _Facts:
             ):  # fmt: skip
                 self.night_rows[night_id] = (camera_id, local_date, closed)
         self.frames: dict[int, list[_Frame]] = defaultdict(list)
+        header = Image.header if with_iso else literal(None)
         for chunk in _chunks(self.nights):
-            for image_id, night_id, image_type, generation, header in session.execute(
-                select(Image.id, Image.night_id, Image.image_type, Image.generation, Image.header)
+            for image_id, night_id, image_type, generation, values in session.execute(
+                select(Image.id, Image.night_id, Image.image_type, Image.generation, header)
                 .where(Image.night_id.in_(chunk), Image.state == ImageState.INGESTED)
             ):  # fmt: skip
-                self.frames[night_id].append(
-                    _Frame(image_id, str(image_type), generation, header_iso(header or {}))
-                )
+                iso = header_iso(values) if values else None
+                self.frames[night_id].append(_Frame(image_id, str(image_type), generation, iso))
         self.iso_of_image = {f.id: f.iso for fs in self.frames.values() for f in fs}
         cameras = sorted({camera for camera, _, _ in self.night_rows.values()})
         self._serials = dict(
@@ -109,13 +111,12 @@ class _Facts:
             for chunk in _chunks(self.nights):
                 rows = self.session.execute(
                     select(Task.id, Task.state, Task.target, Task.image_id, Task.night_id,
-                           Task.generation, Task.qc)
+                           Task.generation)
                     .where(Task.configuration_id == configuration_id, Task.night_id.in_(chunk))
                 )  # fmt: skip
-                for task_id, state, target, image_id, night_id, generation, qc in rows:
-                    iso = (qc or {}).get("iso")
+                for task_id, state, target, image_id, night_id, generation in rows:
                     found[(target, generation)] = _Upstream(
-                        task_id, state, image_id, night_id, generation, iso
+                        task_id, state, image_id, night_id, generation, None
                     )
             self._by_night[configuration_id] = found
         return self._by_night[configuration_id]
@@ -173,7 +174,12 @@ def evaluate(
     """Decide ready / wait / exclude for pending ``tasks`` (rows of the configurations in
     ``configurations``, by step name), with the inputs of the ready ones."""
     by_id = {c.id: (name, c) for name, c in configurations.items()}
-    facts = _Facts(session, tasks)
+    names = {by_id[t.configuration_id][0] for t in tasks}
+    facts = _Facts(
+        session,
+        tasks,
+        with_iso=any(e.kind is Kind.MASTER for n in names for e in registry.edges(n)),
+    )
     decisions = []
     for task in tasks:
         name, configuration = by_id[task.configuration_id]

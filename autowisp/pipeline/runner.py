@@ -7,7 +7,6 @@ alive, and records the outcome: done with output and QC, failed for a retry, or 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import signal
 import threading
@@ -35,6 +34,7 @@ from autowisp.db.models import (
 )
 from autowisp.db.session import session_scope
 from autowisp.errors import PermanentError, TransientError
+from autowisp.ingest.headers import sha256_of
 from autowisp.pipeline import state
 from autowisp.pipeline.dependencies import input_products
 from autowisp.pipeline.retention import pruned_inputs
@@ -235,14 +235,6 @@ def classify_error(error: BaseException) -> ErrorKind:
     return ErrorKind.BUG
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_task(
     task_id: int,
     *,
@@ -287,7 +279,7 @@ def run_task(
             stop.set()
             beat.join()
         output = str(result.output_path) if result.output_path is not None else None
-        checksum = file_sha256(result.output_path) if result.output_path is not None else None
+        checksum = sha256_of(result.output_path) if result.output_path is not None else None
     except Exception as error:  # the task boundary: classified, recorded, never lost
         return _record_failure(database_url, task_id, token, error, policy)
     finished = _in_session(

@@ -54,6 +54,12 @@ class Registry:
             declared = (*step.inputs, *(Input(name, Kind.MASTER) for name in step.master_inputs))
             self._edges[step.name] = tuple(self._edge(step, given) for given in declared)
         self._order = self._topological()
+        self._generational: dict[str, bool] = {}
+        for name in self._order:  # upstream first: each edge's step is known already
+            self._generational[name] = self._steps[name].scope is not Scope.IMAGE or any(
+                self._steps[edge.step].scope is not Scope.IMAGE or self._generational[edge.step]
+                for edge in self._edges[name]
+            )
 
     def _topological(self) -> list[str]:
         order: list[str] = []
@@ -126,13 +132,7 @@ class Registry:
         """Whether the step's tasks work on a night generation: night steps, and image
         steps that read (directly or not) a night step's output. The others work on the
         frame alone (generation 0) and run while the night is still open."""
-        step = self[name]
-        if step.scope is not Scope.IMAGE:
-            return True
-        return any(
-            self[edge.step].scope is not Scope.IMAGE or self.generational(edge.step)
-            for edge in self._edges[name]
-        )
+        return self._generational[name]
 
     def downstream(self, name: str) -> set[str]:
         """Steps that depend on ``name``, directly or not (``name`` excluded)."""

@@ -43,9 +43,9 @@ from autowisp.db.models import (
 )
 from autowisp.db.models import Step as StepRow
 from autowisp.db.session import dispose_engine, session_scope
+from autowisp.ingest.headers import sha256_of
 from autowisp.ingest.ingest import ingest_paths
 from autowisp.pipeline.local import run_local
-from autowisp.pipeline.runner import file_sha256
 from autowisp.simulate.night import NightConfig, simulate_night
 from autowisp.steps.registry import default_registry
 from tests.service.conftest import OwnPostgres, OwnRedis, Service
@@ -437,7 +437,7 @@ def check_soak(url: str, nights: Nights, reference: dict, report: SoakReport) ->
         for task in tasks:
             if task.state is TaskState.DONE and task.output_path:
                 path = Path(task.output_path)
-                if file_sha256(path) != task.output_sha256:
+                if sha256_of(path) != task.output_sha256:
                     modified = time.strftime("%H:%M:%S", time.gmtime(path.stat().st_mtime))
                     rewritten.append(
                         f"task {task.id} ({names[task.step_id]} {task.target} "
