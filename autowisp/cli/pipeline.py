@@ -25,7 +25,7 @@ from autowisp.pipeline.configuration import (
     configuration_drift,
     resolve_versions,
 )
-from autowisp.pipeline.cycle import night_quiet_seconds
+from autowisp.pipeline.cycle import field_radius, night_quiet_seconds
 from autowisp.pipeline.local import RunSummary, run_local
 from autowisp.pipeline.status import STATES, collect_status
 from autowisp.steps.registry import Registry, load_registry
@@ -204,6 +204,7 @@ def do_run(settings: Settings, jobs: int) -> RunSummary:
             policy=settings.policy(),
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             night_quiet_seconds=night_quiet_seconds(settings),
+            field_radius=field_radius(settings),
         )
     outcomes = (
         ", ".join(f"{n} {k}" for k, n in sorted(summary.outcomes.items())) or "nothing to do"
@@ -285,6 +286,36 @@ def print_status(
                 f"`autowisp close-night {open_night['night_id']}`)"
             )
         )
+    if report.fields and not failed:
+        fields = Table(title="fields and their light-curve shards")
+        for column in (
+            "field",
+            "name",
+            "camera",
+            "frames",
+            "nights",
+            "in shards",
+            "shards",
+            "gen",
+            "shard/field tasks",
+        ):
+            fields.add_column(column)
+        for row in report.fields:
+            tasks = ", ".join(f"{n} {s}" for s, n in sorted(row["tasks"].items())) or "·"
+            fields.add_row(
+                *_cells(
+                    row["field_id"],
+                    row["name"],
+                    row["camera_serial"],
+                    row["frames"],
+                    row["nights"],
+                    row["nights_in_shards"],
+                    row["shards"],
+                    row["generation"],
+                    tasks,
+                )
+            )
+        console.print(fields)
     images = ", ".join(f"{n} {state}" for state, n in sorted(report.images.items()))
     console.print(Text(f"images: {images or 'none'}"))
     rate = report.throughput["tasks_per_minute"]

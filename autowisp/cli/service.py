@@ -14,7 +14,7 @@ from autowisp.cli.pipeline import _settings, do_ingest, ensure_schema, file_vers
 from autowisp.config import Settings
 from autowisp.db.session import session_scope
 from autowisp.pipeline.configuration import configuration_drift
-from autowisp.pipeline.cycle import night_quiet_seconds
+from autowisp.pipeline.cycle import field_radius, night_quiet_seconds
 from autowisp.pipeline.scheduler import CycleReport, run_scheduler
 from autowisp.steps.registry import load_registry
 
@@ -71,6 +71,7 @@ def scheduler(
         policy=settings.policy(),
         queued_timeout=float(settings.pipeline.get("queued_timeout", 600.0)),
         night_quiet_seconds=night_quiet_seconds(settings),
+        field_radius=field_radius(settings),
         interval=interval,
         once=once,
         report=report,

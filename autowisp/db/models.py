@@ -41,6 +41,7 @@ __all__ = [
     "Channel",
     "Configuration",
     "ErrorKind",
+    "Field",
     "Image",
     "ImageState",
     "ImageType",
@@ -50,6 +51,7 @@ __all__ = [
     "NightState",
     "Observatory",
     "Scope",
+    "ShardNight",
     "Step",
     "Task",
     "TaskState",
@@ -220,6 +222,7 @@ class Image(Base):
         Index("ix_image_camera_state", "camera_id", "state"),
         Index("ix_image_night_type", "night_id", "image_type"),
         Index("ix_image_planned_at", "planned_at"),
+        Index("ix_image_field", "field_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -253,6 +256,9 @@ class Image(Base):
     )
     planned_at: Mapped[dt.datetime | None] = mapped_column(
         UTCDateTime(), doc="When the planner created the frame's tasks (None: not yet)."
+    )
+    field_id: Mapped[int | None] = mapped_column(
+        ForeignKey("field.id"), doc="The field of an object frame with a known pointing."
     )
 
     night: Mapped[Night | None] = relationship()
@@ -297,15 +303,75 @@ class Configuration(Base):
     step: Mapped[Step] = relationship()
 
 
-class LightCurveShard(Base):
-    __tablename__ = "light_curve_shard"
+class Field(Base):
+    """One camera pointing across nights: the unit of star lists, magnitude-fitting
+    references and light curves. A frame joins the camera's field whose centre is within
+    ``radius`` of its pointing, else starts a new one (:mod:`autowisp.db.fields`)."""
+
+    __tablename__ = "field"
+    __table_args__ = (Index("ix_field_camera", "camera_id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
-    path: Mapped[str] = mapped_column(Text)
-    stars: Mapped[int] = mapped_column(Integer, default=0)
-    nights: Mapped[list[Any]] = mapped_column(JSON, default=list, doc="Night ids contained.")
+    camera_id: Mapped[int] = mapped_column(ForeignKey("camera.id"))
+    name: Mapped[str] = mapped_column(String(64), unique=True, doc="<serial>-<RA>+<Dec>.")
+    ra: Mapped[float] = mapped_column(Float, doc="Centre RA (the first frame's pointing), deg.")
+    dec: Mapped[float] = mapped_column(Float, doc="Centre Dec, deg.")
+    radius: Mapped[float] = mapped_column(
+        Float, doc="A frame pointing within this of the centre belongs to the field, deg."
+    )
+    planned_generation: Mapped[int] = mapped_column(
+        Integer,
+        default=0,
+        server_default="0",
+        doc="Latest field generation (each placement of nights into its shards is one).",
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    camera: Mapped[Camera] = relationship()
+
+
+class LightCurveShard(Base):
+    """A range of a field's stars whose light curves are kept together. Its content grows
+    night by night in generations: generation ``s`` holds the nights placed in
+    generations <= s (:class:`ShardNight`), each written as its own file, so appending
+    never rewrites history in place; the current file is the latest done task's."""
+
+    __tablename__ = "light_curve_shard"
+    __table_args__ = (UniqueConstraint("field_id", "shard_index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True, doc="<field>-s<index>.")
+    field_id: Mapped[int] = mapped_column(ForeignKey("field.id"))
+    shard_index: Mapped[int] = mapped_column(Integer, doc="0, 1, ... within the field.")
+    star_lo: Mapped[int] = mapped_column(Integer, doc="First star index (inclusive).")
+    star_hi: Mapped[int] = mapped_column(Integer, doc="Last star index (exclusive).")
+    planned_generation: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0", doc="Latest generation nights were placed in."
+    )
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    field: Mapped[Field] = relationship()
+
+
+class ShardNight(Base):
+    """Night ``night_id``'s closed generation ``night_generation`` is in the shard from
+    generation ``shard_generation`` on, placed in the field's generation
+    ``field_generation``. A night that reopened and closed again is placed anew."""
+
+    __tablename__ = "shard_night"
+    __table_args__ = (
+        UniqueConstraint("shard_id", "night_id", "night_generation"),
+        Index("ix_shard_night_night", "night_id", "night_generation"),
+        Index("ix_shard_night_shard_generation", "shard_id", "shard_generation"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    shard_id: Mapped[int] = mapped_column(ForeignKey("light_curve_shard.id"))
+    night_id: Mapped[int] = mapped_column(ForeignKey("night.id"))
+    night_generation: Mapped[int] = mapped_column(Integer)
+    shard_generation: Mapped[int] = mapped_column(Integer)
+    field_generation: Mapped[int] = mapped_column(Integer)
+    placed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Task(Base):
@@ -315,26 +381,33 @@ class Task(Base):
         Index("ix_task_state_not_before", "state", "not_before"),
         Index("ix_task_night_step_state", "night_id", "step_id", "state"),
         Index("ix_task_image", "image_id"),
+        Index("ix_task_shard", "shard_id"),
+        Index("ix_task_field", "field_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     step_id: Mapped[int] = mapped_column(ForeignKey("step.id"))
     configuration_id: Mapped[int] = mapped_column(ForeignKey("configuration.id"))
     target: Mapped[str] = mapped_column(
-        String(32), doc="'image:<id>', 'night:<id>' or 'shard:<id>': part of the unique key."
+        String(32),
+        doc="'image:<id>', 'night:<id>', 'shard:<id>' or 'field:<id>': part of the unique key.",
     )
     generation: Mapped[int] = mapped_column(
         Integer,
         default=0,
         server_default="0",
-        doc="The night generation the task works on (0: a frame's own work, independent of "
-        "its night's completeness); part of the unique key.",
+        doc="The generation the task works on: its night's (0: a frame's own work, "
+        "independent of its night's completeness), its shard's or its field's; part of "
+        "the unique key.",
     )
     image_id: Mapped[int | None] = mapped_column(ForeignKey("image.id"))
     night_id: Mapped[int | None] = mapped_column(
         ForeignKey("night.id"), doc="The night of the target (also for image tasks)."
     )
     shard_id: Mapped[int | None] = mapped_column(ForeignKey("light_curve_shard.id"))
+    field_id: Mapped[int | None] = mapped_column(
+        ForeignKey("field.id"), doc="The field of a shard or field task."
+    )
     state: Mapped[TaskState] = mapped_column(_enum(TaskState), default=TaskState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -76,7 +76,7 @@ def resolve_versions(
             "parameters": parameters,
             "inputs": {
                 name: versions[name].version
-                for name in sorted({edge.step for edge in registry.edges(step.name)})
+                for name in sorted({edge.step for edge in registry.upstream(step.name)})
             },
         }
         digest = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
@@ -129,7 +129,7 @@ def activate(
                 "version": wanted.version,
                 "parameters": dict(wanted.parameters),
                 "upstream": {
-                    edge.step: result[edge.step].id for edge in registry.edges(step_cls.name)
+                    edge.step: result[edge.step].id for edge in registry.upstream(step_cls.name)
                 },
                 "active": True,
                 "created_at": utcnow(),
@@ -141,7 +141,7 @@ def activate(
                 Configuration.step_id == step.id, Configuration.version == wanted.version
             )
         ).one()
-        pinned = {edge.step: result[edge.step].id for edge in registry.edges(step_cls.name)}
+        pinned = {edge.step: result[edge.step].id for edge in registry.upstream(step_cls.name)}
         if configuration.upstream != pinned:
             # A row from before configurations pinned their inputs (schema 0001): its
             # version already hashes the upstream versions, so these are its inputs.

@@ -12,11 +12,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
 from autowisp.config import Settings
-from autowisp.db.models import Configuration, Night, Task, TaskState, Wakeup
+from autowisp.db.fields import DEFAULT_FIELD_RADIUS
+from autowisp.db.models import (
+    Configuration,
+    LightCurveShard,
+    Night,
+    ShardNight,
+    Task,
+    TaskState,
+    Wakeup,
+)
 from autowisp.db.nights import close_quiet_nights
 from autowisp.pipeline import state
 from autowisp.pipeline.dependencies import Decision, evaluate
@@ -24,7 +33,7 @@ from autowisp.pipeline.planning import plan_tasks, supersede_old_generations
 from autowisp.steps.base import Kind
 from autowisp.steps.registry import Registry
 
-__all__ = ["Triage", "housekeeping", "triage"]
+__all__ = ["Triage", "field_radius", "housekeeping", "night_quiet_seconds", "triage"]
 
 #: Rounds of exclusion cascading within one cycle (a chain of steps is rarely longer).
 CASCADE_ROUNDS = 8
@@ -52,6 +61,11 @@ def housekeeping(
     if night_quiet_seconds is not None and night_quiet_seconds > 0:
         report["closed"] = len(close_quiet_nights(session, quiet_seconds=night_quiet_seconds))
     return report
+
+
+def field_radius(settings: Settings) -> float:
+    """``[pipeline] field_radius_deg``: a field's radius when frames give no pixel scale."""
+    return float(settings.pipeline.get("field_radius_deg", DEFAULT_FIELD_RADIUS))
 
 
 def night_quiet_seconds(settings: Settings) -> float:
@@ -93,30 +107,63 @@ def triage(
     *,
     nights: Sequence[int] | None = None,
     full: bool = False,
+    field_radius: float = DEFAULT_FIELD_RADIUS,
 ) -> Triage:
     """Plan, then decide the pending tasks of the active configurations that may have
     changed: those of nights with new tasks or woken by a transition (all of them with
-    ``full``, or when a configuration was just activated). Only ``nights`` when given."""
+    ``full``, or when a configuration was just activated), and every pending shard and
+    field task (there are few). Only ``nights`` (and the shards and fields they were
+    placed in) when given."""
     result = Triage()
+    plan = plan_tasks(
+        session, registry, configurations, nights=nights, everything=full,
+        field_radius=field_radius,
+    )  # fmt: skip
+    # After planning: a placement made this pass supersedes older shard generations.
     supersede_old_generations(session, nights=nights)
-    plan = plan_tasks(session, registry, configurations, nights=nights)
     result.created = plan.created
     everything = full or plan.full
     look_at = set(plan.nights)
     current = [c.id for c in configurations.values()]
     ready: dict[int, Decision] = {}
+    shard_readers = [
+        configurations[step.name].id
+        for step in registry
+        if any(edge.kind is Kind.SHARDS for edge in registry.edges(step.name))
+    ]
     for _ in range(CASCADE_ROUNDS):
         look_at |= _woken(session, registry, configurations)
-        query = select(Task).where(
+        pending_of = select(Task).where(
             Task.state == TaskState.PENDING, Task.configuration_id.in_(current)
         )
+        query = pending_of
         if nights is not None:
             query = query.where(Task.night_id.in_(list(nights)))
-        if not everything:
-            if not look_at:
-                break
-            query = query.where(Task.night_id.in_(sorted(look_at)))
-        pending = session.scalars(query.order_by(Task.id)).all()
+        pending: list[Task] = []
+        if everything or look_at:
+            if not everything:
+                query = query.where(Task.night_id.in_(sorted(look_at)))
+            pending = list(session.scalars(query.order_by(Task.id)))
+        if not (everything and nights is None):
+            # Shard and field tasks, and night steps over shards: few, always looked at.
+            seen = {t.id for t in pending}
+            extra = pending_of.where(
+                or_(Task.night_id.is_(None), Task.configuration_id.in_(shard_readers))
+            )
+            if nights is not None:
+                placed = select(ShardNight.shard_id).where(ShardNight.night_id.in_(list(nights)))
+                extra = extra.where(
+                    or_(
+                        Task.night_id.in_(list(nights)),
+                        Task.shard_id.in_(placed),
+                        Task.field_id.in_(
+                            select(LightCurveShard.field_id).where(LightCurveShard.id.in_(placed))
+                        ),
+                    )
+                )
+            pending += [t for t in session.scalars(extra.order_by(Task.id)) if t.id not in seen]
+        if not pending:
+            break
         decisions = evaluate(session, registry, configurations, pending)
         excluded = 0
         for decision in decisions:

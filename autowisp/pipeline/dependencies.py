@@ -23,11 +23,24 @@ from typing import Any
 from sqlalchemy import literal, select
 from sqlalchemy.orm import Session
 
-from autowisp.db.models import Camera, Configuration, Image, ImageState, Night, Task, TaskState
+from autowisp.db.fields import shard_nights
+from autowisp.db.models import (
+    Camera,
+    Configuration,
+    Image,
+    ImageState,
+    ImageType,
+    LightCurveShard,
+    Night,
+    ShardNight,
+    Task,
+    TaskState,
+)
 from autowisp.errors import TransientError
 from autowisp.io.keywords import header_iso
 from autowisp.steps.base import InputProduct, Kind
 from autowisp.steps.registry import Registry
+from autowisp.vocabulary import Scope
 
 __all__ = ["Decision", "evaluate", "input_products"]
 
@@ -100,6 +113,103 @@ class _Facts:
         )
         self._by_night: dict[int, dict[tuple[str, int], _Upstream]] = {}
         self._by_camera: dict[tuple[int, int], list[tuple[_Upstream, dt.date, int]]] = {}
+        self._shard_ids = sorted({t.shard_id for t in tasks if t.shard_id is not None})
+        self._placements: dict[int, list[tuple[int, int, int, int]]] = {}
+        self._field_shards: dict[int, list[int]] = {}
+        self._night_placements: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        self._chains: dict[tuple[int, str], list[_Upstream]] = {}
+        self._night_tasks: dict[tuple[int, int], dict[int, _Upstream]] = {}
+
+    # Shards and fields: loaded only for batches that have such edges.
+
+    def placements(self, shard_id: int) -> list[tuple[int, int, int, int]]:
+        """The shard's (night, night generation, shard generation, field generation)."""
+        if shard_id not in self._placements:
+            self._placements.update(
+                {s: [] for s in self._shard_ids} | shard_nights(self.session, self._shard_ids)
+            )
+            if shard_id not in self._placements:
+                self._placements.update(shard_nights(self.session, [shard_id]))
+        return self._placements.get(shard_id, [])
+
+    def shards_of_field(self, field_id: int) -> list[int]:
+        if field_id not in self._field_shards:
+            self._field_shards[field_id] = list(
+                self.session.scalars(
+                    select(LightCurveShard.id)
+                    .where(LightCurveShard.field_id == field_id)
+                    .order_by(LightCurveShard.shard_index)
+                )
+            )
+        return self._field_shards[field_id]
+
+    def placed_night(self, night_id: int, generation: int) -> list[tuple[int, int, int]]:
+        """(shard, field, shard generation) where the night generation was placed."""
+        key = (night_id, generation)
+        if key not in self._night_placements:
+            self._night_placements[key] = [
+                (shard, field_, shard_generation)
+                for shard, field_, shard_generation in self.session.execute(
+                    select(
+                        ShardNight.shard_id, LightCurveShard.field_id, ShardNight.shard_generation
+                    )
+                    .join(LightCurveShard, LightCurveShard.id == ShardNight.shard_id)
+                    .where(
+                        ShardNight.night_id == night_id, ShardNight.night_generation == generation
+                    )
+                    .order_by(ShardNight.shard_id)
+                )
+            ]
+        return self._night_placements[key]
+
+    def night_fields(self, night_id: int, generation: int) -> set[int]:
+        """Fields of the night generation's object frames."""
+        return set(
+            self.session.scalars(
+                select(Image.field_id)
+                .where(
+                    Image.night_id == night_id,
+                    Image.generation <= generation,
+                    Image.state == ImageState.INGESTED,
+                    Image.image_type == ImageType.OBJECT,
+                    Image.field_id.is_not(None),
+                )
+                .distinct()
+            )
+        )
+
+    def chain(self, configuration_id: int, target: str) -> list[_Upstream]:
+        """The configuration's tasks of a shard or field target, by generation."""
+        key = (configuration_id, target)
+        if key not in self._chains:
+            rows = self.session.execute(
+                select(Task.id, Task.state, Task.generation)
+                .where(Task.configuration_id == configuration_id, Task.target == target)
+                .order_by(Task.generation)
+            )
+            self._chains[key] = [
+                _Upstream(task_id, state, None, None, generation, None)
+                for task_id, state, generation in rows
+            ]
+        return self._chains[key]
+
+    def night_task(
+        self, configuration_id: int, night_id: int, generation: int
+    ) -> _Upstream | None:
+        """The configuration's night task of (night, generation)."""
+        key = (configuration_id, night_id)
+        if key not in self._night_tasks:
+            self._night_tasks[key] = {
+                generation_: _Upstream(task_id, state, None, night_id, generation_, None)
+                for task_id, state, generation_ in self.session.execute(
+                    select(Task.id, Task.state, Task.generation).where(
+                        Task.configuration_id == configuration_id,
+                        Task.night_id == night_id,
+                        Task.image_id.is_(None),
+                    )
+                )
+            }
+        return self._night_tasks[key].get(generation)
 
     def serial_of(self, camera_id: int) -> str:
         return str(self._serials.get(camera_id, ""))
@@ -186,11 +296,27 @@ def evaluate(
         step = registry[name]
         verdict, reason = "ready", ""
         inputs: dict[str, tuple[int, ...]] = {}
-        for edge in registry.edges(step.name):
+        edges = sorted(registry.edges(step.name), key=lambda e: e.kind is not Kind.PREVIOUS)
+        previous = 0  # the generation a shard task appends to (its PREVIOUS edge's)
+        for edge in edges:
             upstream_id = int(configuration.upstream.get(edge.step, -1))
+            if edge.step == step.name:
+                upstream_id = configuration.id
             upstream_generational = registry.generational(edge.step)
             generation = task.generation if upstream_generational else 0
-            if edge.kind is Kind.SAME:
+            upstream_scope = registry[edge.step].scope
+            if edge.kind is Kind.PREVIOUS:
+                outcome, previous = _previous(task, edge.step, upstream_id, facts)
+            elif edge.kind is Kind.NIGHTS:
+                outcome = _nights(task, edge.step, upstream_id, previous, facts)
+            elif edge.kind is Kind.SHARDS:
+                outcome = _shards(task, edge.step, upstream_id, facts)
+            elif edge.kind is Kind.FIELD_SHARDS:
+                outcome = _field_shards(task, edge.step, upstream_id, facts)
+            elif edge.kind is Kind.SAME and upstream_scope in (Scope.SHARD, Scope.FIELD):
+                outcome = _same_generation(task, step.scope, edge.step, upstream_scope,
+                                           upstream_id, facts)  # fmt: skip
+            elif edge.kind is Kind.SAME:
                 outcome = _same(task, edge.step, upstream_id, generation, registry, facts)
             elif edge.kind is Kind.BARRIER:
                 outcome = _barrier(task, step, edge.step, upstream_id, registry, facts)
@@ -309,6 +435,167 @@ def _master(
         "uncalibrated_cameras)",
         (),
     )
+
+
+def _at_or_after(chain: Sequence[_Upstream], generation: int) -> _Upstream | None:
+    """The earliest task of a chain at ``generation`` or later that is not excluded (a
+    superseded generation's nights are in the next one)."""
+    for upstream in chain:
+        if upstream.generation >= generation and upstream.state is not TaskState.EXCLUDED:
+            return upstream
+    return None
+
+
+def _state_of(name: str, target: str, found: _Upstream | None) -> Outcome | None:
+    """wait / exclude for an upstream task that is not done (None when it is)."""
+    if found is None:
+        return "wait", f"waiting for {name} to be planned for {target}", ()
+    if found.state in UNUSABLE:
+        return (
+            "exclude",
+            f"input {name} ({target}, generation {found.generation}) is " + (found.state.value),
+            (),
+        )
+    if found.state is not TaskState.DONE:
+        return "wait", f"waiting for {name} of {target} ({found.state.value})", ()
+    return None
+
+
+def _previous(task: Task, name: str, configuration_id: int, facts: _Facts) -> tuple[Outcome, int]:
+    """The latest done earlier generation of the same shard or field, and its generation
+    (0: none, the task builds from every night placed so far). Waits while an earlier
+    generation is still under way (its pending ones are superseded by then)."""
+    earlier = [
+        u for u in facts.chain(configuration_id, task.target) if u.generation < task.generation
+    ]
+    busy = [u for u in earlier if u.state not in TERMINAL]
+    if busy:
+        last = busy[-1]
+        return (
+            "wait",
+            f"waiting for generation {last.generation} of {name} of {task.target} "
+            f"({last.state.value}) to append to",
+            (),
+        ), 0
+    done = [u for u in earlier if u.state is TaskState.DONE]
+    if not done:
+        return ("ready", "", ()), 0
+    return ("ready", "", (done[-1].id,)), done[-1].generation
+
+
+def _nights(task: Task, name: str, upstream_id: int, previous: int, facts: _Facts) -> Outcome:
+    """The nights placed in the shard after generation ``previous`` up to the task's (a
+    night placed twice at its newest generation), each night step's task of that night
+    generation; a barrier over them."""
+    newest: dict[int, int] = {}
+    for night_id, night_generation, shard_generation, _ in facts.placements(task.shard_id or -1):
+        if previous < shard_generation <= task.generation:
+            newest[night_id] = max(newest.get(night_id, 0), night_generation)
+    if not newest:
+        return (
+            "exclude",
+            f"no night was placed in {task.target} for generation {task.generation}",
+            (),
+        )
+    found = {n: facts.night_task(upstream_id, n, g) for n, g in sorted(newest.items())}
+    missing = [n for n, u in found.items() if u is None]
+    if missing:
+        return "wait", f"waiting for {name} to be planned for {len(missing)} nights", ()
+    present = [u for u in found.values() if u is not None]
+    busy = [u for u in present if u.state not in TERMINAL]
+    if busy:
+        return "wait", f"waiting for {name} of {len(busy)} of {len(present)} nights", ()
+    done = tuple(u.id for u in present if u.state is TaskState.DONE)
+    if not done and previous == 0:
+        return "exclude", f"no night of {task.target} has {name} done", ()
+    return "ready", "", done
+
+
+def _shards(task: Task, name: str, upstream_id: int, facts: _Facts) -> Outcome:
+    """The shards the night's generation was placed in, each shard step's task at that
+    shard generation (or the next not superseded); a barrier over them."""
+    placed = facts.placed_night(task.night_id or -1, task.generation)
+    if not placed:
+        fields = facts.night_fields(task.night_id or -1, task.generation)
+        if not fields:
+            return "ready", "", ()  # no frame of the night is in a field: no shard to read
+        return (
+            "wait",
+            f"waiting for the night to be placed in light-curve shards (its fields "
+            f"{', '.join(str(f) for f in sorted(fields))} have none defined yet)",
+            (),
+        )
+    chosen = [
+        (f"shard:{shard}", _at_or_after(facts.chain(upstream_id, f"shard:{shard}"), generation))
+        for shard, _, generation in placed
+    ]
+    missing = [target for target, u in chosen if u is None]
+    if missing:
+        return "wait", f"waiting for {name} to be planned for {len(missing)} shards", ()
+    present = [u for _, u in chosen if u is not None]
+    busy = [u for u in present if u.state not in TERMINAL]
+    if busy:
+        return "wait", f"waiting for {name} of {len(busy)} of {len(present)} shards", ()
+    done = tuple(u.id for u in present if u.state is TaskState.DONE)
+    if not done:
+        return "exclude", f"no shard of the night has {name} done", ()
+    return "ready", "", done
+
+
+def _field_shards(task: Task, name: str, upstream_id: int, facts: _Facts) -> Outcome:
+    """All shards of the field, each at its generation in the task's field generation;
+    a barrier over them."""
+    chosen = []
+    for shard in facts.shards_of_field(task.field_id or -1):
+        generations = [
+            shard_gen
+            for _, _, shard_gen, field_gen in facts.placements(shard)
+            if field_gen <= task.generation
+        ]
+        if generations:
+            target = f"shard:{shard}"
+            chosen.append(
+                (target, _at_or_after(facts.chain(upstream_id, target), max(generations)))
+            )
+    if not chosen:
+        return (
+            "exclude",
+            f"{task.target} has no shard with nights at generation {task.generation}",
+            (),
+        )
+    missing = [target for target, u in chosen if u is None]
+    if missing:
+        return "wait", f"waiting for {name} to be planned for {len(missing)} shards", ()
+    present = [u for _, u in chosen if u is not None]
+    busy = [u for u in present if u.state not in TERMINAL]
+    if busy:
+        return "wait", f"waiting for {name} of {len(busy)} of {len(present)} shards", ()
+    done = tuple(u.id for u in present if u.state is TaskState.DONE)
+    if not done:
+        return "exclude", f"no shard of {task.target} has {name} done", ()
+    return "ready", "", done
+
+
+def _same_generation(
+    task: Task, scope: Scope, name: str, upstream_scope: Scope, upstream_id: int, facts: _Facts
+) -> Outcome:
+    """Shard on shard and field on field: the same target and generation. Shard on field:
+    its field at the field generation the shard generation was placed in (or the next
+    not superseded)."""
+    if upstream_scope is scope:
+        chain = facts.chain(upstream_id, task.target)
+        found = next((u for u in chain if u.generation == task.generation), None)
+        return _state_of(name, task.target, found) or ("ready", "", (found.id,) if found else ())
+    field_generations = [
+        field_gen
+        for _, _, shard_gen, field_gen in facts.placements(task.shard_id or -1)
+        if shard_gen == task.generation
+    ]
+    target = f"field:{task.field_id}"
+    if not field_generations:
+        return "exclude", f"{task.target} has no nights at generation {task.generation}", ()
+    found = _at_or_after(facts.chain(upstream_id, target), max(field_generations))
+    return _state_of(name, target, found) or ("ready", "", (found.id,) if found else ())
 
 
 def input_products(

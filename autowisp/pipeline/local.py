@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from autowisp.db.fields import DEFAULT_FIELD_RADIUS
 from autowisp.db.models import Configuration, ErrorKind, Night, NightState, Task, TaskState
 from autowisp.db.models import Step as StepRow
 from autowisp.db.session import session_scope
@@ -119,6 +120,7 @@ def run_local(
     progress: Callable[[int, int], None] | None = None,
     poll_seconds: float = 0.2,
     night_quiet_seconds: float | None = None,
+    field_radius: float = DEFAULT_FIELD_RADIUS,
 ) -> RunSummary:
     """Run every pending task (of ``nights``, or all) with ``step_parameters`` as the
     active configuration, until nothing is left that can run.
@@ -170,8 +172,9 @@ def run_local(
                         night_quiet_seconds=night_quiet_seconds,
                     )
                     result = triage(
-                        session, registry, configurations, nights=night_list, full=first
-                    )
+                        session, registry, configurations, nights=night_list, full=first,
+                        field_radius=field_radius,
+                    )  # fmt: skip
                     summary.planned += result.created
                     summary.excluded += result.excluded
                     backlog.extend(

@@ -8,6 +8,11 @@ generations ≤ g), and a night that closes again after late frames gets a new g
 whose tasks run again; older generations' unfinished tasks are excluded as superseded,
 so nothing ever reads a mix of generations. Creating a row twice is harmless (unique
 key, insert-or-ignore).
+
+Before that, each pass gives new object frames their field and places newly closed night
+generations in the light-curve shards of their fields (:mod:`autowisp.db.fields`): a
+shard or field step gets a task for its target's latest generation, and the unfinished
+tasks of earlier generations are superseded (the latest holds their nights too).
 """
 
 from __future__ import annotations
@@ -22,7 +27,19 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from autowisp.db.clock import db_time
-from autowisp.db.models import Configuration, Image, ImageState, Night, Scope, Task, TaskState
+from autowisp.db.fields import DEFAULT_FIELD_RADIUS, assign_fields, place_nights
+from autowisp.db.models import (
+    Configuration,
+    Field,
+    Image,
+    ImageState,
+    LightCurveShard,
+    Night,
+    Scope,
+    ShardNight,
+    Task,
+    TaskState,
+)
 from autowisp.db.session import rowcount
 from autowisp.pipeline.state import transition
 from autowisp.steps.registry import Registry
@@ -56,6 +73,7 @@ class Plan:
     created: int = 0
     nights: set[int] = field(default_factory=set)
     full: bool = False
+    placed: int = 0
 
 
 def _chunks(values: list[int], size: int = 2000) -> list[list[int]]:
@@ -69,11 +87,15 @@ def plan_tasks(
     *,
     nights: Iterable[int] | None = None,
     batch: int = 20000,
+    everything: bool = False,
+    field_radius: float = DEFAULT_FIELD_RADIUS,
 ) -> Plan:
     """Create the missing task rows, incrementally: for frames not planned yet (at most
     ``batch`` per call), nights whose latest closed generation is not planned yet, and
-    every target of a configuration activated since it was last planned. Only ``nights``
-    when given."""
+    every target of a configuration activated since it was last planned; shard and field
+    tasks for their targets' latest generations. Only ``nights`` when given. With
+    ``everything``, fields and shard placements are looked for over every frame and
+    night (else over the new ones)."""
     night_filter = None if nights is None else list(nights)
     plan = Plan()
     # From the database, not the objects given (they may be from an earlier session).
@@ -96,10 +118,22 @@ def plan_tasks(
     new_images = list(session.scalars(query_images.limit(batch)))
     new_nights = [tuple(row) for row in session.execute(query_nights)]
     closed_ids = [n for n, _ in new_nights]
+    look_everywhere = (everything or plan.full) and night_filter is None
+    assign_fields(
+        session, images=None if look_everywhere else new_images, default_radius=field_radius
+    )
+    placement = place_nights(
+        session, nights=None if look_everywhere else (night_filter or closed_ids)
+    )
+    plan.placed = len(placement.shards)
     for step in registry:
         configuration = configurations[step.name]
         restrict = step.name not in full
         column: Any
+        if step.scope in (Scope.SHARD, Scope.FIELD):
+            rows = _missing_generations(session, step.scope, configuration, night_filter)
+            plan.created += _insert_ignore(session, rows)
+            continue
         if step.scope is Scope.IMAGE and not registry.generational(step.name):
             scopes = _chunks(new_images) if restrict else [None]
             column = Image.id
@@ -222,9 +256,110 @@ def _missing(
     ]
 
 
+def _missing_generations(
+    session: Session, scope: Scope, configuration: Configuration, night_filter: list[int] | None
+) -> list[dict[str, Any]]:
+    """Rows of a shard or field step's tasks for its targets' latest generations (only
+    the shards and fields the nights in ``night_filter`` were placed in, when given)."""
+    own = and_(Task.step_id == configuration.step_id, Task.configuration_id == configuration.id)
+    base = {
+        "step_id": configuration.step_id,
+        "configuration_id": configuration.id,
+        "state": TaskState.PENDING.value,
+    }
+    if scope is Scope.SHARD:
+        query = select(
+            LightCurveShard.id, LightCurveShard.field_id, LightCurveShard.planned_generation
+        ).where(
+            LightCurveShard.planned_generation > 0,
+            ~exists(
+                select(Task.id).where(
+                    own,
+                    Task.shard_id == LightCurveShard.id,
+                    Task.generation == LightCurveShard.planned_generation,
+                )
+            ),
+        )
+        if night_filter is not None:
+            query = query.where(
+                LightCurveShard.id.in_(
+                    select(ShardNight.shard_id).where(ShardNight.night_id.in_(night_filter))
+                )
+            )
+        return [
+            {**base, "target": f"shard:{s}", "shard_id": s, "field_id": f, "generation": g}
+            for s, f, g in session.execute(query)
+        ]
+    fields = select(Field.id, Field.planned_generation).where(
+        Field.planned_generation > 0,
+        ~exists(
+            select(Task.id).where(
+                own,
+                Task.field_id == Field.id,
+                Task.shard_id.is_(None),
+                Task.generation == Field.planned_generation,
+            )
+        ),
+    )
+    if night_filter is not None:
+        fields = fields.where(
+            Field.id.in_(
+                select(LightCurveShard.field_id)
+                .join(ShardNight, ShardNight.shard_id == LightCurveShard.id)
+                .where(ShardNight.night_id.in_(night_filter))
+            )
+        )
+    return [
+        {**base, "target": f"field:{f}", "field_id": f, "generation": g}
+        for f, g in session.execute(fields)
+    ]
+
+
 def supersede_old_generations(session: Session, *, nights: Iterable[int] | None = None) -> int:
     """Exclude the unfinished tasks of a night's older generations (a later generation
-    of the night closed since): they would read frames the night no longer is."""
+    of the night closed since): they would read frames the night no longer is. So are
+    a shard's or field's older generations' (the latest holds their nights too)."""
+    unfinished = Task.state.in_([TaskState.PENDING, TaskState.QUEUED, TaskState.FAILED])
+    superseded = 0
+    for condition, reason in (
+        (
+            and_(
+                Task.shard_id.is_not(None),
+                Task.generation
+                < select(LightCurveShard.planned_generation)
+                .where(LightCurveShard.id == Task.shard_id)
+                .scalar_subquery(),
+            ),
+            "superseded: a later generation of its shard holds its nights too",
+        ),
+        (
+            and_(
+                Task.shard_id.is_(None),
+                Task.field_id.is_not(None),
+                Task.generation
+                < select(Field.planned_generation)
+                .where(Field.id == Task.field_id)
+                .scalar_subquery(),
+            ),
+            "superseded: a later generation of its field holds its shards' nights too",
+        ),
+    ):
+        superseded += transition(
+            session,
+            update(Task)
+            .where(unfinished, condition)
+            .values(
+                state=TaskState.EXCLUDED,
+                wait_reason=None,
+                last_error=reason,
+                finished_at=db_time(session),
+            )
+            .execution_options(synchronize_session=False),
+        )
+    return superseded + _supersede_nights(session, nights=nights)
+
+
+def _supersede_nights(session: Session, *, nights: Iterable[int] | None = None) -> int:
     older = and_(
         Task.generation > 0,
         Task.state.in_([TaskState.PENDING, TaskState.QUEUED, TaskState.FAILED]),

@@ -18,6 +18,10 @@ default), nothing is ever deleted. Two rules:
     Products of tasks that are no longer current (an older generation of their night,
     or a configuration that is not active) go N days after they finished.
 
+Products of shard and field steps are never deleted: a shard generation's file holds the
+data of the nights it wrote, which every later generation points to
+(:mod:`autowisp.io.shards`).
+
 Whatever the rule, a product is kept while a current task that is not done names it in
 its inputs, and while a kept product read it through a ``master`` edge (a calibrated
 frame's ERROR plane is derived from the masters its MBIAS/MDARK/MFLAT keywords name).
@@ -296,6 +300,8 @@ def prunable(session: Session, registry: Registry, policy: RetentionPolicy) -> l
     for row in rows:
         if row.output_path is None or row.pruned or row.state in UNFINISHED - {TaskState.FAILED}:
             continue
+        if row.target.startswith(("shard:", "field:")):
+            continue  # a shard generation holds nights that later generations point to
         if current(row):
             if row.step in policy.consumed and row.state is TaskState.DONE:
                 reason = consumed(row)

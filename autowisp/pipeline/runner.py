@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,12 +23,15 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from autowisp.config import RunPolicy
+from autowisp.db.fields import shard_nights
 from autowisp.db.models import (
     Camera,
     CameraType,
     ErrorKind,
+    Field,
     Image,
     ImageState,
+    LightCurveShard,
     Night,
     Task,
     TaskState,
@@ -38,7 +42,15 @@ from autowisp.ingest.headers import sha256_of
 from autowisp.pipeline import state
 from autowisp.pipeline.dependencies import input_products
 from autowisp.pipeline.retention import pruned_inputs
-from autowisp.steps.base import ImageInfo, InputProduct, NightInfo, StepContext
+from autowisp.steps.base import (
+    FieldInfo,
+    ImageInfo,
+    InputProduct,
+    NightInfo,
+    PlacedNight,
+    ShardInfo,
+    StepContext,
+)
 from autowisp.steps.registry import Registry
 
 __all__ = [
@@ -101,6 +113,81 @@ def _night_info(
     )
 
 
+def _field_info(session: Session, field_id: int, generation: int) -> FieldInfo:
+    field, serial = session.execute(
+        select(Field, Camera.serial)
+        .join(Camera, Camera.id == Field.camera_id)
+        .where(Field.id == field_id)
+    ).one()
+    return FieldInfo(field.id, field.name, serial, field.ra, field.dec, field.radius, generation)
+
+
+def _shard_info(
+    session: Session, shard_id: int, generation: int, previous: int, field_name: str
+) -> ShardInfo:
+    """The shard at ``generation``: its nights (each at its newest generation placed so
+    far) and those placed after generation ``previous`` (the ones the task writes)."""
+    shard = session.get(LightCurveShard, shard_id)
+    if shard is None:
+        raise PermanentError(f"light-curve shard {shard_id} is not in the database")
+    dates = {}
+    rows = shard_nights(session, [shard_id]).get(shard_id, [])
+    night_ids = sorted({night for night, _, _, _ in rows})
+    if night_ids:
+        dates = {
+            night_id: local_date
+            for night_id, local_date in session.execute(
+                select(Night.id, Night.local_date).where(Night.id.in_(night_ids))
+            )
+        }
+
+    def newest(low: int) -> tuple[PlacedNight, ...]:
+        chosen: dict[int, PlacedNight] = {}
+        for night, night_gen, shard_gen, _ in rows:
+            if low < shard_gen <= generation and (
+                night not in chosen or chosen[night].night_generation < night_gen
+            ):
+                chosen[night] = PlacedNight(night, dates[night], night_gen, shard_gen)
+        return tuple(sorted(chosen.values(), key=lambda n: (n.local_date, n.night_id)))
+
+    field_generation = max(
+        (field_gen for _, _, shard_gen, field_gen in rows if shard_gen <= generation), default=0
+    )
+    return ShardInfo(
+        id=shard.id,
+        name=shard.name,
+        field_id=shard.field_id,
+        field_name=field_name,
+        index=shard.shard_index,
+        star_lo=shard.star_lo,
+        star_hi=shard.star_hi,
+        generation=generation,
+        field_generation=field_generation,
+        nights=newest(0),
+        appended=newest(previous),
+        previous_generation=previous,
+    )
+
+
+def _field_with_shards(session: Session, field_id: int, generation: int) -> FieldInfo:
+    """The field at ``generation``, with each shard at its generation in it."""
+    field = _field_info(session, field_id, generation)
+    shard_ids = list(
+        session.scalars(
+            select(LightCurveShard.id)
+            .where(LightCurveShard.field_id == field_id)
+            .order_by(LightCurveShard.shard_index)
+        )
+    )
+    placed = shard_nights(session, shard_ids)
+    shards = []
+    for shard_id in shard_ids:
+        at = [s for _, _, s, f in placed.get(shard_id, []) if f <= generation]
+        if at:
+            shards.append(_shard_info(session, shard_id, max(at), 0, field.name))
+    return replace(field, shards=tuple(shards))
+
+
 def build_context(
     session: Session, task: Task, registry: Registry, storage_root: Path
 ) -> StepContext:
@@ -136,6 +223,19 @@ def build_context(
                 "they must be made again before it can run"
             )
         inputs = input_products(session, task.inputs)
+    shard = field = None
+    if task.shard_id is not None:
+        previous = 0
+        own = (task.inputs or {}).get(step.name, ())
+        if own:
+            previous = int(
+                session.scalar(select(Task.generation).where(Task.id == int(own[0]))) or 0
+            )
+        field = _field_info(session, task.field_id or -1, 0)
+        shard = _shard_info(session, task.shard_id, task.generation, previous, field.name)
+        field = replace(field, generation=shard.field_generation)
+    elif task.field_id is not None:
+        field = _field_with_shards(session, task.field_id, task.generation)
     return StepContext(
         task_id=task.id,
         step=step.name,
@@ -147,6 +247,8 @@ def build_context(
         night=night,
         inputs=inputs,
         generation=task.generation,
+        shard=shard,
+        field=field,
     )
 
 

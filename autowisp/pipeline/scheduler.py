@@ -23,6 +23,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from autowisp.db.clock import db_time
+from autowisp.db.fields import DEFAULT_FIELD_RADIUS
 from autowisp.db.models import Task, TaskState
 from autowisp.db.session import session_scope
 from autowisp.pipeline import state
@@ -107,6 +108,7 @@ def schedule_once(
     night_quiet_seconds: float | None = 3600.0,
     batch: int = 5000,
     full: bool = False,
+    field_radius: float = DEFAULT_FIELD_RADIUS,
 ) -> CycleReport:
     """Run one scheduling cycle (see the module docstring). Pending tasks are looked at
     again when something they may depend on changed (a wakeup), or all with ``full``."""
@@ -127,7 +129,7 @@ def schedule_once(
             empty=_empty_queues(publish, set(queue_of.values())),
         )
     with session_scope(database_url) as session:
-        result = triage(session, registry, configurations, full=full)
+        result = triage(session, registry, configurations, full=full, field_radius=field_radius)
         report.created, report.excluded = result.created, result.excluded
         report.pending_waiting = len(result.waiting)
     ready = result.ready
@@ -169,6 +171,7 @@ def run_scheduler(
     once: bool = False,
     report: Callable[[CycleReport], None] | None = None,
     full_every: float = 600.0,
+    field_radius: float = DEFAULT_FIELD_RADIUS,
 ) -> None:
     """Schedule every ``interval`` seconds (or once); survives database and broker outages.
 
@@ -186,6 +189,7 @@ def run_scheduler(
                 queued_timeout=queued_timeout,
                 night_quiet_seconds=night_quiet_seconds,
                 full=full,
+                field_radius=field_radius,
             )
             if full:
                 last_full = time.monotonic()

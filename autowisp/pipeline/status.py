@@ -7,7 +7,7 @@ The same questions are plain SQL views for psql users: ``v_night_progress`` and
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select, text
@@ -16,10 +16,13 @@ from sqlalchemy.orm import Session
 from autowisp.db.models import (
     Camera,
     Configuration,
+    Field,
     Image,
     ImageState,
+    LightCurveShard,
     Night,
     NightState,
+    ShardNight,
     Step,
     Task,
     TaskState,
@@ -42,6 +45,7 @@ class StatusReport:
     waiting: list[dict[str, Any]]
     open_nights: list[dict[str, Any]]
     rejected_frames: list[dict[str, Any]]
+    fields: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,7 +150,64 @@ def collect_status(
         waiting,
         open_nights,
         _rejected_frames(session, night, limit),
+        _fields(session, night, limit),
     )
+
+
+def _fields(session: Session, night: int | None, limit: int) -> list[dict[str, Any]]:
+    """Each field: its camera, frames, nights, shards, generation, and its shard and
+    field tasks of the current generations by state."""
+    query = (
+        select(Field.id, Field.name, Camera.serial, Field.planned_generation)
+        .join(Camera, Camera.id == Field.camera_id)
+        .order_by(Field.id)
+        .limit(limit)
+    )
+    if night is not None:
+        query = query.where(Field.id.in_(select(Image.field_id).where(Image.night_id == night)))
+    rows = []
+    for field_id, name, serial, generation in session.execute(query):
+        frames, nights = session.execute(
+            select(func.count(), func.count(Image.night_id.distinct())).where(
+                Image.field_id == field_id
+            )
+        ).one()
+        shards = session.scalar(
+            select(func.count())
+            .select_from(LightCurveShard)
+            .where(LightCurveShard.field_id == field_id)
+        )
+        placed = session.scalar(
+            select(func.count(ShardNight.night_id.distinct()))
+            .join(LightCurveShard, LightCurveShard.id == ShardNight.shard_id)
+            .where(LightCurveShard.field_id == field_id)
+        )
+        current = (
+            select(Task.state, func.count())
+            .join(Configuration, Configuration.id == Task.configuration_id)
+            .outerjoin(LightCurveShard, LightCurveShard.id == Task.shard_id)
+            .where(
+                Configuration.active.is_(True),
+                Task.field_id == field_id,
+                Task.generation == func.coalesce(LightCurveShard.planned_generation, generation),
+            )
+            .group_by(Task.state)
+        )
+        states = {str(getattr(k, "value", k)): int(n) for k, n in session.execute(current)}
+        rows.append(
+            {
+                "field_id": field_id,
+                "name": name,
+                "camera_serial": serial,
+                "frames": int(frames),
+                "nights": int(nights),
+                "nights_in_shards": int(placed or 0),
+                "shards": int(shards or 0),
+                "generation": int(generation),
+                "tasks": states,
+            }
+        )
+    return rows
 
 
 def _rejected_frames(session: Session, night: int | None, limit: int) -> list[dict[str, Any]]:

@@ -21,12 +21,15 @@ from autowisp.errors import PermanentError
 from autowisp.vocabulary import ImageType, Scope
 
 __all__ = [
+    "FieldInfo",
     "ImageInfo",
     "Input",
     "InputProduct",
     "Kind",
     "NightInfo",
     "Parameter",
+    "PlacedNight",
+    "ShardInfo",
     "Step",
     "StepContext",
     "StepResult",
@@ -42,11 +45,31 @@ class Kind(enum.StrEnum):
     generation; it runs once they are all done, dead or excluded, on the done ones.
     ``master``: a night step's product, the task's own night's when that night has frames
     for it, else (its master dead or absent) the nearest valid night's of the same camera.
+
+    Shards and fields (a shard's or field's task works on one of its generations):
+
+    ``same`` also joins a shard step to a shard step (the same shard and generation), a
+    field step to a field step (the same generation), and a shard step to a field step
+    (its field, at the field generation its shard generation was placed in).
+    ``nights``: a shard step over a night step — the nights placed in the shard since the
+    generation the task appends to (its ``previous`` input; all of them without one), at
+    the night generation placed; it runs once they are all done, dead or excluded.
+    ``shards``: a night step over a shard step — the shards the night touched, each at the
+    generation the night's closed generation was placed in; a barrier over them.
+    ``field_shards``: a field step over a shard step — all shards of the field at the
+    field's generation; a barrier over them.
+    ``previous``: a shard (or field) step over itself — its latest done earlier
+    generation of the same shard, which the task appends to; none at first, or after a
+    reconfiguration (the task then builds from every night placed so far).
     """
 
     SAME = "same"
     BARRIER = "barrier"
     MASTER = "master"
+    NIGHTS = "nights"
+    SHARDS = "shards"
+    FIELD_SHARDS = "field_shards"
+    PREVIOUS = "previous"
 
 
 @dataclass(frozen=True)
@@ -96,6 +119,54 @@ class NightInfo:
 
 
 @dataclass(frozen=True)
+class PlacedNight:
+    """A night generation placed in a shard: which night, its closed generation, and the
+    shard generation from which the shard holds it."""
+
+    night_id: int
+    local_date: dt.date
+    night_generation: int
+    shard_generation: int
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A light-curve shard at one generation: its field's stars ``star_lo .. star_hi``
+    (exclusive), every night it holds at this generation (each night once, at its newest
+    generation placed), the nights this generation writes anew (``appended``: placed
+    since ``previous_generation``, the generation whose file the task appends to; 0 when
+    it builds from nothing), and the field's generation it belongs to."""
+
+    id: int
+    name: str
+    field_id: int
+    field_name: str
+    index: int
+    star_lo: int
+    star_hi: int
+    generation: int
+    field_generation: int
+    nights: tuple[PlacedNight, ...]
+    appended: tuple[PlacedNight, ...]
+    previous_generation: int = 0
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """A field (one camera pointing across nights) at one generation, with its shards
+    at the generations that field generation holds."""
+
+    id: int
+    name: str
+    camera_serial: str
+    ra: float
+    dec: float
+    radius: float
+    generation: int
+    shards: tuple[ShardInfo, ...] = ()
+
+
+@dataclass(frozen=True)
 class InputProduct:
     """The result of an upstream task that is done.
 
@@ -128,6 +199,8 @@ class StepContext:
     night: NightInfo | None = None
     inputs: Mapping[str, tuple[InputProduct, ...]] = field(default_factory=dict)
     generation: int = 0
+    shard: ShardInfo | None = None
+    field: FieldInfo | None = None
 
     def require_image(self) -> ImageInfo:
         """The target frame; a permanent error for a task that has none."""
@@ -141,9 +214,29 @@ class StepContext:
             raise PermanentError(f"{self.step} needs a night target, got {self.target!r}")
         return self.night
 
+    def require_shard(self) -> ShardInfo:
+        """The target shard; a permanent error for a task that has none."""
+        if self.shard is None:
+            raise PermanentError(f"{self.step} needs a shard target, got {self.target!r}")
+        return self.shard
+
+    def require_field(self) -> FieldInfo:
+        """The target field; a permanent error for a task that has none."""
+        if self.field is None:
+            raise PermanentError(f"{self.step} needs a field target, got {self.target!r}")
+        return self.field
+
     def output_path(self, suffix: str) -> Path:
         """``<storage>/<step>/<config version>/<night date>/<target>[-g<N>].<suffix>``: a
-        night's second and later generations (late frames) get their own files."""
+        night's second and later generations (late frames) get their own files. A shard's
+        or field's every generation is its own file,
+        ``<storage>/<step>/<config version>/<field>/<shard or "field">-g<N>.<suffix>``, so
+        appending never rewrites an earlier generation."""
+        base = self.storage_root / self.step / self.config_version
+        if self.shard is not None:
+            return base / self.shard.field_name / f"{self.shard.name}-g{self.generation}.{suffix}"
+        if self.field is not None:
+            return base / self.field.name / f"field-g{self.generation}.{suffix}"
         night = self.night.local_date.isoformat() if self.night else "no-night"
         name = self.target.replace(":", "-")
         if self.generation > 1:
@@ -165,11 +258,15 @@ class Step(abc.ABC):
     Class attributes
     ----------------
     name : the step's key in the database, CLI and logs.
-    scope : IMAGE (one task per frame), NIGHT (per camera night) or SHARD.
+    scope : IMAGE (one task per frame), NIGHT (per camera night), SHARD (per light-curve
+        shard and generation) or FIELD (per field and generation).
     inputs : the steps whose outputs it needs, as names or :class:`Input` edges. A name
         takes its kind from the scopes: an image step on an image step, or on a night
         step, is ``same`` (the same frame, the frame's night); a night step on a night
-        step ``same``; a night step on an image step a ``barrier``.
+        step ``same``; a night step on an image step a ``barrier``; a shard step on a
+        night step ``nights``, a night step on a shard step ``shards``, a field step on a
+        shard step ``field_shards``, shard or field on shard or field ``same``, and a step
+        naming itself ``previous`` (see :class:`Kind`).
     master_inputs : night steps (calibration masters) taken with kind ``master``: the own
         night's once it is closed and its master done, else the nearest valid night's of
         the same camera; the task waits, pending with the reason, while there is none

@@ -44,11 +44,6 @@ class Registry:
         for step in steps:
             if step.name in self._steps:
                 raise StepDefinitionError(f"two steps are named {step.name!r}")
-            if step.scope not in (Scope.IMAGE, Scope.NIGHT):
-                raise StepDefinitionError(
-                    f"step {step.name!r} has scope {step.scope!r}: only image and night "
-                    "steps can be planned so far"
-                )
             self._steps[step.name] = step
         for step in self._steps.values():
             declared = (*step.inputs, *(Input(name, Kind.MASTER) for name in step.master_inputs))
@@ -72,7 +67,8 @@ class Registry:
                 raise StepDefinitionError(f"the steps form a cycle: {' -> '.join((*path, name))}")
             marks[name] = "visiting"
             for edge in self._edges[name]:
-                visit(edge.step, (*path, name))
+                if edge.kind is not Kind.PREVIOUS:  # a step's own earlier generation
+                    visit(edge.step, (*path, name))
             marks[name] = "done"
             order.append(name)
 
@@ -99,23 +95,36 @@ class Registry:
         """The edge for a declared input, its kind derived from the scopes for a name;
         StepDefinitionError for an edge the scopes do not allow."""
         name = given.step if isinstance(given, Input) else given
+        if name == step.name:
+            if step.scope not in (Scope.SHARD, Scope.FIELD):
+                raise StepDefinitionError(
+                    f"step {step.name!r} ({step.scope.value}) names itself as an input: only "
+                    "shard and field steps can read their own previous generation"
+                )
+            return Input(name, Kind.PREVIOUS)
         if name not in self._steps:
             raise StepDefinitionError(
                 f"step {step.name!r} needs {name!r}, which is not a declared step"
             )
         upstream = self._steps[name]
         pair = (step.scope, upstream.scope)
-        if isinstance(given, Input):
-            kind = given.kind
-        elif pair == (Scope.NIGHT, Scope.IMAGE):
-            kind = Kind.BARRIER
-        else:
-            kind = Kind.SAME
+        derived = {
+            (Scope.NIGHT, Scope.IMAGE): Kind.BARRIER,
+            (Scope.SHARD, Scope.NIGHT): Kind.NIGHTS,
+            (Scope.NIGHT, Scope.SHARD): Kind.SHARDS,
+            (Scope.FIELD, Scope.SHARD): Kind.FIELD_SHARDS,
+        }
+        kind = given.kind if isinstance(given, Input) else derived.get(pair, Kind.SAME)
         allowed = {
             Kind.SAME: {(Scope.IMAGE, Scope.IMAGE), (Scope.IMAGE, Scope.NIGHT),
-                        (Scope.NIGHT, Scope.NIGHT)},
+                        (Scope.NIGHT, Scope.NIGHT), (Scope.SHARD, Scope.SHARD),
+                        (Scope.FIELD, Scope.FIELD), (Scope.SHARD, Scope.FIELD)},
             Kind.BARRIER: {(Scope.NIGHT, Scope.IMAGE)},
             Kind.MASTER: {(Scope.IMAGE, Scope.NIGHT), (Scope.NIGHT, Scope.NIGHT)},
+            Kind.NIGHTS: {(Scope.SHARD, Scope.NIGHT)},
+            Kind.SHARDS: {(Scope.NIGHT, Scope.SHARD)},
+            Kind.FIELD_SHARDS: {(Scope.FIELD, Scope.SHARD)},
+            Kind.PREVIOUS: set(),  # only a step naming itself (above)
         }  # fmt: skip
         if pair not in allowed[kind]:
             raise StepDefinitionError(
@@ -128,6 +137,11 @@ class Registry:
         """The input edges of step ``name``, with their kinds."""
         return self._edges[name]
 
+    def upstream(self, name: str) -> tuple[Input, ...]:
+        """The edges of step ``name`` from other steps (its ``previous`` edge, to its own
+        earlier generation, left out): the configurations it pins."""
+        return tuple(e for e in self._edges[name] if e.kind is not Kind.PREVIOUS)
+
     def generational(self, name: str) -> bool:
         """Whether the step's tasks work on a night generation: night steps, and image
         steps that read (directly or not) a night step's output. The others work on the
@@ -138,7 +152,9 @@ class Registry:
         """Steps that depend on ``name``, directly or not (``name`` excluded)."""
         found: set[str] = set()
         for step in self:
-            upstream = {edge.step for edge in self._edges[step.name]}
+            upstream = {
+                edge.step for edge in self._edges[step.name] if edge.kind is not Kind.PREVIOUS
+            }
             if name in upstream or found.intersection(upstream):
                 found.add(step.name)
         return found
