@@ -27,6 +27,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -223,6 +224,13 @@ class Image(Base):
         Index("ix_image_night_type", "night_id", "image_type"),
         Index("ix_image_planned_at", "planned_at"),
         Index("ix_image_field", "field_id"),
+        # The planner's "frames not planned yet, in id order": a handful among millions.
+        Index(
+            "ix_image_unplanned",
+            "id",
+            postgresql_where=text("planned_at IS NULL"),
+            sqlite_where=text("planned_at IS NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

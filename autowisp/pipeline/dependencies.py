@@ -13,7 +13,9 @@ gives the step exactly those (:func:`input_products`).
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
+import functools
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ from autowisp.db.models import (
 )
 from autowisp.errors import TransientError
 from autowisp.io.keywords import header_iso
-from autowisp.steps.base import InputProduct, Kind
+from autowisp.steps.base import InputProduct, Kind, Step
 from autowisp.steps.registry import Registry
 from autowisp.vocabulary import Scope
 
@@ -82,6 +84,45 @@ def _chunks(values: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
         yield values[start : start + size]
 
 
+class _MasterIndex:
+    """A camera's masters (one configuration): by (night, generation), the nights' current
+    ones under way, and the done current ones by date per ISO, so choosing the nearest
+    for each of thousands of frames is a bisection, not a scan of every night."""
+
+    def __init__(self, masters: Sequence[tuple[_Upstream, dt.date, int]]):
+        self.own = {(u.night_id or -1, u.generation): u for u, _, _ in masters}
+        current = [(u, d) for u, d, closed in masters if u.generation == closed]
+        self.busy = [(u.night_id, d) for u, d in current if u.state not in TERMINAL]
+        self._done = sorted(
+            ((d, u) for u, d in current if u.state is TaskState.DONE),
+            key=lambda pair: (pair[0], pair[1].night_id or 0),
+        )
+        self._by_iso: dict[int | None, tuple[list[dt.date], list[_Upstream]]] = {}
+
+    def nearest(self, iso: int | None, night_id: int, local_date: dt.date) -> _Upstream | None:
+        """The done current master of another night nearest ``local_date`` (the earlier
+        of two equally near) usable at ``iso`` (masters without an ISO match any)."""
+        if iso not in self._by_iso:
+            rows = [(d, u) for d, u in self._done if iso is None or u.iso in (None, iso)]
+            self._by_iso[iso] = ([d for d, _ in rows], [u for _, u in rows])
+        dates, masters = self._by_iso[iso]
+        split = bisect.bisect_left(dates, local_date)
+        before = next(
+            (i for i in range(split - 1, -1, -1) if masters[i].night_id != night_id), None
+        )
+        after = next(
+            (i for i in range(split, len(dates)) if masters[i].night_id != night_id), None
+        )
+        if before is None and after is None:
+            return None
+        if after is None or (
+            before is not None
+            and (local_date - dates[before]).days <= (dates[after] - local_date).days
+        ):
+            return masters[before] if before is not None else None
+        return masters[after]
+
+
 class _Facts:
     """Everything the decisions for a batch of pending tasks need, loaded in bulk."""
 
@@ -113,6 +154,7 @@ class _Facts:
         )
         self._by_night: dict[int, dict[tuple[str, int], _Upstream]] = {}
         self._by_camera: dict[tuple[int, int], list[tuple[_Upstream, dt.date, int]]] = {}
+        self._master_indexes: dict[tuple[int, int], _MasterIndex] = {}
         self._shard_ids = sorted({t.shard_id for t in tasks if t.shard_id is not None})
         self._placements: dict[int, list[tuple[int, int, int, int]]] = {}
         self._field_shards: dict[int, list[int]] = {}
@@ -211,6 +253,13 @@ class _Facts:
             }
         return self._night_tasks[key].get(generation)
 
+    def master_index(self, configuration_id: int, camera_id: int) -> _MasterIndex:
+        """The camera's masters of the configuration, indexed for :func:`_master`."""
+        key = (configuration_id, camera_id)
+        if key not in self._master_indexes:
+            self._master_indexes[key] = _MasterIndex(self.camera_masters(*key))
+        return self._master_indexes[key]
+
     def serial_of(self, camera_id: int) -> str:
         return str(self._serials.get(camera_id, ""))
 
@@ -239,7 +288,7 @@ class _Facts:
         key = (configuration_id, camera_id)
         if key not in self._by_camera:
             rows = self.session.execute(
-                select(Task.id, Task.state, Task.night_id, Task.generation, Task.qc,
+                select(Task.id, Task.state, Task.night_id, Task.generation, Task.qc["iso"],
                        Night.local_date, Night.closed_generation)
                 .join(Night, Night.id == Task.night_id)
                 .where(
@@ -250,13 +299,27 @@ class _Facts:
             )  # fmt: skip
             self._by_camera[key] = [
                 (
-                    _Upstream(task_id, state, None, night_id, gen, (qc or {}).get("iso")),
+                    _Upstream(task_id, state, None, night_id, gen, _int_or_none(iso)),
                     local_date,
                     closed,
                 )
-                for task_id, state, night_id, gen, qc, local_date, closed in rows
+                for task_id, state, night_id, gen, iso, local_date, closed in rows
             ]
         return self._by_camera[key]
+
+
+def _int_or_none(value: Any) -> int | None:
+    """An ISO from a master's QC (a JSON value: a number, or absent)."""
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@functools.cache
+def _type_values(step: type[Step]) -> frozenset[str]:
+    """The values of a step's image types (computed once per step class)."""
+    return frozenset(t.value for t in step.image_types)
 
 
 def _iso_for(task: Task, image_types: frozenset[str], facts: _Facts) -> int | None:
@@ -392,34 +455,19 @@ def _master(
     task's ISO; while it is under way, wait; when it is dead or absent, the nearest valid
     one of the camera (nearest night first, the earlier of two equally near)."""
     camera_id, local_date, _ = facts.night_rows[task.night_id or -1]
-    iso = _iso_for(task, frozenset(t.value for t in step.image_types), facts)
-    candidates = facts.camera_masters(upstream_id, camera_id)
-    own = [
-        u
-        for u, _, _ in candidates
-        if u.night_id == task.night_id and u.generation == task.generation
-    ]
-    if own:
-        mine = own[0]
+    iso = _iso_for(task, _type_values(step), facts)
+    index = facts.master_index(upstream_id, camera_id)
+    mine = index.own.get((task.night_id or -1, task.generation))
+    if mine is not None:
         if mine.state not in TERMINAL:
             return "wait", f"waiting for this night's own {name} ({mine.state.value})", ()
         if mine.state is TaskState.DONE and (iso is None or mine.iso in (None, iso)):
             return "ready", "", (mine.id,)
     # Other nights' current masters of the camera.
-    current = [
-        (u, d)
-        for u, d, closed in candidates
-        if u.night_id != task.night_id and u.generation == closed
-    ]
-    usable = [
-        (u, d)
-        for u, d in current
-        if u.state is TaskState.DONE and (iso is None or u.iso in (None, iso))
-    ]
-    if usable:
-        chosen, _ = min(usable, key=lambda pair: (abs((pair[1] - local_date).days), pair[1]))
+    chosen = index.nearest(iso, task.night_id or -1, local_date)
+    if chosen is not None:
         return "ready", "", (chosen.id,)
-    busy = [d for u, d in current if u.state not in TERMINAL]
+    busy = [d for night, d in index.busy if night != task.night_id]
     if busy:
         dates = ", ".join(sorted({d.isoformat() for d in busy})[:3])
         return "wait", f"waiting for a {name} of this camera under way (night {dates})", ()

@@ -52,6 +52,7 @@ from autowisp.db.session import rowcount
 from autowisp.errors import ConfigurationError
 from autowisp.steps.base import Kind
 from autowisp.steps.registry import Registry
+from autowisp.vocabulary import Scope
 
 __all__ = ["Prunable", "PruneReport", "RetentionPolicy", "prunable", "prune", "pruned_inputs"]
 
@@ -129,6 +130,11 @@ def _readers(registry: Registry, name: str) -> list[tuple[str, Kind]]:
 
 
 def _check_consumable(registry: Registry, name: str) -> None:
+    if registry[name].scope in (Scope.SHARD, Scope.FIELD):
+        raise ConfigurationError(
+            f"[storage.retention] {name} = 'consumed': {name} writes shard or field "
+            "generations, which later generations point to; they are never deleted"
+        )
     readers = _readers(registry, name)
     if not readers:
         raise ConfigurationError(

@@ -19,6 +19,7 @@ from astropy.time import Time, TimeDelta
 from sqlalchemy import select
 
 from autowisp.db.fields import current_generations, define_shards
+from autowisp.db.migrate import upgrade
 from autowisp.db.models import (
     Configuration,
     Field,
@@ -29,7 +30,7 @@ from autowisp.db.models import (
 )
 from autowisp.db.models import Step as StepRow
 from autowisp.db.session import session_scope
-from autowisp.errors import PermanentError
+from autowisp.errors import ConfigurationError, PermanentError
 from autowisp.ingest.ingest import ingest_paths
 from autowisp.io.provenance import Provenance
 from autowisp.io.shards import NightBlock, read_shard_generation, write_shard_generation
@@ -227,10 +228,20 @@ def test_shards_grow_night_by_night_in_generation_files(db_url, small_night, tmp
     assert row["tasks"] == {"done": 3 * 3 + 1}
 
 
-def test_a_generation_planned_before_the_previous_ran_supersedes_it(db_url, small_night, tmp_path):
+@pytest.fixture
+def sqlite_url(tmp_path):
+    """One backend is enough where the growth test already runs on both."""
+    url = f"sqlite:///{tmp_path / 'autowisp.sqlite'}"
+    upgrade(url)
+    return url
+
+
+def test_a_generation_planned_before_the_previous_ran_supersedes_it(
+    sqlite_url, small_night, tmp_path
+):
     """Two nights placed in consecutive passes before any shard task ran: generation 1 is
     superseded and generation 2 builds from nothing with both nights."""
-    url = db_url
+    url = sqlite_url
     for name, days in (("a", 0), ("b", 1)):
         _copy(_objects(small_night), tmp_path / name, days=days)
     ingest_paths(url, [tmp_path / "a"], close=True)
@@ -262,8 +273,8 @@ def test_a_generation_planned_before_the_previous_ran_supersedes_it(db_url, smal
     assert report_a.state is TaskState.DONE and report_b.state is TaskState.DONE
 
 
-def test_a_new_configuration_builds_its_shards_from_every_night(db_url, small_night, tmp_path):
-    url = db_url
+def test_a_new_configuration_builds_its_shards_from_every_night(sqlite_url, small_night, tmp_path):
+    url = sqlite_url
     storage = tmp_path / "storage"
     for name, days in (("a", 0), ("b", 1)):
         _copy(_objects(small_night), tmp_path / name, days=days)
@@ -294,6 +305,8 @@ def test_a_new_configuration_builds_its_shards_from_every_night(db_url, small_ni
         doomed = prunable(session, REGISTRY, RetentionPolicy(superseded_days=0))
     assert doomed, "the old configuration's night products are superseded"
     assert not [p for p in doomed if p.target.startswith(("shard:", "field:"))]
+    with pytest.raises(ConfigurationError, match="never deleted"):
+        RetentionPolicy.from_table({"lightcurves": "consumed"}, registry=REGISTRY)
 
 
 def test_a_reader_is_told_when_a_member_generation_is_missing(tmp_path):

@@ -7,7 +7,9 @@
   ``path``, ``stars`` and ``nights`` columns of revision 0001 go: the shard–night table
   and the tasks' output files replace them).
 - shard_night: which closed generation of which night is in which shard generation.
-- task.field_id, and indexes on task.shard_id and task.field_id.
+- task.field_id, and indexes on task.shard_id and task.field_id; a partial index on the
+  frames not planned yet (the planner looks for them every cycle: a scan of every frame
+  before).
 - v_failures: a shard or field task is current at its shard's or field's latest
   generation (before, only night generations counted, so their failures were hidden).
 
@@ -94,6 +96,13 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("field_id", sa.Integer(), nullable=True))
         batch_op.create_foreign_key(op.f("fk_image_field_id_field"), "field", ["field_id"], ["id"])
         batch_op.create_index("ix_image_field", ["field_id"], unique=False)
+        batch_op.create_index(
+            "ix_image_unplanned",
+            ["id"],
+            unique=False,
+            postgresql_where=sa.text("planned_at IS NULL"),
+            sqlite_where=sa.text("planned_at IS NULL"),
+        )
     with op.batch_alter_table("light_curve_shard", schema=None) as batch_op:
         for column in ("path", "stars", "nights"):
             batch_op.drop_column(column)
@@ -171,6 +180,7 @@ def downgrade() -> None:
         batch_op.add_column(sa.Column("stars", sa.Integer(), nullable=False, server_default="0"))
         batch_op.add_column(sa.Column("nights", sa.JSON(), nullable=False, server_default="[]"))
     with op.batch_alter_table("image", schema=None) as batch_op:
+        batch_op.drop_index("ix_image_unplanned")
         batch_op.drop_index("ix_image_field")
         batch_op.drop_constraint(op.f("fk_image_field_id_field"), type_="foreignkey")
         batch_op.drop_column("field_id")
