@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import exists, or_, select, update
+from sqlalchemy import bindparam, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from autowisp.db.clock import db_time
@@ -131,11 +131,8 @@ def assign_fields(
         fields = list(session.scalars(select(Field).where(Field.camera_id == camera_id)))
         updates = []
         for image_id, ra, dec, width, height, header in frames:
-            near = [
-                (angular_distance(ra, dec, f.ra, f.dec), f.id, f)
-                for f in fields
-                if angular_distance(ra, dec, f.ra, f.dec) <= f.radius
-            ]
+            distances = [(angular_distance(ra, dec, f.ra, f.dec), f.id, f) for f in fields]
+            near = [item for item in distances if item[0] <= item[2].radius]
             if near:
                 chosen = min(near, key=lambda item: (item[0], item[1]))[2]
             else:
@@ -152,15 +149,15 @@ def assign_fields(
                 session.add(chosen)
                 session.flush()
                 fields.append(chosen)
-            updates.append({"image_id": image_id, "field_id": chosen.id})
-        for start in range(0, len(updates), 2000):
-            for row in updates[start : start + 2000]:
-                session.execute(
-                    update(Image)
-                    .where(Image.id == row["image_id"], Image.field_id.is_(None))
-                    .values(field_id=row["field_id"])
-                    .execution_options(synchronize_session=False)
-                )
+            updates.append({"image": image_id, "field": chosen.id})
+        if updates:  # one executemany (batched on PostgreSQL)
+            table = Image.__table__
+            session.execute(
+                update(table)
+                .where(table.c.id == bindparam("image"), table.c.field_id.is_(None))
+                .values(field_id=bindparam("field")),
+                updates,
+            )
         assigned += len(updates)
     return assigned
 

@@ -417,6 +417,25 @@ def _same(
     return "ready", "", (found.id,)
 
 
+def _all_of(
+    name: str, found: Sequence[_Upstream | None], noun: str, nobody: str | None
+) -> Outcome:
+    """A barrier over upstream tasks (None: not planned yet): wait while one is missing
+    or unfinished, then ready on the done ones; with none done, exclude with ``nobody``
+    (or, when it is None, ready on nothing)."""
+    missing = sum(u is None for u in found)
+    if missing:
+        return "wait", f"waiting for {name} to be planned for {missing} {noun}", ()
+    present = [u for u in found if u is not None]
+    busy = [u for u in present if u.state not in TERMINAL]
+    if busy:
+        return "wait", f"waiting for {name} of {len(busy)} of {len(present)} {noun}", ()
+    done = tuple(u.id for u in present if u.state is TaskState.DONE)
+    if not done and nobody is not None:
+        return "exclude", nobody, ()
+    return "ready", "", done
+
+
 def _barrier(
     task: Task, step: Any, name: str, upstream_id: int, registry: Registry, facts: _Facts
 ) -> Outcome:
@@ -430,17 +449,7 @@ def _barrier(
     generation = task.generation if registry.generational(name) else 0
     tasks = facts.upstream_of_nights(upstream_id)
     states = [tasks.get((f"image:{f.id}", generation)) for f in frames]
-    missing = sum(s is None for s in states)
-    if missing:
-        return "wait", f"waiting for {name} to be planned for {missing} frames", ()
-    present = [s for s in states if s is not None]
-    busy = [s for s in present if s.state not in TERMINAL]
-    if busy:
-        return "wait", f"waiting for {name} of {len(busy)} of {len(present)} frames", ()
-    done = tuple(s.id for s in present if s.state is TaskState.DONE)
-    if not done:
-        return "exclude", f"no frame of the night has {name} done", ()
-    return "ready", "", done
+    return _all_of(name, states, "frames", f"no frame of the night has {name} done")
 
 
 def _master(
@@ -545,18 +554,10 @@ def _nights(task: Task, name: str, upstream_id: int, previous: int, facts: _Fact
             f"no night was placed in {task.target} for generation {task.generation}",
             (),
         )
-    found = {n: facts.night_task(upstream_id, n, g) for n, g in sorted(newest.items())}
-    missing = [n for n, u in found.items() if u is None]
-    if missing:
-        return "wait", f"waiting for {name} to be planned for {len(missing)} nights", ()
-    present = [u for u in found.values() if u is not None]
-    busy = [u for u in present if u.state not in TERMINAL]
-    if busy:
-        return "wait", f"waiting for {name} of {len(busy)} of {len(present)} nights", ()
-    done = tuple(u.id for u in present if u.state is TaskState.DONE)
-    if not done and previous == 0:
-        return "exclude", f"no night of {task.target} has {name} done", ()
-    return "ready", "", done
+    found = [facts.night_task(upstream_id, n, g) for n, g in sorted(newest.items())]
+    # Appending to a previous generation, nights none of which is usable drop out.
+    nobody = f"no night of {task.target} has {name} done" if previous == 0 else None
+    return _all_of(name, found, "nights", nobody)
 
 
 def _shards(task: Task, name: str, upstream_id: int, facts: _Facts) -> Outcome:
@@ -574,20 +575,10 @@ def _shards(task: Task, name: str, upstream_id: int, facts: _Facts) -> Outcome:
             (),
         )
     chosen = [
-        (f"shard:{shard}", _at_or_after(facts.chain(upstream_id, f"shard:{shard}"), generation))
+        _at_or_after(facts.chain(upstream_id, f"shard:{shard}"), generation)
         for shard, _, generation in placed
     ]
-    missing = [target for target, u in chosen if u is None]
-    if missing:
-        return "wait", f"waiting for {name} to be planned for {len(missing)} shards", ()
-    present = [u for _, u in chosen if u is not None]
-    busy = [u for u in present if u.state not in TERMINAL]
-    if busy:
-        return "wait", f"waiting for {name} of {len(busy)} of {len(present)} shards", ()
-    done = tuple(u.id for u in present if u.state is TaskState.DONE)
-    if not done:
-        return "exclude", f"no shard of the night has {name} done", ()
-    return "ready", "", done
+    return _all_of(name, chosen, "shards", f"no shard of the night has {name} done")
 
 
 def _field_shards(task: Task, name: str, upstream_id: int, facts: _Facts) -> Outcome:
@@ -601,27 +592,15 @@ def _field_shards(task: Task, name: str, upstream_id: int, facts: _Facts) -> Out
             if field_gen <= task.generation
         ]
         if generations:
-            target = f"shard:{shard}"
-            chosen.append(
-                (target, _at_or_after(facts.chain(upstream_id, target), max(generations)))
-            )
+            chain = facts.chain(upstream_id, f"shard:{shard}")
+            chosen.append(_at_or_after(chain, max(generations)))
     if not chosen:
         return (
             "exclude",
             f"{task.target} has no shard with nights at generation {task.generation}",
             (),
         )
-    missing = [target for target, u in chosen if u is None]
-    if missing:
-        return "wait", f"waiting for {name} to be planned for {len(missing)} shards", ()
-    present = [u for _, u in chosen if u is not None]
-    busy = [u for u in present if u.state not in TERMINAL]
-    if busy:
-        return "wait", f"waiting for {name} of {len(busy)} of {len(present)} shards", ()
-    done = tuple(u.id for u in present if u.state is TaskState.DONE)
-    if not done:
-        return "exclude", f"no shard of {task.target} has {name} done", ()
-    return "ready", "", done
+    return _all_of(name, chosen, "shards", f"no shard of {task.target} has {name} done")
 
 
 def _same_generation(

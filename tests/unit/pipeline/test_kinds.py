@@ -5,24 +5,10 @@ import pytest
 
 from autowisp.errors import StepDefinitionError
 from autowisp.pipeline.configuration import resolve_versions
-from autowisp.steps.base import Input, Kind, Parameter, Step
+from autowisp.steps.base import Input, Kind, Parameter
 from autowisp.steps.registry import Registry
 from autowisp.vocabulary import Scope
-
-
-def _step(name, scope, inputs=(), parameters=()):
-    return type(
-        name,
-        (Step,),
-        {
-            "name": name,
-            "scope": scope,
-            "inputs": inputs,
-            "parameters": parameters,
-            "run": lambda self, c: None,
-        },
-    )
-
+from tests.unit.pipeline.test_configuration import _step
 
 PHOT = _step("phot", Scope.IMAGE)
 MAGFIT = _step("magfit", Scope.NIGHT, ("phot",))
