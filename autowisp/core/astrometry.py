@@ -34,12 +34,16 @@ from autowisp.core.projection import (
 )
 
 __all__ = [
+    "MatchingPlan",
     "Solution",
     "SolveError",
     "candidate_seeds",
+    "catalogue_in_frame",
     "check_fit",
     "fit_tan_sip",
+    "matching_plan",
     "refine",
+    "required_matches",
     "solve",
     "triangles",
 ]
@@ -185,6 +189,73 @@ def _affine_from_triangles(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return result
 
 
+#: Sources each candidate map is verified with (the nearest to its triangle).
+VERIFY_SOURCES = 60
+
+#: At most this many of the brightest sources take part in matching (large frames).
+MAX_MATCH_SOURCES = 300
+
+#: The fewest stars in agreement that accept a pattern match, however sparse the frame.
+#: A wrong map still has its triangle's own 3 stars; each of the other N - 3 checked
+#: sources lands by chance within r of one of the E catalogue stars of an nx × ny frame
+#: with probability p = π r² E / (nx ny). The floor binds up to E = 12 (N = 36 sources
+#: checked, see :func:`matching_plan`); on a 256 × 200 frame (the smallest we solve)
+#: with r = 3 + 0.01 · 150 ≈ 4.5 px, p = 0.015 and the chance hits are Poisson with
+#: λ = 33 p ≈ 0.5: P(≥ 2 extra) = 0.09, P(≥ 3) = 0.016, P(≥ 4) = 0.002. Of the up to
+#: 3 × VERIFIED = 384 maps a search verifies, a floor of 5 would pass ~35 wrong ones a
+#: frame, 6 a few, 7 about one. Votes only choose seeds: a seed is accepted when the
+#: whole-frame fit then keeps :func:`required_matches` (≥ 6) mutual matches at an RMS
+#: below ``max_rms`` (1 px), which a wrong seed's chance pairs (typically 2–4 px apart)
+#: do not reach; at E ≤ 6 (p ≤ 0.008, λ ≤ 0.2) even P(≥ 3 extra) ≈ 0.001 per map. A
+#: floor of 6 keeps the wrong seeds to a handful the fit rejects, while a frame with
+#: 12 catalogue stars, of which ~9 are detected among its brightest sources, reaches
+#: it; 5 would make wrong seeds outnumber right ones on sparse frames. Measured on 20
+#: simulated 256-650 px frames with hints 12-90° off (160 searches): 129 found no
+#: map with the votes needed (the best wrong ones had 3-7), the other 31 passed wrong
+#: seeds to the fit, which rejected every one.
+MIN_VOTES_FLOOR = 6
+
+#: Votes required where the frame has plenty of catalogue stars (as robust as before).
+MIN_VOTES_CAP = 8
+
+
+@dataclass(frozen=True)
+class MatchingPlan:
+    """How many sources pattern matching uses, and how many must agree, for a frame
+    expected to hold ``expected`` catalogue stars (see :func:`matching_plan`)."""
+
+    expected: float
+    sources: int  # the brightest image sources used for triangles and verification
+    per_cell: int  # of those, the brightest of each image cell form triangles
+    min_votes: int  # distinct catalogue stars a map must put sources on
+
+
+def matching_plan(expected: float, *, cell_fraction: float = 1.0) -> MatchingPlan:
+    """Matching limits for a frame expected to hold ``expected`` catalogue stars, of
+    which a fraction ``cell_fraction`` falls in one image cell.
+
+    The catalogue stars are among the brightest sources: three times as many of those
+    are used (at least 30, at most :data:`MAX_MATCH_SOURCES`), so the many faint stars
+    the catalogue lacks neither form triangles nor crowd the catalogue stars out of the
+    :data:`VERIFY_SOURCES` that verify each map. Half the catalogue stars among those
+    verifying sources must agree, at least :data:`MIN_VOTES_FLOOR` and at most
+    :data:`MIN_VOTES_CAP`.
+    """
+    expected = max(float(expected), 0.0)
+    sources = int(np.clip(np.ceil(3.0 * expected), 30, MAX_MATCH_SOURCES))
+    verified = expected * min(1.0, VERIFY_SOURCES / sources)
+    min_votes = int(np.clip(np.ceil(0.5 * verified), MIN_VOTES_FLOOR, MIN_VOTES_CAP))
+    # Twice the catalogue stars of a cell, 12 to 20 (the catalogue windows hold 1.5×).
+    per_cell = int(np.clip(np.ceil(2.0 * expected * cell_fraction), 12, 20))
+    return MatchingPlan(expected, sources, per_cell, min_votes)
+
+
+def required_matches(in_frame: int, *, fraction: float = 0.5) -> int:
+    """Matched stars a fit must keep when ``in_frame`` catalogue stars fall on the frame:
+    ``fraction`` of them, at least 6 (see :data:`MIN_VOTES_FLOOR`), at most 10."""
+    return int(min(10, max(6, np.ceil(fraction * in_frame))))
+
+
 @dataclass(frozen=True)
 class _Seed:
     affine: np.ndarray  # (3, 2): [x y 1] @ affine = catalogue plane, in expected pixels
@@ -200,11 +271,12 @@ def candidate_seeds(
     shape: tuple[int, int],
     *,
     scale_tolerance: float = 0.2,
-    per_cell: int = 20,
+    per_cell: int | None = None,
     cell: float | None = None,
     tolerance: float = 0.006,
     verify_radius: float = 3.0,
-    min_votes: int = 8,
+    min_votes: int | None = None,
+    expected: float | None = None,
     stages: tuple[float, ...] = (0.3, 1.0),
     max_cells: int = 4,
 ) -> Iterator[_Seed]:
@@ -218,12 +290,25 @@ def candidate_seeds(
     usually is. Each stage yields its best few maps supported by at least ``min_votes``
     distinct catalogue stars (the triangle's own three included); the caller verifies
     them by fitting. Raises :class:`SolveError` when no map at all is supported.
+
+    ``expected`` is the number of catalogue stars expected in the frame (by default the
+    catalogue's mean density times the frame's area); it sets, through
+    :func:`matching_plan`, how many of the brightest sources take part, ``per_cell`` and
+    ``min_votes`` unless they are given.
     """
     ny, nx = shape
     if len(image_xy) < 4:
         raise SolveError(f"only {len(image_xy)} sources: at least 4 are needed to match")
     if cell is None:
         cell = float(min(nx, ny))
+    if expected is None:
+        extent = float(np.max(np.hypot(catalogue_xy[:, 0], catalogue_xy[:, 1]), initial=1.0))
+        expected = len(catalogue_xy) * nx * ny / (np.pi * extent**2)
+    plan = matching_plan(expected, cell_fraction=min(1.0, cell * cell / (nx * ny)))
+    per_cell = plan.per_cell if per_cell is None else per_cell
+    min_votes = plan.min_votes if min_votes is None else min_votes
+    # Only the brightest sources (indices stay those of the full list, brightest first).
+    image_xy = image_xy[: plan.sources]
     half = cell / 2.0
     # Image cells and catalogue windows of the same size (windows overlap by half).
     cols = max(1, round(nx / cell))
@@ -286,9 +371,20 @@ def candidate_seeds(
         )
     if best_votes < min_votes:
         raise SolveError(
-            f"no match with the catalogue: the best pattern match has {best_votes} stars in "
-            f"agreement, {min_votes} are needed"
+            f"no match with the catalogue: about {expected:.0f} catalogue stars expected in "
+            f"the frame; the best pattern match has {best_votes} stars in agreement, "
+            f"{min_votes} are needed" + _too_sparse(expected, min_votes)
         )
+
+
+def _too_sparse(expected: float, needed: int) -> str:
+    """A hint for a frame that cannot hold enough catalogue stars to be matched."""
+    if expected >= needed:
+        return ""
+    return (
+        " (too few catalogue stars can fall on the frame to match it: its field of view "
+        "is too small or the field too sparse for the catalogue)"
+    )
 
 
 def _best_pair(
@@ -337,7 +433,7 @@ def _best_pair(
         return [], 0
     # Verify each candidate around its own triangle: the bright sources nearest to it;
     # first cheaply with the 10 nearest, then the most promising with 60.
-    bright = image_xy[: min(len(image_xy), 300)]
+    bright = image_xy[:MAX_MATCH_SOURCES]
     bright_tree = _tree(bright)
     centres = image_xy[image_vertices[left[candidates]]].mean(axis=1)
     maps = affine[candidates]
@@ -361,7 +457,7 @@ def _best_pair(
     promising = np.argsort(-cheap, kind="stable")[:VERIFIED]
     promising = promising[cheap[promising] >= 3]
     centres, maps = centres[promising], maps[promising]
-    nearest, target, agree = landing(centres, maps, 60)
+    nearest, target, agree = landing(centres, maps, VERIFY_SOURCES)
     # Votes: distinct catalogue stars hit (two sources on one star count once).
     hit = np.sort(np.where(agree, target, -1), axis=1)
     votes = (hit[:, 0] >= 0).astype(int) + np.sum(
@@ -505,6 +601,12 @@ def refine(
     return wcs, src, nearby[cat], residual
 
 
+def _sources_for(in_frame: int) -> int:
+    """The brightest sources a fit matches when ``in_frame`` catalogue stars fall on the
+    frame: six times as many, at least 30 (the previous limits bind on dense frames)."""
+    return max(6 * in_frame, 30)
+
+
 def _refine(
     wcs, sx, sy, ra, dec, shape, *, order, seed_centre, start_radius, min_radius, clip,
     subset=1500,
@@ -530,10 +632,23 @@ def _refine(
     src = cat = np.zeros(0, np.intp)
     # Until the solution covers the frame at full order, only the brightest stars take
     # part (enough to fit, cheap to match) until the matches settle; then one pass with
-    # everything.
+    # everything. The catalogue stars are among the brightest sources: a sparse frame's
+    # fit uses no more than a few times as many, or the many faint stars the catalogue
+    # lacks offer a wrong solution the chance coincidences it needs.
+    catalogue_limit = max(subset // 3, 1)
+    cx, cy = wcs.sky_to_intermediate(ra, dec)
+    # Catalogue stars closer than 3 px to another one are one blended source: its
+    # centroid is neither star's position, so they stay out of the fit (rare at the
+    # catalogue's depth, but one such pair pulls a sparse frame's fit by 0.1-0.2 px).
+    on_plane = np.flatnonzero(np.isfinite(cx) & np.isfinite(cy))
+    pairs = _tree(np.column_stack([cx[on_plane], cy[on_plane]])).query_pairs(
+        3.0, output_type="ndarray"
+    )
+    blended = np.zeros(len(ra), bool)
+    blended[on_plane[pairs.ravel()]] = True
+    subset = min(subset, _sources_for(int(np.sum((cx > 0) & (cx < nx) & (cy > 0) & (cy < ny)))))
     brightest = np.zeros(len(sx), bool)
     brightest[: max(subset, 1)] = True
-    catalogue_limit = max(subset // 3, 1)
     full = False
     for _ in range(40):
         covered = reach >= whole
@@ -544,14 +659,16 @@ def _refine(
         chosen = np.flatnonzero(near)
         if full:
             cx, cy = wcs.sky_to_intermediate(ra, dec)
-            # Catalogue stars are among the brightest sources: three times as many suffice.
-            in_frame = (cx > 0) & (cx < nx) & (cy > 0) & (cy < ny)
-            chosen = chosen[: 3 * int(in_frame.sum()) + 200]
+            # Catalogue stars are among the brightest sources: three times as many and a
+            # margin suffice (on sparse frames, see above, six times as many).
+            in_frame = int(np.sum((cx > 0) & (cx < nx) & (cy > 0) & (cy < ny)))
+            chosen = chosen[: min(3 * in_frame + 200, _sources_for(in_frame))]
         else:
             cx, cy = wcs.sky_to_intermediate(ra[:catalogue_limit], dec[:catalogue_limit])
         ux, uy = wcs.distorted(sx[chosen], sy[chosen])
         margin = radius + 0.05 * diagonal
         usable = (cx > -margin) & (cx < nx + margin) & (cy > -margin) & (cy < ny + margin)
+        usable &= ~blended[: len(cx)]
         cx = np.where(usable, cx, np.nan)
         local, cat = _mutual_matches(_tree(np.column_stack([ux, uy])), cx, cy, radius)
         src = chosen[local]
@@ -579,6 +696,8 @@ def _refine(
             crval=tuple(wcs.crval),
             order=current,
         )
+        if covered and src.size <= 20:
+            wcs, src, cat = _drop_outliers(wcs, sx, sy, ra, dec, src, cat, crpix, current)
         fx, fy = wcs.distorted(sx[src], sy[src])
         gx, gy = wcs.sky_to_intermediate(ra[cat], dec[cat])
         rms = float(np.sqrt(np.mean((fx - gx) ** 2 + (fy - gy) ** 2)))
@@ -589,7 +708,9 @@ def _refine(
             break  # one pass with everything (a second one changed nothing measurable)
         settled = previous is not None and np.array_equal(previous, src)
         new_radius = max(min_radius, min(radius, 5.0 * rms))
-        if settled and new_radius == radius and current == wanted:
+        # The order is final once it is the one wanted or the matches support no higher.
+        final_order = current == wanted or src.size < 3 * (current + 2) * (current + 3) // 2
+        if settled and new_radius == radius and final_order:
             full = True
             continue
         previous = src
@@ -599,22 +720,72 @@ def _refine(
     return wcs, src, cat, residual
 
 
+def _drop_outliers(wcs, sx, sy, ra, dec, src, cat, crpix, order, *, floor=0.8, rounds=2):
+    """A fit of few stars without its worst ones: a star is left out when the fit of the
+    others misses it by more than three times their RMS and ``floor`` px (with so few
+    stars a median-based clip cannot tell a 1.5 px blend from a 0.3 px centroid)."""
+    for _ in range(rounds):
+        if src.size < CLIP_MIN_MATCHES:
+            break
+        fx, fy = wcs.distorted(sx[src], sy[src])
+        gx, gy = wcs.sky_to_intermediate(ra[cat], dec[cat])
+        worst = int(np.argmax(np.hypot(fx - gx, fy - gy)))
+        rest = np.arange(src.size) != worst
+        others = fit_tan_sip(
+            sx[src[rest]], sy[src[rest]], ra[cat[rest]], dec[cat[rest]],
+            crpix=crpix, crval=tuple(wcs.crval), order=order,
+        )  # fmt: skip
+        fx, fy = others.distorted(sx[src], sy[src])
+        gx, gy = others.sky_to_intermediate(ra[cat], dec[cat])
+        miss = np.hypot(fx - gx, fy - gy)
+        rms_rest = float(np.sqrt(np.mean(miss[rest] ** 2)))
+        if miss[worst] <= max(3.0 * rms_rest, floor):
+            break
+        wcs, src, cat = others, src[rest], cat[rest]
+    return wcs, src, cat
+
+
 #: Candidate maps verified with 60 sources, after the cheap 10-source test.
 VERIFIED = 128
 
 #: The first search covers catalogue windows within this many cells of the hint.
 STAGE0_CELLS = 2.0
 
+#: Outliers are clipped from fits with at least this many matches: a sparse frame's one
+#: blended or mis-centred star would otherwise pull its few-star linear fit by ~0.1 of
+#: its offset (a 1.5 px blend: 0.5 px errors across a 256 px frame with 11 stars).
+CLIP_MIN_MATCHES = 8
 
-def check_fit(residual: np.ndarray, *, min_matches: int, max_rms: float) -> float:
+
+def check_fit(
+    residual: np.ndarray, *, min_matches: int, max_rms: float, in_frame: int | None = None
+) -> float:
     """RMS of a fit's residuals (px), or :class:`SolveError` when it kept fewer than
-    ``min_matches`` stars or its RMS exceeds ``max_rms``."""
+    ``min_matches`` stars or its RMS exceeds ``max_rms``.
+
+    ``min_matches`` ≤ 0: :func:`required_matches` of the ``in_frame`` catalogue stars
+    the solution puts on the frame (10 if that count is not given).
+    """
+    if min_matches <= 0:
+        min_matches = required_matches(in_frame) if in_frame is not None else 10
     if residual.size < min_matches:
-        raise SolveError(f"fit too poor: {residual.size} stars matched, {min_matches} needed")
+        of = f" of {in_frame} catalogue stars in the frame" if in_frame is not None else ""
+        raise SolveError(f"fit too poor: {residual.size} stars matched{of}, {min_matches} needed")
     rms = float(np.sqrt(np.mean(residual**2)))
     if rms > max_rms:
         raise SolveError(f"fit too poor: RMS residual {rms:.2f} px exceeds {max_rms} px")
     return rms
+
+
+def catalogue_in_frame(wcs: TanSip, ra: np.ndarray, dec: np.ndarray, shape) -> int:
+    """How many of the catalogue stars ``(ra, dec)`` ``wcs`` puts on a frame of ``shape``."""
+    ny, nx = shape
+    _, _, cos_c = tan_project(ra, dec, float(wcs.crval[0]), float(wcs.crval[1]))
+    reach_deg = 0.6 * float(np.hypot(nx, ny)) * wcs.pixel_scale / 3600.0 + 0.05
+    near = cos_c > np.cos(np.radians(min(reach_deg, 80.0)))
+    x, y = wcs.sky_to_pixel(np.asarray(ra)[near], np.asarray(dec)[near])
+    inside = np.isfinite(x) & (x > -0.5) & (x < nx - 0.5) & (y > -0.5) & (y < ny - 0.5)
+    return int(inside.sum())
 
 
 def default_order(shape: tuple[int, int]) -> int:
@@ -634,7 +805,7 @@ def solve(
     pixel_scale: float,
     scale_tolerance: float = 0.2,
     order: int | None = None,
-    min_matches: int = 10,
+    min_matches: int = 0,
     max_rms: float = 1.5,
     max_seeds: int = 10,
 ) -> Solution:
@@ -656,7 +827,14 @@ def solve(
     order : int, optional
         SIP order; :func:`default_order` by default.
     min_matches, max_rms : int, float
-        The fit must keep this many stars and reach this RMS (px), or it fails.
+        The fit must keep this many stars and reach this RMS (px), or it fails;
+        ``min_matches`` ≤ 0: :func:`required_matches` of the catalogue stars the solution
+        puts on the frame (half of them, 6 to 10).
+
+    Pattern matching adapts to the number of catalogue stars expected in the frame
+    (:func:`matching_plan`): their density near the hint, or over the whole catalogue
+    given (the frame may be anywhere within the pointing's uncertainty) if that is lower,
+    times the frame's area.
     """
     sx = np.asarray(sx, float)
     sy = np.asarray(sy, float)
@@ -674,14 +852,20 @@ def solve(
     radius_px = np.sqrt((plane**2).sum(axis=1))
     density = max(np.sum(radius_px < 3 * max(nx, ny)), 1) / (np.pi * (3 * max(nx, ny)) ** 2)
     cell = float(np.clip(np.sqrt(30.0 / density), 0.25 * min(nx, ny), min(nx, ny)))
+    # Catalogue stars expected in the frame: at the lower of the densities near the hint
+    # and over the whole cone (an underestimate only uses fewer, brighter sources).
+    extent = float(np.max(radius_px, initial=1.0))
+    cone_density = len(plane) / (np.pi * extent**2)
+    expected = min(density, cone_density) * nx * ny
     ra_all = np.asarray(ra, float)[usable]
     dec_all = np.asarray(dec, float)[usable]
     crpix = ((nx - 1) / 2.0, (ny - 1) / 2.0)
     failure: SolveError | None = None
     found = None
     seeds = candidate_seeds(
-        np.column_stack([sx, sy]), plane, shape, scale_tolerance=scale_tolerance, cell=cell
-    )
+        np.column_stack([sx, sy]), plane, shape, scale_tolerance=scale_tolerance, cell=cell,
+        expected=expected,
+    )  # fmt: skip
     for attempt, seed in enumerate(seeds):
         if attempt >= max_seeds:
             break
@@ -693,7 +877,8 @@ def solve(
             failure = error
             continue
         try:
-            rms = check_fit(residual, min_matches=min_matches, max_rms=max_rms)
+            in_frame = catalogue_in_frame(wcs, ra_all, dec_all, shape)
+            rms = check_fit(residual, min_matches=min_matches, max_rms=max_rms, in_frame=in_frame)
         except SolveError as error:
             failure = error
             continue
@@ -703,7 +888,8 @@ def solve(
         if failure is None:
             raise SolveError("no match with the catalogue")
         raise SolveError(
-            f"no match with the catalogue: no candidate pattern match fits (last: {failure})"
+            f"no match with the catalogue: about {expected:.0f} catalogue stars expected in "
+            f"the frame; no candidate pattern match fits (last: {failure})"
         )
     wcs, src, cat, residual, rms = found
     det = np.linalg.det(wcs.cd)

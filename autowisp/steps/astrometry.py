@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from autowisp.core.astrometry import SolveError, check_fit, default_order, refine, solve
+from autowisp.core.astrometry import (
+    SolveError,
+    catalogue_in_frame,
+    check_fit,
+    default_order,
+    refine,
+    solve,
+)
 from autowisp.core.calibration import MaskBit
 from autowisp.core.extraction import extract_sources
 from autowisp.errors import PermanentError, TransientError
@@ -47,7 +54,14 @@ class Astrometry(Step):
         Parameter("pointing_uncertainty", 10.0, "deg", "How far the header pointing may be off."),
         Parameter("threshold", 5.0, "σ", "Source detection threshold."),
         Parameter("sip_order", 0, "", "SIP order; 0: 3, 4 or 5 by frame size."),
-        Parameter("min_matches", 10, "", "Fewer matched stars than this fail the frame."),
+        Parameter(
+            "min_matches",
+            0,
+            "",
+            "Fewer matched stars than this fail the frame; 0: half the catalogue stars the "
+            "solution puts on the frame, at least 6 and at most 10 (a small or sparse "
+            "frame with 12 catalogue stars cannot match 10 of them reliably).",
+        ),
         Parameter("max_rms", 1.0, "px", "A fit with a larger RMS residual fails the frame."),
         Parameter(
             "catalogue",
@@ -121,7 +135,7 @@ class Astrometry(Step):
                     "solver": "autowisp",
                 }
             else:
-                wcs, matched_sources, matched_stars, residual, qc_extra = self._blind(
+                wcs, matched_sources, matched_stars, residual, in_frame = self._blind(
                     context, sources, data.shape, scale, tolerance, half_diagonal, epoch, order,
                     offline,
                 )  # fmt: skip
@@ -129,7 +143,9 @@ class Astrometry(Step):
                     residual,
                     min_matches=int(parameters["min_matches"]),
                     max_rms=float(parameters["max_rms"]),
+                    in_frame=in_frame,
                 )
+                qc_extra = {"solver": "solve-field"}
         except SolveError as error:
             raise PermanentError(f"{image.path.name}: {error}") from error
         online = positions is not offline
@@ -214,7 +230,8 @@ class Astrometry(Step):
             rough, sources.x, sources.y, stars.ra, stars.dec, shape,
             order=order or default_order(shape), start_radius=3.0,
         )  # fmt: skip
-        return wcs, src, stars.source_id[cat], residual, {"solver": "solve-field"}
+        in_frame = catalogue_in_frame(wcs, stars.ra, stars.dec, shape)
+        return wcs, src, stars.source_id[cat], residual, in_frame
 
     @staticmethod
     def _positions_catalogue(context: StepContext, offline: OfflineGaia) -> Catalogue:

@@ -148,3 +148,25 @@ def test_a_small_sparse_frame_solves():
     px, py = solution.wcs.sky_to_pixel(ra, dec)
     error = np.hypot(px - grid_x.ravel(), py - grid_y.ravel())
     assert np.sqrt(np.mean(error**2)) < 0.1  # 0.1 px centroids, ~15 stars
+
+
+def test_the_matching_plan_scales_with_the_catalogue_stars_in_the_frame():
+    from autowisp.core.astrometry import matching_plan, required_matches
+
+    sparse, small, large = matching_plan(3.0), matching_plan(12.0), matching_plan(200.0)
+    assert (sparse.sources, sparse.min_votes) == (30, 6)  # the floor
+    assert (small.sources, small.min_votes) == (36, 6)
+    assert (large.sources, large.min_votes) == (300, 8)  # as before on large frames
+    assert matching_plan(21.0).min_votes == 8 and matching_plan(21.0).sources == 63
+    assert [required_matches(n) for n in (3, 12, 15, 80)] == [6, 6, 8, 10]
+
+
+def test_an_adaptive_fit_check_names_the_catalogue_stars_in_the_frame():
+    from autowisp.core.astrometry import check_fit
+
+    residual = np.full(5, 0.1)
+    with pytest.raises(SolveError, match="5 stars matched of 12 catalogue stars in the frame, 6"):
+        check_fit(residual, min_matches=0, max_rms=1.0, in_frame=12)
+    assert check_fit(np.full(6, 0.1), min_matches=0, max_rms=1.0, in_frame=12) == pytest.approx(
+        0.1
+    )
