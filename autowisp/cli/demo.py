@@ -58,4 +58,33 @@ def demo(
     solved = sorted(settings.storage_root.glob("astrometry/*/*"))
     if solved:
         typer.echo(f"  astrometry (TAN-SIP WCS, SOURCES and CATALOGUE positions): {solved[-1]}")
-    typer.echo(f"ground truth of the simulated night: {next(Path(upload).rglob('truth.h5'))}")
+    photometry = sorted(settings.storage_root.glob("photometry/*/*"))
+    if photometry:
+        typer.echo(
+            "  photometry (HDF5, a group per channel: apertures, PSF fluxes, backgrounds, "
+            f"flags, PSF map): {photometry[-1]}"
+        )
+    truth = next(Path(upload).rglob("truth.h5"))
+    typer.echo(f"ground truth of the simulated night: {truth}")
+    if photometry:
+        _print_precision(sorted(photometry[-1].glob("*.h5")), truth)
+
+
+def _print_precision(files: list[Path], truth: Path) -> None:
+    """The precision reached against the truth (see :mod:`autowisp.simulate.assess`)."""
+    from autowisp.simulate.assess import night_precision
+
+    results = night_precision(files, truth)
+    if not results:
+        typer.echo("precision: no star was measured on every frame")
+        return
+    typer.echo(
+        "precision against the truth (median RMS over the night of the brightest stars, "
+        "after a per-frame zero point):"
+    )
+    for r in results:
+        typer.echo(
+            f"  {r.channel:>4}: aperture {r.aperture:g} px {r.measured_mmag:.1f} mmag, "
+            f"PSF fit {r.psf_mmag:.1f} mmag, expected from errors {r.expected_mmag:.1f} mmag "
+            f"({r.stars} stars, {r.frames} frames)"
+        )

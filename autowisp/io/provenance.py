@@ -18,6 +18,8 @@ primary header keywords, in HDF5 root attributes, under the same names:
     long strings).
 ``CALFRAME``
     for products made from a calibrated frame, that frame, in the same form.
+``ASTROM``
+    for products made with an astrometric solution, that solution, in the same form.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Provenance:
         uncalibrated: bool | None = None,
         masters: Mapping[str, Any] | None = None,
         calibrated: Any = None,
+        astrometry: Any = None,
     ) -> Provenance:
         """The provenance of what a step writes for ``context`` (a StepContext).
 
@@ -93,6 +96,8 @@ class Provenance:
         }
         if calibrated is not None:
             references["CALFRAME"] = product_reference(calibrated, context.storage_root)
+        if astrometry is not None:
+            references["ASTROM"] = product_reference(astrometry, context.storage_root)
         image = context.image
         return cls(
             step=context.step,
@@ -131,7 +136,9 @@ class Provenance:
 
         uncalibrated = source.get("UNCALIB")
         references = {
-            key: text(key) for key in (*MASTER_KEYWORDS.values(), "CALFRAME") if key in source
+            key: text(key)
+            for key in (*MASTER_KEYWORDS.values(), "CALFRAME", "ASTROM")
+            if key in source
         }
         return cls(
             step=text("STEP"),

@@ -19,6 +19,7 @@ from autowisp.steps.calibrate import Calibrate
 from autowisp.steps.frame_qc import FrameQC
 from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
 from autowisp.steps.night_qc import NightQC
+from autowisp.steps.photometry import Photometry
 from autowisp.vocabulary import Scope
 
 __all__ = ["PIPELINE", "Registry", "default_registry", "load_registry"]
@@ -32,6 +33,7 @@ PIPELINE: tuple[type[Step], ...] = (
     MasterFlat,
     Calibrate,
     Astrometry,
+    Photometry,
 )
 
 

@@ -1,0 +1,358 @@
+"""Photometry of one channel of a calibrated frame at given star positions.
+
+:func:`measure_channel` runs, for the stars of the field that fall on the frame:
+
+1. the annulus background of every star (other stars' discs excluded);
+2. per-source PSF fits of the brightest isolated, unsaturated stars and the smooth PSF
+   map over the frame (:mod:`autowisp.core.psf`); with ``profile='auto'`` the radial
+   profile (Gaussian, or Moffat with β from a short list) is the one whose fits have the
+   smallest median χ²;
+3. PSF-fitting fluxes with the mapped PRF (:func:`autowisp.core.aperture.psf_photometry`);
+4. aperture photometry in each radius, PRF-weighted (``mode='prf'``) or exact-area
+   (``mode='plain'``).
+
+Fluxes are the channel's collected flux in e⁻ (the sensitivity map has mean 1), the
+aperture fluxes those of an evenly sensitive detector within each radius. Problems with
+single stars become :class:`Flag` bits, never dropped rows.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from autowisp.core.aperture import (
+    BAD_MASKED,
+    BAD_SATURATED,
+    TOUCH_EDGE,
+    TOUCH_MASKED,
+    TOUCH_SATURATED,
+    annulus_background,
+    aperture_photometry,
+    paint_owners,
+    psf_photometry,
+)
+from autowisp.core.bayer import Channel
+from autowisp.core.calibration import MaskBit
+from autowisp.core.psf import (
+    _NODES,
+    _WEIGHTS,
+    PROFILES,
+    ShapeMap,
+    fit_shape_map,
+    fit_source_shapes,
+    shape_from_fwhm,
+)
+from autowisp.core.subpixel import channel_map
+
+__all__ = ["ChannelPhotometry", "Flag", "PhotometryConfig", "bad_codes", "measure_channel"]
+
+
+class Flag(enum.IntFlag):
+    """Why a star's measurement should be used with care (bits of ``flags``)."""
+
+    SATURATED = 1  # a saturated pixel in the largest aperture (measured from the rest)
+    MASKED = 2  # hot, dead or cosmic-ray pixels in the largest aperture
+    EDGE = 4  # the largest aperture crosses the frame's edge
+    OFF_FRAME = 8  # the centre is off the frame: no measurement
+    CROWDED = 16  # another star within the largest aperture + 2 FWHM
+    NO_BACKGROUND = 32  # too few annulus pixels: no background, no fluxes
+    PSF_FAILED = 64  # no PSF flux (no usable pixels)
+    UNCALIBRATED = 128  # the frame was not calibrated with masters
+    LOST_WEIGHT = 256  # over 10 % of the largest aperture's weight was on unusable pixels
+
+
+@dataclass(frozen=True)
+class PhotometryConfig:
+    """Settings of :func:`measure_channel` (radii in px, of the full frame)."""
+
+    apertures: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0)
+    mode: str = "prf"  # or 'plain'
+    profile: str = "auto"  # 'gaussian', 'moffat' or 'auto'
+    beta: float = 3.5
+    annulus: tuple[float, float] = (0.0, 0.0)  # (inner, outer); 0: from the apertures
+    shape_stars: int = 150
+    shape_order_xy: int = 3
+    shape_order_mag: int = 1
+    psf_radius: float = 0.0  # 0: 2 FWHM + one channel pixel
+    iterations: int = 4
+    clip: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not self.apertures or min(self.apertures) <= 0:
+            raise ValueError(f"apertures must be positive radii (px), got {self.apertures!r}")
+        if self.mode not in ("prf", "plain"):
+            raise ValueError(f"photometry mode must be 'prf' or 'plain', got {self.mode!r}")
+        if self.profile not in ("auto", *PROFILES):
+            raise ValueError(
+                f"PSF profile must be 'auto', 'gaussian' or 'moffat', got {self.profile!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ChannelPhotometry:
+    """One channel's measurements: rows follow the stars given, columns the apertures."""
+
+    channel: str
+    flux: np.ndarray  # (n, n_ap) e⁻
+    flux_err: np.ndarray
+    psf_flux: np.ndarray  # (n,) e⁻
+    psf_flux_err: np.ndarray
+    psf_chi2: np.ndarray
+    background: np.ndarray  # (n,) e⁻ per channel pixel
+    background_err: np.ndarray
+    flags: np.ndarray  # (n,) uint16 Flag bits
+    shape_map: ShapeMap | None
+    shapes: np.ndarray  # (n, 3) S, D, K used for each star
+    qc: dict[str, float] = field(default_factory=dict)
+
+
+def bad_codes(mask: np.ndarray) -> np.ndarray:
+    """Kernel codes (0 good, saturated, masked) from a calibrated frame's MaskBit mask."""
+    codes = np.zeros(mask.shape, np.uint8)
+    codes[(mask & (MaskBit.HOT | MaskBit.LOW_RESPONSE | MaskBit.COSMIC_RAY)) != 0] = BAD_MASKED
+    codes[(mask & (MaskBit.SATURATED | MaskBit.BLEED)) != 0] = BAD_SATURATED
+    codes[(mask & MaskBit.NON_FINITE) != 0] = BAD_MASKED
+    return codes
+
+
+def wing_radius(flux: np.ndarray, fwhm: float, threshold: np.ndarray) -> np.ndarray:
+    """Radius (px) beyond which a star of ``flux`` e⁻ puts less than ``threshold`` e⁻ per
+    px, for a Moffat profile of index 2.5 (wider wings than most PSFs: conservative)."""
+    beta = 2.5
+    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    peak = np.maximum(flux, 0.0) * (beta - 1) / (np.pi * alpha**2)
+    ratio = np.maximum(peak / np.maximum(threshold, 1e-9), 1.0)
+    return alpha * np.sqrt(ratio ** (1 / beta) - 1)
+
+
+def _fit_shapes(image, error, good, x, y, background, mag, channel, cells, fwhm, config, shape):
+    """Per-source fits of the chosen stars and the map; the profile chosen by χ²."""
+    variance = np.square(error.astype(float))
+    candidates = [(config.profile, config.beta)]
+    if config.profile == "auto":
+        candidates = [("gaussian", 0.0), ("moffat", 2.5), ("moffat", 3.5), ("moffat", 5.0)]
+    best = None
+    trial = slice(0, min(len(x), 30))
+    if len(candidates) > 1:
+        scores = []
+        for kind, beta in candidates:
+            fits = fit_source_shapes(
+                image, variance, good, x[trial], y[trial], background[trial], cells=cells,
+                step=channel.step, y0=channel.y0, x0=channel.x0, fwhm_guess=fwhm, kind=kind,
+                beta=beta,
+            )  # fmt: skip
+            chi2 = fits.chi2[fits.ok]
+            scores.append(float(np.median(chi2)) if chi2.size else np.inf)
+        best = candidates[int(np.argmin(scores))]
+    else:
+        best = candidates[0]
+    kind, beta = best
+    fits = fit_source_shapes(
+        image, variance, good, x, y, background, cells=cells, step=channel.step,
+        y0=channel.y0, x0=channel.x0, fwhm_guess=fwhm, kind=kind, beta=beta,
+    )  # fmt: skip
+    shape_map = fit_shape_map(fits, mag, shape, kind=kind, beta=beta,
+                              order_xy=config.shape_order_xy,
+                              order_mag=config.shape_order_mag)  # fmt: skip
+    return shape_map, fits
+
+
+def measure_channel(
+    image: np.ndarray,
+    error: np.ndarray,
+    bad: np.ndarray,
+    channel: Channel,
+    x: np.ndarray,
+    y: np.ndarray,
+    mag: np.ndarray,
+    *,
+    config: PhotometryConfig,
+    fwhm_guess: float = 2.5,
+    uncalibrated: bool = False,
+) -> ChannelPhotometry:
+    """Measure every star (x, y px; ``mag`` a catalogue magnitude, brightest smallest)
+    in one channel of ``image`` (e⁻) with its ``error`` (e⁻) and ``bad`` codes
+    (:func:`bad_codes`)."""
+    image = np.asarray(image, dtype=float)
+    error = np.asarray(error, dtype=float)
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    mag = np.asarray(mag, dtype=float)
+    n = x.size
+    ny, nx = image.shape
+    sensitivity = channel_map(channel)
+    cells = sensitivity.cells()
+    extent = sensitivity.extent()
+    step = channel.step
+    radii = np.asarray(sorted(config.apertures), dtype=float)
+    r_max = float(radii.max())
+    flags = np.zeros(n, np.uint16)
+    if uncalibrated:
+        flags |= np.uint16(Flag.UNCALIBRATED)
+    on = np.isfinite(x) & np.isfinite(y) & (x > -0.5) & (x < nx - 0.5) & (y > -0.5)
+    on &= y < ny - 0.5
+    flags[~on] |= np.uint16(Flag.OFF_FRAME)
+
+    # 1. backgrounds
+    inner, outer = config.annulus
+    if inner <= 0:
+        inner = r_max + max(2.0 * fwhm_guess, 2.0)
+    if outer <= inner:
+        outer = inner + max(6.0, 3.0 * step)
+    index = np.flatnonzero(on)
+    level = np.full(n, np.nan)
+    level_err = np.full(n, np.nan)
+    count = np.zeros(n, np.int64)
+
+    def background(radius: np.ndarray) -> None:
+        cover = np.zeros(image.shape, np.int32)
+        owner = np.full(image.shape, -1, np.int64)
+        paint_owners(cover, owner, x[index], y[index], radius)
+        owner[owner >= 0] = index[owner[owner >= 0]]
+        annulus_background(image, bad, cover, owner, x, y, step, channel.y0, channel.x0, inner,
+                           outer, config.clip, level, level_err, count)  # fmt: skip
+
+    background(np.full(index.size, r_max + fwhm_guess))
+    first = (level.copy(), level_err.copy(), count.copy())
+    # Again, with each star's disc out to where its wings fall below 5 % of the sky's
+    # noise per pixel (bright neighbours' wings otherwise raise the faint stars' sky);
+    # where that leaves too few pixels, the first estimate stays and the star is crowded.
+    sums = np.full((n, 1), np.nan)
+    _v, _l, _t = np.zeros((n, 1)), np.zeros((n, 1)), np.zeros((n, 1), np.uint8)
+    sky = np.where(
+        np.isfinite(level), level, np.nanmedian(level) if np.isfinite(level).any() else 0
+    )
+    aperture_photometry(image, error, bad, x, y, sky, np.zeros(n), np.zeros(n), np.zeros((n, 3)),
+                        0, 0.0, True, np.array([r_max]), step, channel.y0, channel.x0, cells,
+                        extent, _NODES, _WEIGHTS, sums, _v, _l, _t)  # fmt: skip
+    noise = np.sqrt(np.maximum(sky, 1.0)) * 0.05
+    wing = wing_radius(np.nan_to_num(sums[:, 0]), fwhm_guess, noise)
+    background(np.clip(wing[index], r_max + fwhm_guess, 3 * outer))
+    sparse = (count < np.maximum(20, 0.3 * first[2])) & np.isfinite(first[0])
+    level[sparse], level_err[sparse], count[sparse] = (v[sparse] for v in first)
+    flags[sparse & on] |= np.uint16(Flag.CROWDED)
+    flags[~np.isfinite(level)] |= np.uint16(Flag.NO_BACKGROUND)
+
+    # Neighbours: crowding flag, and who may shape the PSF.
+    from scipy.spatial import cKDTree
+
+    positions = np.column_stack([np.where(on, x, 1e9), np.where(on, y, 1e9)])
+    tree = cKDTree(positions)
+    crowd_radius = r_max + 2.0 * fwhm_guess
+    pairs = tree.query_pairs(crowd_radius, output_type="ndarray")
+    crowded = np.zeros(n, bool)
+    crowded[pairs.ravel()] = True
+    flags[crowded] |= np.uint16(Flag.CROWDED)
+
+    # 2. the PSF map from bright, isolated, clean, unsaturated stars
+    good = bad == 0
+    fit_radius = max(3.0, 2.0 * fwhm_guess) + step
+    margin = fit_radius + 1
+    isolated = np.ones(n, bool)
+    isolated[tree.query_pairs(2 * fit_radius, output_type="ndarray").ravel()] = False
+    clean = np.zeros(n, bool)
+    usable = np.flatnonzero(on & isolated & np.isfinite(level) & np.isfinite(mag))
+    usable = usable[
+        (x[usable] > margin) & (x[usable] < nx - 1 - margin)
+        & (y[usable] > margin) & (y[usable] < ny - 1 - margin)
+    ]  # fmt: skip
+    for i in usable:  # no saturated or masked pixel near the star
+        lo_y, hi_y = int(y[i] - fit_radius), int(y[i] + fit_radius) + 2
+        lo_x, hi_x = int(x[i] - fit_radius), int(x[i] + fit_radius) + 2
+        clean[i] = not np.any(bad[max(lo_y, 0) : hi_y, max(lo_x, 0) : hi_x])
+    chosen = usable[clean[usable]]
+    chosen = chosen[np.argsort(mag[chosen], kind="stable")][: config.shape_stars]
+    shape_map = None
+    shapes = np.zeros((n, 3))
+    kind_code, beta = PROFILES["gaussian"], 0.0
+    qc: dict[str, float] = {"stars": float(on.sum()), "shape_stars": float(chosen.size)}
+    if True:  # the map is a QC figure in plain mode too
+        try:
+            shape_map, fits = _fit_shapes(
+                image, error, good, x[chosen], y[chosen], level[chosen], mag[chosen], channel,
+                cells, fwhm_guess, config, image.shape,
+            )  # fmt: skip
+        except ValueError:
+            shape_map = None
+        if shape_map is not None:
+            shapes = shape_map.shapes(x, y, np.where(np.isfinite(mag), mag, shape_map.mag_zero))
+            kind_code, beta = PROFILES[shape_map.kind], shape_map.beta
+            ok = np.isfinite(shapes).all(axis=1) & (
+                shapes[:, 0] > np.hypot(shapes[:, 1], shapes[:, 2])
+            )
+            fallback = np.array(shape_from_fwhm(np.array(fwhm_guess), np.array(fwhm_guess),
+                                                np.array(0.0), kind=shape_map.kind,
+                                                beta=beta))  # fmt: skip
+            shapes[~ok] = fallback
+            major, minor, _ = shape_map.fwhm(x[chosen], y[chosen], mag[chosen])
+            qc.update(
+                fwhm=float(np.median(np.sqrt(major * minor))),
+                ellipticity=float(np.median(1 - minor / major)),
+                shape_map_stars=float(shape_map.used),
+                shape_chi2=float(np.nanmedian(fits.chi2[fits.ok])) if fits.ok.any() else np.nan,
+                profile_beta=float(beta) if shape_map.kind == "moffat" else 0.0,
+            )
+    if shape_map is None:
+        shapes[:] = np.array(shape_from_fwhm(np.array(fwhm_guess), np.array(fwhm_guess),
+                                             np.array(0.0)))  # fmt: skip
+
+    # 3. PSF fluxes, started from exact-area sums at ~1.5 FWHM
+    bg = np.where(np.isfinite(level), level, 0.0)
+    bg_err = np.where(np.isfinite(level_err), level_err, 0.0)
+    start = np.full((n, 1), np.nan)
+    var0 = np.full((n, 1), np.nan)
+    lost0 = np.zeros((n, 1))
+    touch0 = np.zeros((n, 1), np.uint8)
+    aperture_photometry(image, error, bad, x, y, bg, bg_err, np.zeros(n), shapes, kind_code,
+                        beta, True, np.array([max(1.5 * fwhm_guess, 1.5)]), step, channel.y0,
+                        channel.x0, cells, extent, _NODES, _WEIGHTS, start, var0, lost0,
+                        touch0)  # fmt: skip
+    psf_radius = config.psf_radius or (2.0 * fwhm_guess + step)
+    psf_flux = np.full(n, np.nan)
+    psf_err = np.full(n, np.nan)
+    psf_chi2 = np.full(n, np.nan)
+    npix = np.zeros(n, np.int64)
+    psf_photometry(image, error, bad, x, y, bg, bg_err, shapes, kind_code, beta, step,
+                   channel.y0, channel.x0, cells, psf_radius, start[:, 0], config.iterations,
+                   _NODES, _WEIGHTS, psf_flux, psf_err, psf_chi2, npix)  # fmt: skip
+    flags[on & ~np.isfinite(psf_flux)] |= np.uint16(Flag.PSF_FAILED)
+
+    # 4. apertures
+    flux = np.full((n, radii.size), np.nan)
+    variance = np.full((n, radii.size), np.nan)
+    lost = np.zeros((n, radii.size))
+    touch = np.zeros((n, radii.size), np.uint8)
+    guess = np.where(np.isfinite(psf_flux) & (psf_flux > 0), psf_flux, start[:, 0])
+    aperture_photometry(image, error, bad, x, y, bg, bg_err, guess, shapes, kind_code, beta,
+                        config.mode == "plain", radii, step, channel.y0, channel.x0, cells,
+                        extent, _NODES, _WEIGHTS, flux, variance, lost, touch)  # fmt: skip
+    last = touch[:, -1]
+    flags[(last & TOUCH_SATURATED) != 0] |= np.uint16(Flag.SATURATED)
+    flags[(last & TOUCH_MASKED) != 0] |= np.uint16(Flag.MASKED)
+    flags[(last & TOUCH_EDGE) != 0] |= np.uint16(Flag.EDGE)
+    flags[lost[:, -1] > 0.1] |= np.uint16(Flag.LOST_WEIGHT)
+    no_measure = ~on | ~np.isfinite(level)
+    flux[no_measure] = np.nan
+    variance[no_measure] = np.nan
+    psf_flux[no_measure] = np.nan
+    psf_err[no_measure] = np.nan
+    fitted = np.isfinite(psf_chi2)
+    qc["psf_chi2"] = float(np.median(psf_chi2[fitted])) if fitted.any() else np.nan
+    qc["measured"] = float(np.isfinite(flux[:, 0]).sum())
+    return ChannelPhotometry(
+        channel=channel.name,
+        flux=flux,
+        flux_err=np.sqrt(variance),
+        psf_flux=psf_flux,
+        psf_flux_err=psf_err,
+        psf_chi2=psf_chi2,
+        background=level,
+        background_err=level_err,
+        flags=flags,
+        shape_map=shape_map,
+        shapes=shapes,
+        qc=qc,
+    )

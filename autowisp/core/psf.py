@@ -1,0 +1,357 @@
+"""Analytic elliptical PSFs with (S, D, K) shape parameters, their PRF integrals and fits.
+
+The PSF at offset ``(dx, dy)`` (px) from a star's centre depends on the quadratic form
+
+    Q(dx, dy) = S (dx² + dy²) + D (dx² − dy²) + 2 K dx dy,
+
+positive definite (S > sqrt(D² + K²)), through one of two radial profiles, each
+normalised to unit integral over the plane:
+
+* ``gaussian``: f = sqrt(S² − D² − K²) / (2π) · exp(−Q / 2) (the fistar/HATNet shape);
+* ``moffat``: f = (β − 1) sqrt(S² − D² − K²) / π · (1 + Q)^(−β), which adds the wings
+  of seeing-limited and lens PSFs (Moffat 1969) with one more parameter β.
+
+A channel pixel's expected electrons from a star of flux A is
+``A · Σ_k w_k ∫∫_{cell k} f`` over the cells of the channel's sensitivity map
+(:mod:`autowisp.core.subpixel`): the pixel response function (PRF) is the PSF convolved
+with the sub-pixel sensitivity. The integrals use Gauss–Legendre quadrature of
+:data:`QUADRATURE_ORDER` nodes per axis on each cell (a smooth integrand: the error is
+far below the photon noise for FWHM ≥ 1 px, see the tests).
+
+:func:`fit_source_shapes` fits (A, x, y, S, D, K) to each chosen star and
+:func:`fit_shape_map` the smooth map of (S, D, K) over the frame, a polynomial in x, y
+and magnitude with iterative rejection; :class:`ShapeMap` evaluates it for any star.
+The numba functions :func:`profile` and :func:`rect_integral` are what the aperture and
+PSF-flux kernels (:mod:`autowisp.core.aperture`) call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from scipy.optimize import least_squares
+
+__all__ = [
+    "GAUSSIAN",
+    "MOFFAT",
+    "QUADRATURE_ORDER",
+    "ShapeMap",
+    "SourceShapes",
+    "fit_shape_map",
+    "fit_source_shapes",
+    "fwhm_of",
+    "pixel_integrals",
+    "profile",
+    "rect_integral",
+    "shape_from_fwhm",
+]
+
+#: Profile codes used by the numba kernels.
+GAUSSIAN = 0
+MOFFAT = 1
+PROFILES = {"gaussian": GAUSSIAN, "moffat": MOFFAT}
+
+#: Gauss–Legendre nodes per axis and cell.
+QUADRATURE_ORDER = 5
+_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(QUADRATURE_ORDER)
+
+
+def shape_from_fwhm(
+    major: np.ndarray, minor: np.ndarray, theta: np.ndarray, *, kind: str = "gaussian",
+    beta: float = 3.5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """(S, D, K) of a PSF with the given FWHMs (px) along its axes, major axis at ``theta``
+    (rad, counter-clockwise from +x)."""
+    major, minor, theta = (np.asarray(v, dtype=float) for v in (major, minor, theta))
+    level = 8.0 * np.log(2.0) if kind == "gaussian" else 4.0 * (2.0 ** (1.0 / beta) - 1.0)
+    low, high = level / major**2, level / minor**2  # eigenvalues of the quadratic form
+    s = (low + high) / 2
+    half = (high - low) / 2
+    # Q's matrix is R diag(low, high) Rᵀ; D and K are its anisotropic part.
+    d = -half * np.cos(2 * theta)
+    k = -half * np.sin(2 * theta)
+    return s, d, k
+
+
+def fwhm_of(
+    s: np.ndarray, d: np.ndarray, k: np.ndarray, *, kind: str = "gaussian", beta: float = 3.5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FWHM (px) along the major and minor axes and the major axis angle (rad, [0, π))."""
+    s, d, k = (np.asarray(v, dtype=float) for v in (s, d, k))
+    level = 8.0 * np.log(2.0) if kind == "gaussian" else 4.0 * (2.0 ** (1.0 / beta) - 1.0)
+    spread = np.hypot(d, k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        major = np.sqrt(level / (s - spread))
+        minor = np.sqrt(level / (s + spread))
+    theta = np.mod(0.5 * np.arctan2(-k, -d), np.pi)
+    return major, minor, theta
+
+
+@numba.njit(cache=True, nogil=True)
+def profile(kind, beta, s, d, k, dx, dy):
+    """PSF value (px⁻²) at offset (dx, dy); 0 for a shape that is not positive definite."""
+    det = s * s - d * d - k * k
+    if det <= 0.0 or s <= 0.0:
+        return 0.0
+    q = s * (dx * dx + dy * dy) + d * (dx * dx - dy * dy) + 2.0 * k * dx * dy
+    if kind == GAUSSIAN:
+        return np.sqrt(det) / (2.0 * np.pi) * np.exp(-0.5 * q)
+    return (beta - 1.0) * np.sqrt(det) / np.pi * (1.0 + q) ** (-beta)
+
+
+@numba.njit(cache=True, nogil=True)
+def rect_integral(kind, beta, s, d, k, x0, x1, y0, y1, nodes, weights):
+    """∫∫ PSF over the rectangle [x0, x1] × [y0, y1] (offsets from the centre, px)."""
+    hx = 0.5 * (x1 - x0)
+    hy = 0.5 * (y1 - y0)
+    cx = 0.5 * (x1 + x0)
+    cy = 0.5 * (y1 + y0)
+    total = 0.0
+    for j in range(nodes.shape[0]):
+        yy = cy + hy * nodes[j]
+        row = 0.0
+        for i in range(nodes.shape[0]):
+            row += weights[i] * profile(kind, beta, s, d, k, cx + hx * nodes[i], yy)
+        total += weights[j] * row
+    return total * hx * hy
+
+
+def pixel_integrals(
+    kind: int, beta: float, shape: np.ndarray, dx: np.ndarray, dy: np.ndarray, cells: np.ndarray
+) -> np.ndarray:
+    """PRF of channel pixels: Σ_k w_k ∫∫_{cell k} PSF, vectorised over pixels.
+
+    ``shape`` is (S, D, K) for all pixels (3,) or per pixel (n, 3); ``dx``, ``dy`` (n,)
+    are the pixel centres' offsets from the star (px); ``cells`` the sensitivity cells
+    ``(dx0, dx1, dy0, dy1, w)`` relative to the pixel centre.
+    """
+    shape = np.asarray(shape, dtype=float)
+    s, d, k = (shape[..., i][..., None, None, None] for i in range(3))
+    dx = np.asarray(dx, float)[:, None, None, None]
+    dy = np.asarray(dy, float)[:, None, None, None]
+    x0, x1, y0, y1, w = (cells[:, i][None, :, None, None] for i in range(5))
+    hx, hy = (x1 - x0) / 2, (y1 - y0) / 2
+    px = dx + (x0 + x1) / 2 + hx * _NODES[None, None, None, :]
+    py = dy + (y0 + y1) / 2 + hy * _NODES[None, None, :, None]
+    det = np.maximum(s * s - d * d - k * k, 0.0)
+    q = s * (px * px + py * py) + d * (px * px - py * py) + 2 * k * px * py
+    if kind == GAUSSIAN:
+        value = np.sqrt(det) / (2 * np.pi) * np.exp(-0.5 * q)
+    else:
+        value = (beta - 1) * np.sqrt(det) / np.pi * (1 + q) ** (-beta)
+    weighted = value * _WEIGHTS[None, None, :, None] * _WEIGHTS[None, None, None, :]
+    return (weighted.sum(axis=(2, 3)) * hx[..., 0, 0] * hy[..., 0, 0] * w[..., 0, 0]).sum(axis=1)
+
+
+# -- per-source fits --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceShapes:
+    """Per-source PSF fits: rows of the stars given to :func:`fit_source_shapes`.
+
+    ``flux`` (e⁻, the channel's collected flux), ``x``, ``y`` (px), ``s``, ``d``, ``k``,
+    ``chi2`` (per degree of freedom), ``npix`` and ``ok`` (the fit converged to a
+    positive-definite shape and a positive flux).
+    """
+
+    flux: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    s: np.ndarray
+    d: np.ndarray
+    k: np.ndarray
+    chi2: np.ndarray
+    npix: np.ndarray
+    ok: np.ndarray
+
+
+def _stamp(image, variance, good, x, y, radius, channel_step, y0, x0):
+    """Channel pixels within ``radius`` of (x, y): offsets, values, variances."""
+    ny, nx = image.shape
+    lo_x = int(np.ceil((x - radius - x0) / channel_step)) * channel_step + x0
+    lo_y = int(np.ceil((y - radius - y0) / channel_step)) * channel_step + y0
+    xs = np.arange(max(lo_x, x0), min(int(x + radius) + 1, nx), channel_step)
+    ys = np.arange(max(lo_y, y0), min(int(y + radius) + 1, ny), channel_step)
+    if xs.size == 0 or ys.size == 0:
+        return None
+    py, px = np.meshgrid(ys, xs, indexing="ij")
+    near = (px - x) ** 2 + (py - y) ** 2 <= radius**2
+    py, px = py[near], px[near]
+    use = good[py, px] & np.isfinite(image[py, px]) & (variance[py, px] > 0)
+    py, px = py[use], px[use]
+    return px, py, image[py, px].astype(float), variance[py, px].astype(float)
+
+
+def fit_source_shapes(
+    image: np.ndarray,
+    variance: np.ndarray,
+    good: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    background: np.ndarray,
+    *,
+    cells: np.ndarray,
+    step: int,
+    y0: int,
+    x0: int,
+    fwhm_guess: float,
+    kind: str = "gaussian",
+    beta: float = 3.5,
+    radius: float | None = None,
+) -> SourceShapes:
+    """Fit flux, centre and (S, D, K) of each star to its channel pixels.
+
+    ``variance`` (e⁻²) weights the pixels; ``good`` marks usable pixels (saturated and
+    masked ones False); ``background`` (e⁻ per channel pixel) is subtracted, not fitted.
+    The fitting radius defaults to ``max(3, 2·fwhm_guess) + step`` px.
+    """
+    code = PROFILES[kind]
+    n = len(x)
+    out = {name: np.full(n, np.nan) for name in ("flux", "x", "y", "s", "d", "k", "chi2")}
+    npix = np.zeros(n, np.int64)
+    ok = np.zeros(n, bool)
+    radius = radius if radius is not None else max(3.0, 2.0 * fwhm_guess) + step
+    start = shape_from_fwhm(np.array(fwhm_guess), np.array(fwhm_guess), np.array(0.0),
+                            kind=kind, beta=beta)  # fmt: skip
+    for i in range(n):
+        stamp = _stamp(image, variance, good, x[i], y[i], radius, step, y0, x0)
+        if stamp is None or stamp[0].size < 12:
+            continue
+        px, py, values, var = stamp
+        values = values - background[i]
+        sigma = np.sqrt(var)
+        total = max(float(values.sum()), 1.0)
+
+        def residual(p, px=px, py=py, values=values, sigma=sigma):
+            model = p[0] * pixel_integrals(code, beta, p[3:6], px - p[1], py - p[2], cells)
+            return (model - values) / sigma
+
+        p0 = np.array([total, x[i], y[i], float(start[0]), 0.0, 0.0])
+        lower = [0.0, x[i] - 1.5, y[i] - 1.5, 1e-3, -np.inf, -np.inf]
+        upper = [np.inf, x[i] + 1.5, y[i] + 1.5, np.inf, np.inf, np.inf]
+        try:
+            fit = least_squares(residual, p0, bounds=(lower, upper), x_scale="jac",
+                                max_nfev=200)  # fmt: skip
+        except ValueError:  # a non-finite model at the start: leave the star unfitted
+            continue
+        p = fit.x
+        dof = max(px.size - 6, 1)
+        for name, value in zip(("flux", "x", "y", "s", "d", "k"), p, strict=True):
+            out[name][i] = value
+        out["chi2"][i] = float(np.sum(fit.fun**2) / dof)
+        npix[i] = px.size
+        ok[i] = bool(fit.success and p[3] > np.hypot(p[4], p[5]) and p[0] > 0)
+    return SourceShapes(**out, npix=npix, ok=ok)
+
+
+# -- the smooth map ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShapeMap:
+    """(S, D, K) as polynomials in normalised x, y (total order ≤ ``order_xy``) times
+    magnitude (order ≤ ``order_mag``).
+
+    ``coefficients`` is (3, n_terms) for S, D and K; ``x_scale``, ``y_scale`` map pixels
+    to [−1, 1] (``u = (x − xc) / half``), ``mag_zero`` centres the magnitudes.
+    """
+
+    kind: str
+    beta: float
+    order_xy: int
+    order_mag: int
+    centre: tuple[float, float]
+    half: tuple[float, float]
+    mag_zero: float
+    coefficients: np.ndarray
+    used: int
+    rms: tuple[float, float, float]
+    mag_range: tuple[float, float] = (-np.inf, np.inf)
+
+    def terms(self, x: np.ndarray, y: np.ndarray, mag: np.ndarray) -> np.ndarray:
+        return polynomial_terms(
+            (np.asarray(x, float) - self.centre[0]) / self.half[0],
+            (np.asarray(y, float) - self.centre[1]) / self.half[1],
+            # the magnitude term is not extrapolated beyond the stars that shaped it
+            np.clip(np.nan_to_num(np.asarray(mag, float), nan=self.mag_zero), *self.mag_range)
+            - self.mag_zero,
+            self.order_xy,
+            self.order_mag,
+        )
+
+    def shapes(self, x: np.ndarray, y: np.ndarray, mag: np.ndarray) -> np.ndarray:
+        """(n, 3) S, D, K at each star."""
+        return self.terms(x, y, mag) @ self.coefficients.T
+
+    def fwhm(self, x, y, mag) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        shapes = self.shapes(x, y, mag)
+        return fwhm_of(*shapes.T, kind=self.kind, beta=self.beta)
+
+
+def polynomial_terms(u: np.ndarray, v: np.ndarray, m: np.ndarray, order_xy: int,
+                     order_mag: int) -> np.ndarray:  # fmt: skip
+    """Monomials u^i v^j m^l, i + j ≤ order_xy, l ≤ order_mag: (n, n_terms)."""
+    columns = []
+    for level in range(order_mag + 1):
+        for total in range(order_xy + 1):
+            for i in range(total, -1, -1):
+                columns.append(u**i * v ** (total - i) * m**level)
+    return np.column_stack(columns) if columns else np.ones((len(u), 1))
+
+
+def fit_shape_map(
+    shapes: SourceShapes,
+    mag: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    kind: str,
+    beta: float,
+    order_xy: int = 2,
+    order_mag: int = 1,
+    clip: float = 4.0,
+    iterations: int = 5,
+) -> ShapeMap:
+    """Fit the smooth (S, D, K) map to the per-source shapes that fitted well.
+
+    Sources are rejected iteratively where any of S, D, K lies more than ``clip`` robust
+    σ from the map. The polynomial orders drop to what the number of sources supports
+    (at least 3 sources per term). Raises ``ValueError`` with fewer than 3 sources.
+    """
+    ny, nx = shape
+    use = shapes.ok & np.isfinite(shapes.s) & np.isfinite(mag)
+    if use.sum() < 3:
+        raise ValueError(f"only {int(use.sum())} stars fitted a PSF: at least 3 are needed")
+    mag_zero = float(np.median(mag[use]))
+    centre, half = ((nx - 1) / 2, (ny - 1) / 2), (max(nx / 2, 1.0), max(ny / 2, 1.0))
+    while True:  # lower the orders until there are enough stars per term
+        n_terms = (order_xy + 1) * (order_xy + 2) // 2 * (order_mag + 1)
+        if use.sum() >= 3 * n_terms or (order_xy == 0 and order_mag == 0):
+            break
+        if order_mag > 0:
+            order_mag -= 1
+        else:
+            order_xy -= 1
+    values = np.column_stack([shapes.s, shapes.d, shapes.k])
+    keep = use.copy()
+    coefficients = np.zeros((3, n_terms))
+    rms = (np.nan, np.nan, np.nan)
+    for _ in range(iterations):
+        draft = ShapeMap(kind, beta, order_xy, order_mag, centre, half, mag_zero,
+                         coefficients, int(keep.sum()), rms)  # fmt: skip
+        terms = draft.terms(shapes.x[keep], shapes.y[keep], mag[keep])
+        coefficients = np.linalg.lstsq(terms, values[keep], rcond=None)[0].T
+        draft = ShapeMap(kind, beta, order_xy, order_mag, centre, half, mag_zero,
+                         coefficients, int(keep.sum()), rms)  # fmt: skip
+        residual = values - draft.shapes(shapes.x, shapes.y, np.nan_to_num(mag))
+        scale = 1.4826 * np.median(np.abs(residual[keep]), axis=0)
+        rms = (float(scale[0]), float(scale[1]), float(scale[2]))
+        new_keep = use & np.all(np.abs(residual) <= clip * np.maximum(scale, 1e-12), axis=1)
+        if new_keep.sum() < max(3, n_terms) or np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    mag_range = (float(np.min(mag[keep])), float(np.max(mag[keep])))
+    return ShapeMap(kind, beta, order_xy, order_mag, centre, half, mag_zero, coefficients,
+                    int(keep.sum()), rms, mag_range)  # fmt: skip

@@ -1,0 +1,148 @@
+"""photometry: PSF/PRF fits and aperture photometry of every catalogue star on a frame.
+
+Reads the calibrated frame (with its error image and mask) and the frame's astrometric
+solution, whose ``CATALOGUE`` table lists the field's stars projected through the WCS;
+measures each channel of the mosaic with :func:`autowisp.core.photometry.measure_channel`
+(the PSF map, PSF-fitting fluxes, PRF-weighted or exact-area apertures) and writes one
+HDF5 file (:mod:`autowisp.io.photometry`). Median FWHM and ellipticity per channel, the
+stars measured and the fit χ²/dof go to the task row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from autowisp.core.bayer import channels
+from autowisp.core.photometry import PhotometryConfig, bad_codes, measure_channel
+from autowisp.errors import PermanentError
+from autowisp.io.photometry import GROUP_OF, FramePhotometry, write_frame_photometry
+from autowisp.io.products import read_calibrated_frame
+from autowisp.io.provenance import Provenance
+from autowisp.io.solution import read_astrometric_solution
+from autowisp.steps.base import Parameter, Step, StepContext, StepResult
+from autowisp.vocabulary import ImageType, Scope
+
+__all__ = ["Photometry"]
+
+
+def _radii(text: str) -> tuple[float, ...]:
+    try:
+        radii = tuple(float(v) for v in str(text).replace(";", ",").split(",") if v.strip())
+    except ValueError as error:
+        raise PermanentError(
+            f"[steps.photometry] apertures must be comma-separated radii in px, got {text!r}"
+        ) from error
+    if not radii or min(radii) <= 0:
+        raise PermanentError(f"[steps.photometry] apertures must be positive, got {text!r}")
+    return radii
+
+
+def _finite(value: float | None) -> float | None:
+    """A QC figure for the task row's JSON (no NaN: PostgreSQL's JSON refuses it)."""
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+class Photometry(Step):
+    name = "photometry"
+    outputs = ("frame_photometry",)
+    scope = Scope.IMAGE
+    inputs = ("calibrate", "astrometry")
+    image_types = frozenset({ImageType.OBJECT})
+    version = "1"
+    parameters = (
+        Parameter("apertures", "2,3,4,5", "px", "Aperture radii, comma-separated."),
+        Parameter(
+            "mode",
+            "prf",
+            "",
+            "'prf': each pixel weighted by PSF × sub-pixel sensitivity over its exact overlap "
+            "with the aperture; 'plain': exact-area circular sums.",
+        ),
+        Parameter("psf_profile", "auto", "", "'gaussian', 'moffat' or 'auto' (smallest χ² wins)."),
+        Parameter("shape_stars", 150, "", "Brightest isolated stars that shape the PSF map."),
+        Parameter("shape_order_xy", 3, "", "Polynomial order of the PSF map in x and y."),
+        Parameter("shape_order_mag", 1, "", "Polynomial order of the PSF map in magnitude."),
+        Parameter(
+            "annulus", "0,0", "px", "Background annulus inner,outer; 0,0: beyond the apertures."
+        ),
+    )
+
+    def run(self, context: StepContext) -> StepResult:
+        image = context.require_image()
+        calibrated = context.inputs.get("calibrate", ())
+        solved = context.inputs.get("astrometry", ())
+        if not calibrated or calibrated[0].output_path is None:
+            raise PermanentError(f"no calibrated frame for {image.path.name}")
+        if not solved or solved[0].output_path is None:
+            raise PermanentError(f"no astrometric solution for {image.path.name}")
+        parameters = context.parameters
+        try:
+            annulus = [float(v) for v in str(parameters["annulus"]).split(",")]
+        except ValueError as error:
+            raise PermanentError(
+                f"[steps.photometry] annulus must be 'inner,outer' in px, got "
+                f"{parameters['annulus']!r}"
+            ) from error
+        if len(annulus) != 2:
+            raise PermanentError(
+                f"[steps.photometry] annulus must be 'inner,outer' in px, got "
+                f"{parameters['annulus']!r}"
+            )
+        try:
+            config = PhotometryConfig(
+                apertures=_radii(str(parameters["apertures"])),
+                mode=str(parameters["mode"]),
+                profile=str(parameters["psf_profile"]),
+                shape_stars=int(parameters["shape_stars"]),
+                shape_order_xy=int(parameters["shape_order_xy"]),
+                shape_order_mag=int(parameters["shape_order_mag"]),
+                annulus=(float(annulus[0]), float(annulus[-1])),
+            )
+        except ValueError as error:
+            raise PermanentError(f"[steps.photometry]: {error}") from error
+        frame = read_calibrated_frame(calibrated[0].output_path, storage_root=context.storage_root)
+        solution = read_astrometric_solution(solved[0].output_path)
+        catalogue = solution.catalogue
+        x = np.asarray(catalogue["x"], float)
+        y = np.asarray(catalogue["y"], float)
+        mag = np.asarray(catalogue["g"], float)
+        fwhm = float(solution.qc.get("fwhm_px") or 2.5)
+        if not np.isfinite(fwhm) or fwhm <= 0.5:
+            fwhm = 2.5
+        data = np.asarray(frame.image, float)
+        error_image = np.asarray(frame.error, float)
+        bad = bad_codes(frame.mask)
+        results = {}
+        qc: dict[str, dict[str, float | None] | float | int | bool] = {}
+        for channel in channels(frame.layout):
+            result = measure_channel(
+                data, error_image, bad, channel, x, y, mag, config=config, fwhm_guess=fwhm,
+                uncalibrated=frame.uncalibrated,
+            )  # fmt: skip
+            results[channel.name] = result
+            qc[GROUP_OF.get(channel.name, channel.name)] = {
+                key: _finite(result.qc.get(key))
+                for key in ("fwhm", "ellipticity", "measured", "psf_chi2", "shape_stars")
+            }
+        qc["stars"] = int(x.size)
+        qc["uncalibrated"] = bool(frame.uncalibrated)
+        product = FramePhotometry(
+            source_id=np.asarray(catalogue["source_id"], np.int64),
+            x=x,
+            y=y,
+            channels=results,
+            apertures=tuple(sorted(config.apertures)),
+            mode=config.mode,
+            layout=frame.layout,
+            raw_file=image.path.name,
+            date_obs=image.date_obs.isoformat(),
+            exptime=float(image.exptime),
+            qc=qc,
+            provenance=Provenance.of(
+                context, version=self.version, uncalibrated=frame.uncalibrated,
+                calibrated=calibrated[0], astrometry=solved[0],
+            ),
+        )  # fmt: skip
+        path = context.output_path("h5")
+        write_frame_photometry(path, product)
+        return StepResult(path, qc)

@@ -1,0 +1,198 @@
+"""Photometry of synthetic fields against their truth (Moffat stars, Poisson noise)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import sep
+
+from autowisp.core.bayer import channels
+from autowisp.core.calibration import MaskBit
+from autowisp.core.photometry import Flag, PhotometryConfig, bad_codes, measure_channel
+from autowisp.core.subpixel import channel_map, uniform_map
+
+from .synthetic import enclosed, make_field
+
+APERTURES = (2.0, 3.0, 4.0, 5.0)
+
+
+def test_sensitivity_maps():
+    for layout in ("RGGB", "BGGR", "GRBG", "GBRG"):
+        for channel in channels(layout):
+            sensitivity = channel_map(channel)
+            assert sensitivity.values.mean() == pytest.approx(1.0)
+            (cell,) = sensitivity.cells()  # one sensitive quarter: the channel's own pixel
+            assert tuple(cell) == (-0.5, 0.5, -0.5, 0.5, 4.0)
+            x0, x1, y0, y1 = sensitivity.extent()
+            assert x1 - x0 == 2 and y1 - y0 == 2
+            assert (x0, y0) == (-0.5 - channel.x0, -0.5 - channel.y0)
+    assert uniform_map().uniform and not channel_map(channels("RGGB")[0]).uniform
+    with pytest.raises(ValueError, match="mean 1"):
+        type(uniform_map())(np.array([[2.0, 0.5]]), 2)
+
+
+def _measure(field, channel, **config):
+    return measure_channel(
+        field.image, field.error, bad_codes(field.mask), channel, field.x, field.y, field.mag,
+        config=PhotometryConfig(apertures=APERTURES, **config),
+        fwhm_guess=float(np.median(field.major)),
+    )  # fmt: skip
+
+
+def _true_aperture_flux(field, step, radius):
+    fractions = np.array([enclosed(a, b, t, radius) for a, b, t in
+                          zip(field.major, field.minor, field.theta, strict=True)])  # fmt: skip
+    return field.flux / step**2 * fractions
+
+
+CASES = [("MONO", 1.5, 1), ("MONO", 3.5, 2), ("RGGB", 2.0, 3), ("GBRG", 2.5, 4),
+         ("BGGR", 3.5, 5)]  # fmt: skip
+
+
+@functools.cache
+def isolated_star_figures(layout: str, fwhm: float, seed: int) -> dict[str, float]:
+    """Worst median aperture bias, worst FWHM/ellipticity errors, PSF bias and the RMS
+    pull of two channels of a field of isolated stars (computed once per case)."""
+    field = make_field(layout=layout, fwhm=fwhm, n_stars=70, seed=seed, shape=(280, 280))
+    pulls = []
+    figures = {"bias": 0.0, "fwhm": 0.0, "ellipticity": 0.0, "psf_bias": 0.0, "clean": 1e9}
+    for channel in channels(layout)[:2]:
+        result = _measure(field, channel)
+        clean = result.flags == 0
+        figures["clean"] = min(figures["clean"], float(clean.sum()))
+        for a, radius in enumerate(APERTURES):
+            true = _true_aperture_flux(field, channel.step, radius)
+            bias = abs(float(np.median(result.flux[clean, a] / true[clean] - 1)))
+            figures["bias"] = max(figures["bias"], bias)
+            pulls.append((result.flux[clean, a] - true[clean]) / result.flux_err[clean, a])
+        major, minor, _ = result.shape_map.fwhm(field.x, field.y, field.mag)
+        worst = max(
+            np.max(np.abs(major / field.major - 1)), np.max(np.abs(minor / field.minor - 1))
+        )
+        figures["fwhm"] = max(figures["fwhm"], float(worst))
+        e_error = np.max(np.abs((1 - minor / major) - (1 - field.minor / field.major)))
+        figures["ellipticity"] = max(figures["ellipticity"], float(e_error))
+        psf_true = field.flux / channel.step**2
+        psf_bias = abs(float(np.median(result.psf_flux[clean] / psf_true[clean] - 1)))
+        figures["psf_bias"] = max(figures["psf_bias"], psf_bias)
+        psf_pull = (result.psf_flux[clean] - psf_true[clean]) / result.psf_flux_err[clean]
+        pulls.append(psf_pull - np.median(psf_pull))
+    figures["pull_rms"] = float(np.sqrt(np.mean(np.concatenate(pulls) ** 2)))
+    return figures
+
+
+def _not_reached(cases, reason):
+    """The cases of CASES where the issue's target is not reached yet (strict: a case
+    that starts passing must have its mark removed)."""
+    return [
+        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=reason[c]))
+        if c in reason
+        else c
+        for c in CASES
+    ]
+
+
+BIAS_NOT_REACHED = {
+    c: "median aperture bias 0.22-0.25 % on undersampled Bayer channels (target 0.2 %)"
+    for c in CASES[2:]
+}
+SHAPE_NOT_REACHED = {
+    CASES[
+        4
+    ]: "the cubic PSF map misses the corners' FWHM by 11 % at FWHM 3.5 px on a Bayer channel"
+}
+PULL_NOT_REACHED = {
+    CASES[0]: "pull RMS 1.21 at FWHM 1.5 px (mono)",
+    CASES[2]: "pull RMS 1.17 at FWHM 2 px (RGGB)",
+    CASES[4]: "pull RMS 1.12 at FWHM 3.5 px (BGGR)",
+}
+
+
+@pytest.mark.parametrize("case", _not_reached(CASES, BIAS_NOT_REACHED))
+def test_isolated_star_fluxes_are_unbiased(case):
+    """Median fractional flux bias of each aperture < 0.2 %, of PSF fluxes < 0.5 %."""
+    figures = isolated_star_figures(*case)
+    assert figures["clean"] >= 60, figures
+    assert figures["bias"] < 0.002, figures
+    assert figures["psf_bias"] < 0.005, figures
+
+
+@pytest.mark.parametrize("case", _not_reached(CASES, SHAPE_NOT_REACHED))
+def test_fitted_psf_shape_matches_truth(case):
+    """FWHM along both axes within 5 % of the truth everywhere on the frame."""
+    figures = isolated_star_figures(*case)
+    assert figures["fwhm"] < 0.05, figures
+    assert figures["ellipticity"] < 0.05, figures
+
+
+@pytest.mark.parametrize("case", _not_reached(CASES, PULL_NOT_REACHED))
+def test_reported_errors_match_the_scatter(case):
+    """RMS of (measured − true) / error between 0.9 and 1.1."""
+    figures = isolated_star_figures(*case)
+    assert 0.9 < figures["pull_rms"] < 1.1, figures
+
+
+def test_sub_pixel_phase_drift_on_one_green_sub_grid():
+    """Over a night drifting across sub-pixel phases, PRF apertures and PSF fluxes scatter
+    ≤ 1.3× the photon noise; a plain sum at the same radius scatters far more."""
+    rng = np.random.default_rng(11)
+    base = make_field(layout="RGGB", fwhm=2.0, n_stars=50, seed=11, shape=(240, 240))
+    channel = channels("RGGB")[1]  # G1
+    radius = 3.0
+    rows = {"prf": [], "psf": [], "plain": []}
+    for frame in range(10):
+        dx, dy = rng.uniform(0, 2, 2)
+        field = make_field(layout="RGGB", fwhm=2.0, seed=100 + frame, shape=(240, 240),
+                           positions=(base.x + dx, base.y + dy), fluxes=base.flux)  # fmt: skip
+        result = _measure(field, channel)
+        true_ap = _true_aperture_flux(field, 2, radius)
+        true_total = field.flux / 4
+        # photon + read noise of the channel's light within the radius
+        py, px = np.mgrid[channel.y0 : 240 : 2, channel.x0 : 240 : 2]
+        noise = np.array([np.sqrt(np.sum((field.noiseless[py, px] + field.read_noise**2)[
+            (px - xs) ** 2 + (py - ys) ** 2 <= radius**2])) for xs, ys in
+            zip(field.x, field.y, strict=True)])  # fmt: skip
+        sub = channel.view(field.image).astype(float).copy()
+        plain, _, _ = sep.sum_circle(sub, (field.x - channel.x0) / 2, (field.y - channel.y0) / 2,
+                                     radius / 2, subpix=0, bkgann=None)  # fmt: skip
+        plain = plain - result.background * np.pi * (radius / 2) ** 2
+        clean = result.flags == 0
+        for key, value, truth in (("prf", result.flux[:, 1], true_ap),
+                                  ("psf", result.psf_flux, true_total),
+                                  ("plain", plain, true_ap)):  # fmt: skip
+            ratio = value / truth
+            zero = np.median(ratio[clean])
+            rows[key].append(((ratio - zero) * truth / noise)[clean])
+    excess = {key: float(np.sqrt(np.mean(np.concatenate(v) ** 2))) for key, v in rows.items()}
+    assert excess["prf"] <= 1.3, excess
+    assert excess["psf"] <= 1.3, excess
+    assert excess["plain"] > 2.0, excess  # the undersampled sub-grid's phase error
+
+
+def test_saturated_edge_and_masked_stars_are_flagged_and_measured():
+    others = make_field(layout="MONO", fwhm=2.5, seed=20, shape=(200, 200), n_stars=40,
+                        margin=20)  # fmt: skip
+    far = np.hypot(others.x[:, None] - [60, 2, 100, 140], others.y[:, None] - [60, 80, 100, 140])
+    keep = far.min(axis=1) > 20
+    positions = (np.r_[[60.0, 2.0, 100.0, 140.3], others.x[keep]],
+                 np.r_[[60.0, 80.0, 100.0, 140.7], others.y[keep]])  # fmt: skip
+    fluxes = np.r_[[3e6, 1e5, 1e5, 1e5], others.flux[keep]]
+    field = make_field(layout="MONO", fwhm=2.5, seed=21, shape=(200, 200), positions=positions,
+                       fluxes=fluxes, saturation=60000.0)  # fmt: skip
+    field.mask[(field.mask == 1)] = MaskBit.SATURATED
+    field.mask[100, 101] = MaskBit.COSMIC_RAY
+    (mono,) = channels("MONO")
+    result = _measure(field, mono, profile="moffat")
+    flags = result.flags
+    assert result.shape_map is not None
+    assert flags[0] & Flag.SATURATED and not flags[3]
+    assert flags[1] & Flag.EDGE
+    assert flags[2] & Flag.MASKED and not flags[2] & Flag.SATURATED
+    # finite values where the data allow; the saturated star from its wings
+    assert np.all(np.isfinite(result.flux[1:4])) and np.isfinite(result.psf_flux[0])
+    assert result.psf_flux[0] == pytest.approx(3e6, rel=0.03)
+    true = _true_aperture_flux(field, 1, 3.0)
+    assert result.flux[2, 1] == pytest.approx(true[2], rel=0.01)
+    assert result.flux[1, 1] == pytest.approx(true[1], rel=0.02)
