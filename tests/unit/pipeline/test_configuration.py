@@ -70,4 +70,5 @@ def test_default_pipeline_is_declared():
         "master_flat",
         "calibrate",
         "astrometry",
+        "photometry",
     ]
