@@ -30,6 +30,7 @@ DONE = {
     "master_flat": 1,
     "calibrate": 4,
     "astrometry": 4,
+    "photometry": 4,
 }
 
 
@@ -37,8 +38,8 @@ def test_demo_processes_a_night_end_to_end(demo_home):
     home, result = demo_home
     out = result.stdout
     assert "ingested 36 files into 1 night(s)" in out  # 4 objects, 10+10+12 calibration
-    # frame_qc 36, night_qc 1, three masters, calibrate 4, astrometry 4
-    assert "ran 48 tasks" in out and "48 done" in out
+    # frame_qc 36, night_qc 1, three masters, calibrate 4, astrometry 4, photometry 4
+    assert "ran 52 tasks" in out and "52 done" in out
     assert "frame_qc" in out and "night_qc" in out and "calibrate" in out
     plot = Path(out.split("night_qc plot: ")[1].split()[0])
     summary = Path(out.split("night_qc: ")[1].split()[0])
@@ -57,7 +58,7 @@ def test_status_json_and_rerun_does_nothing(demo_home):
     steps = {row["step"]: row for row in status["progress"]}
     assert {name: row["done"] for name, row in steps.items()} == DONE
     assert status["failures"] == [] and status["images"] == {"ingested": 36}
-    assert status["throughput"]["tasks_done"] == 48
+    assert status["throughput"]["tasks_done"] == 52
     again = _cli(home, "run").stdout
     assert "ran 0 tasks" in again and "nothing to do" in again
 
@@ -78,7 +79,7 @@ def test_config_change_reruns_only_downstream(demo_home, tmp_path):
         "[steps.night_qc]\noutlier_sigma = 4.0\n[steps.master_flat]\nmax_structure = 0.03\n"
     )
     result = _cli(home, "run", extra_env=env).stdout
-    assert "ran 9 tasks" in result and "9 done" in result
+    assert "ran 13 tasks" in result and "13 done" in result  # flat, 4 x 3 frame steps
 
 
 def test_ingest_command_reports_rejections(tmp_path):
