@@ -259,7 +259,7 @@ class Soak:
     def _expected(self) -> int:
         """Tasks of the current generations once every frame is in."""
         expected = self.nights.frames + len(NIGHT_STEPS) * len(self.nights.uploads)
-        return expected + 2 * self.nights.objects  # calibrate and astrometry
+        return expected + 3 * self.nights.objects  # calibrate, astrometry and photometry
 
     def _progress(self) -> float:
         """Finished tasks (of any generation) as a fraction of the expected ones."""
@@ -355,13 +355,21 @@ def _normalised(document: Any) -> Any:
     return document
 
 
+def same_datasets(a: h5py.Group, b: h5py.Group, path: str) -> None:
+    """Every dataset of ``a`` (groups searched through) equals its twin in ``b``."""
+    assert sorted(a) == sorted(b), path
+    for name in a:
+        if isinstance(a[name], h5py.Group):
+            same_datasets(a[name], b[name], path)
+        else:
+            np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=path)
+
+
 def same_product(path: str, reference: str) -> None:
     """The product at ``path`` holds the same data as ``reference`` (AssertionError)."""
     if path.endswith(".h5"):
         with h5py.File(path) as a, h5py.File(reference) as b:
-            assert sorted(a) == sorted(b), (path, reference)
-            for name in a:
-                np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=path)
+            same_datasets(a, b, path)
     elif path.endswith(".fits"):
         with fits.open(path) as a, fits.open(reference) as b:
             assert [h.name for h in a] == [h.name for h in b], path
