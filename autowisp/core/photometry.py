@@ -131,24 +131,22 @@ def wing_radius(flux: np.ndarray, fwhm: float, threshold: np.ndarray) -> np.ndar
 def _fit_shapes(image, error, good, x, y, background, mag, channel, cells, fwhm, config, shape):
     """Per-source fits of the chosen stars and the map; the profile chosen by χ²."""
     variance = np.square(error.astype(float))
-    candidates = [(config.profile, config.beta)]
+    best = (config.profile, config.beta)
     if config.profile == "auto":
-        candidates = [("gaussian", 0.0), ("moffat", 2.5), ("moffat", 3.5), ("moffat", 5.0)]
-    best = None
-    trial = slice(0, min(len(x), 30))
-    if len(candidates) > 1:
-        scores = []
-        for kind, beta in candidates:
-            fits = fit_source_shapes(
-                image, variance, good, x[trial], y[trial], background[trial], cells=cells,
-                step=channel.step, y0=channel.y0, x0=channel.x0, fwhm_guess=fwhm, kind=kind,
-                beta=beta,
-            )  # fmt: skip
-            chi2 = fits.chi2[fits.ok]
-            scores.append(float(np.median(chi2)) if chi2.size else np.inf)
-        best = candidates[int(np.argmin(scores))]
-    else:
-        best = candidates[0]
+        # β from the brightest stars, each fitting its own; the median resists the few a
+        # faint neighbour or a cosmic ray pulls. Past β ≈ 10 a Moffat is a Gaussian.
+        trial = slice(0, min(len(x), 40))
+        fits = fit_source_shapes(
+            image, variance, good, x[trial], y[trial], background[trial], cells=cells,
+            step=channel.step, y0=channel.y0, x0=channel.x0, fwhm_guess=fwhm, kind="moffat",
+            beta=3.5, fit_beta=True,
+        )  # fmt: skip
+        betas = fits.beta[fits.ok] if fits.beta is not None else np.zeros(0)
+        if betas.size >= 3:
+            index = float(np.median(betas))
+            best = ("gaussian", 0.0) if index > 10 else ("moffat", round(index, 2))
+        else:
+            best = ("moffat", config.beta)
     kind, beta = best
     fits = fit_source_shapes(
         image, variance, good, x, y, background, cells=cells, step=channel.step,
@@ -172,10 +170,16 @@ def measure_channel(
     config: PhotometryConfig,
     fwhm_guess: float = 2.5,
     uncalibrated: bool = False,
+    others: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ChannelPhotometry:
     """Measure every star (x, y px; ``mag`` a catalogue magnitude, brightest smallest)
     in one channel of ``image`` (e⁻) with its ``error`` (e⁻) and ``bad`` codes
-    (:func:`bad_codes`)."""
+    (:func:`bad_codes`).
+
+    ``others`` (x, y px) are sources that are not measured (detections without a
+    catalogue star): their pixels are kept out of the backgrounds, and stars with one
+    near them do not shape the PSF.
+    """
     image = np.asarray(image, dtype=float)
     error = np.asarray(error, dtype=float)
     x = np.asarray(x, dtype=float)
@@ -207,11 +211,16 @@ def measure_channel(
     level_err = np.full(n, np.nan)
     count = np.zeros(n, np.int64)
 
+    other_x, other_y = (np.asarray(v, float) for v in (others or (np.zeros(0), np.zeros(0))))
+
     def background(radius: np.ndarray) -> None:
         cover = np.zeros(image.shape, np.int32)
         owner = np.full(image.shape, -1, np.int64)
         paint_owners(cover, owner, x[index], y[index], radius)
         owner[owner >= 0] = index[owner[owner >= 0]]
+        # unmeasured sources: their discs exclude pixels from every annulus
+        paint_owners(cover, np.full(image.shape, -1, np.int64), other_x, other_y,
+                     np.full(other_x.size, max(fwhm_guess * 1.5, 2.0)))  # fmt: skip
         annulus_background(image, bad, cover, owner, x, y, step, channel.y0, channel.x0, inner,
                            outer, config.clip, level, level_err, count)  # fmt: skip
 
@@ -253,6 +262,13 @@ def measure_channel(
     margin = fit_radius + 1
     isolated = np.ones(n, bool)
     isolated[tree.query_pairs(2 * fit_radius, output_type="ndarray").ravel()] = False
+    if other_x.size:  # a detection near a star that is not the star itself
+        near = cKDTree(np.column_stack([other_x, other_y])).query_ball_point(
+            positions, fit_radius + 1.0
+        )
+        for i, found in enumerate(near):
+            if any(np.hypot(other_x[j] - x[i], other_y[j] - y[i]) > 1.0 for j in found):
+                isolated[i] = False
     clean = np.zeros(n, bool)
     usable = np.flatnonzero(on & isolated & np.isfinite(level) & np.isfinite(mag))
     usable = usable[

@@ -136,7 +136,9 @@ def pixel_integrals(
     px = dx + (x0 + x1) / 2 + hx * _NODES[None, None, None, :]
     py = dy + (y0 + y1) / 2 + hy * _NODES[None, None, :, None]
     det = np.maximum(s * s - d * d - k * k, 0.0)
-    q = s * (px * px + py * py) + d * (px * px - py * py) + 2 * k * px * py
+    # q ≥ 0 for a positive-definite shape; the clip keeps a trial shape that is not
+    # (during a fit) finite, and its value is 0 through det anyway
+    q = np.maximum(s * (px * px + py * py) + d * (px * px - py * py) + 2 * k * px * py, 0.0)
     if kind == GAUSSIAN:
         value = np.sqrt(det) / (2 * np.pi) * np.exp(-0.5 * q)
     else:
@@ -166,6 +168,7 @@ class SourceShapes:
     chi2: np.ndarray
     npix: np.ndarray
     ok: np.ndarray
+    beta: np.ndarray | None = None  # per star, when fitted
 
 
 def _stamp(image, variance, good, x, y, radius, channel_step, y0, x0):
@@ -201,18 +204,23 @@ def fit_source_shapes(
     kind: str = "gaussian",
     beta: float = 3.5,
     radius: float | None = None,
+    fit_beta: bool = False,
 ) -> SourceShapes:
     """Fit flux, centre and (S, D, K) of each star to its channel pixels.
 
     ``variance`` (e⁻²) weights the pixels; ``good`` marks usable pixels (saturated and
     masked ones False); ``background`` (e⁻ per channel pixel) is subtracted, not fitted.
-    The fitting radius defaults to ``max(3, 2·fwhm_guess) + step`` px.
+    The fitting radius defaults to ``max(3, 2·fwhm_guess) + step`` px. With
+    ``fit_beta`` (Moffat only) each star's β is a free parameter too (``beta`` of the
+    result), starting from ``beta``.
     """
     code = PROFILES[kind]
     n = len(x)
     out = {name: np.full(n, np.nan) for name in ("flux", "x", "y", "s", "d", "k", "chi2")}
     npix = np.zeros(n, np.int64)
     ok = np.zeros(n, bool)
+    betas = np.full(n, np.nan)
+    fit_beta = fit_beta and code == MOFFAT
     radius = radius if radius is not None else max(3.0, 2.0 * fwhm_guess) + step
     start = shape_from_fwhm(np.array(fwhm_guess), np.array(fwhm_guess), np.array(0.0),
                             kind=kind, beta=beta)  # fmt: skip
@@ -226,25 +234,33 @@ def fit_source_shapes(
         total = max(float(values.sum()), 1.0)
 
         def residual(p, px=px, py=py, values=values, sigma=sigma):
-            model = p[0] * pixel_integrals(code, beta, p[3:6], px - p[1], py - p[2], cells)
+            index = p[6] if fit_beta else beta
+            model = p[0] * pixel_integrals(code, index, p[3:6], px - p[1], py - p[2], cells)
             return (model - values) / sigma
 
         p0 = np.array([total, x[i], y[i], float(start[0]), 0.0, 0.0])
         lower = [0.0, x[i] - 1.5, y[i] - 1.5, 1e-3, -np.inf, -np.inf]
         upper = [np.inf, x[i] + 1.5, y[i] + 1.5, np.inf, np.inf, np.inf]
+        if fit_beta:
+            p0 = np.append(p0, beta)
+            lower.append(1.2)
+            upper.append(20.0)
         try:
+            # soft-L1 loss: a faint neighbour's or a cosmic ray's pixels pull little
             fit = least_squares(residual, p0, bounds=(lower, upper), x_scale="jac",
-                                max_nfev=200)  # fmt: skip
+                                loss="soft_l1", f_scale=3.0, max_nfev=200)  # fmt: skip
         except ValueError:  # a non-finite model at the start: leave the star unfitted
             continue
         p = fit.x
-        dof = max(px.size - 6, 1)
-        for name, value in zip(("flux", "x", "y", "s", "d", "k"), p, strict=True):
+        dof = max(px.size - p.size, 1)
+        for name, value in zip(("flux", "x", "y", "s", "d", "k"), p[:6], strict=True):
             out[name][i] = value
+        if fit_beta:
+            betas[i] = p[6]
         out["chi2"][i] = float(np.sum(fit.fun**2) / dof)
         npix[i] = px.size
         ok[i] = bool(fit.success and p[3] > np.hypot(p[4], p[5]) and p[0] > 0)
-    return SourceShapes(**out, npix=npix, ok=ok)
+    return SourceShapes(**out, npix=npix, ok=ok, beta=betas if fit_beta else None)
 
 
 # -- the smooth map ---------------------------------------------------------------------------

@@ -109,6 +109,9 @@ class Photometry(Step):
         fwhm = float(solution.qc.get("fwhm_px") or 2.5)
         if not np.isfinite(fwhm) or fwhm <= 0.5:
             fwhm = 2.5
+        unmatched = np.asarray(solution.sources["source_id"]) < 0
+        others = (np.asarray(solution.sources["x"], float)[unmatched],
+                  np.asarray(solution.sources["y"], float)[unmatched])  # fmt: skip
         data = np.asarray(frame.image, float)
         error_image = np.asarray(frame.error, float)
         bad = bad_codes(frame.mask)
@@ -117,7 +120,7 @@ class Photometry(Step):
         for channel in channels(frame.layout):
             result = measure_channel(
                 data, error_image, bad, channel, x, y, mag, config=config, fwhm_guess=fwhm,
-                uncalibrated=frame.uncalibrated,
+                uncalibrated=frame.uncalibrated, others=others,
             )  # fmt: skip
             results[channel.name] = result
             qc[GROUP_OF.get(channel.name, channel.name)] = {
