@@ -57,8 +57,9 @@ def test_every_frame_is_measured_and_the_file_is_as_documented(measured_night):
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "not reached on the pipeline night: G1's median flux of S/N > 50 stars is 2.0 % above "
-        "the truth (R 0.4 %) and the mapped FWHM 10 % below it; on synthetic fields both pass"
+        "not reached on the pipeline night: the per-channel median aperture flux of S/N > 50 "
+        "stars is 1-4 % off the truth and the per-star scatter 5-12 % at S/N 130 (the same "
+        "few stars are worst in every channel); on synthetic fields both pass; not understood"
     ),
 )
 def test_fluxes_and_psf_against_the_truth(measured_night):
