@@ -44,6 +44,12 @@ __all__ = [
     "rect_disc_area",
 ]
 
+#: A 3-point Gauss–Legendre rule for unit squares far from the star, where the PSF is
+#: smooth on the pixel scale (numba freezes these globals into the kernels).
+_FAR_NODES, _FAR_WEIGHTS = np.polynomial.legendre.leggauss(3)
+#: Unit squares whose nearest point is farther than this from the star (px) use it.
+FAR_DISTANCE = 3.0
+
 #: Codes of the ``bad`` image the kernels take.
 BAD_SATURATED = 1
 BAD_MASKED = 2
@@ -165,29 +171,6 @@ def disc_rect_integral(kind, beta, s, d, k, x0, x1, y0, y1, r, nodes, weights):
 
 
 @numba.njit(cache=True, nogil=True)
-def _piece_integral(kind, beta, s, d, k, x0, x1, y0, y1, r, nodes, weights):
-    """∫∫ PSF over a rectangle ∩ disc, split into unit squares (an undersampled PSF
-    varies too much across a 2-px super-pixel for one quadrature)."""
-    total = 0.0
-    nx = max(1, int(np.ceil(x1 - x0 - 1e-9)))
-    ny = max(1, int(np.ceil(y1 - y0 - 1e-9)))
-    wx = (x1 - x0) / nx
-    wy = (y1 - y0) / ny
-    for j in range(ny):
-        b0 = y0 + j * wy
-        for i in range(nx):
-            a0 = x0 + i * wx
-            where = _rect_class(a0, a0 + wx, b0, b0 + wy, r)
-            if where == 1:
-                total += rect_integral(kind, beta, s, d, k, a0, a0 + wx, b0, b0 + wy,
-                                       nodes, weights)  # fmt: skip
-            elif where == 2:
-                total += disc_rect_integral(kind, beta, s, d, k, a0, a0 + wx, b0, b0 + wy, r,
-                                            nodes, weights)  # fmt: skip
-    return total
-
-
-@numba.njit(cache=True, nogil=True)
 def aperture_photometry(
     image, error, bad, x, y, background, background_err, flux_guess, shapes, kind, beta,
     plain, radii, step, y0, x0, cells, extent, nodes, weights,
@@ -216,6 +199,13 @@ def aperture_photometry(
     area_cells = 0.0
     for c in range(cells.shape[0]):
         area_cells += cells[c, 4] * (cells[c, 1] - cells[c, 0]) * (cells[c, 3] - cells[c, 2])
+    total = np.zeros(n_ap)
+    var = np.zeros(n_ap)
+    weight_all = np.zeros(n_ap)
+    weight_used = np.zeros(n_ap)
+    area_used = np.zeros(n_ap)
+    bits = np.zeros(n_ap, np.int64)
+    full = np.zeros(step * step)  # ∫ PSF over each unit square of the super-pixel
     for star in range(x.shape[0]):
         xs = x[star]
         ys = y[star]
@@ -227,80 +217,110 @@ def aperture_photometry(
         reach = r_max + step + 1.0
         col_lo = int(np.floor((xs - reach - x0) / step)) * step + x0
         row_lo = int(np.floor((ys - reach - y0) / step)) * step + y0
-        for a in range(n_ap):
-            r = radii[a]
-            total = 0.0
-            var = 0.0
-            weight_all = 0.0
-            weight_used = 0.0
-            area_used = 0.0
-            bits = 0
-            py = row_lo
-            while py <= ys + reach:
-                px = col_lo
-                while px <= xs + reach:
-                    ex0 = px + extent[0] - xs
-                    ex1 = px + extent[1] - xs
-                    ey0 = py + extent[2] - ys
-                    ey1 = py + extent[3] - ys
-                    where = _rect_class(ex0, ex1, ey0, ey1, r)
-                    if where == 0:
-                        px += step
+        total[:] = 0.0
+        var[:] = 0.0
+        weight_all[:] = 0.0
+        weight_used[:] = 0.0
+        area_used[:] = 0.0
+        bits[:] = 0
+        py = row_lo
+        while py <= ys + reach:
+            px = col_lo
+            while px <= xs + reach:
+                ex0 = px + extent[0] - xs
+                ex1 = px + extent[1] - xs
+                ey0 = py + extent[2] - ys
+                ey1 = py + extent[3] - ys
+                if _rect_class(ex0, ex1, ey0, ey1, r_max) == 0:
+                    px += step
+                    continue
+                # What does not depend on the aperture, once per pixel.
+                inside = 0 <= py < ny and 0 <= px < nx
+                code = bad[py, px] if inside else 0
+                value = image[py, px] if inside else np.nan
+                sigma = error[py, px] if inside else np.nan
+                usable = inside and code == 0 and np.isfinite(value) and np.isfinite(sigma)
+                seen = area_cells
+                if use_psf:
+                    seen = 0.0
+                    for c in range(cells.shape[0]):
+                        cx0 = px + cells[c, 0] - xs
+                        cx1 = px + cells[c, 1] - xs
+                        cy0 = py + cells[c, 2] - ys
+                        cy1 = py + cells[c, 3] - ys
+                        seen += cells[c, 4] * (
+                            rect_integral(kind, beta, s, d, k, cx0, cx1, cy0, cy1, nodes,
+                                          weights)
+                            + flat * (cx1 - cx0) * (cy1 - cy0)
+                        )  # fmt: skip
+                    for j in range(step):
+                        for i in range(step):
+                            ux, uy = ex0 + i, ey0 + j
+                            nearest_x = min(max(0.0, ux), ux + 1)
+                            nearest_y = min(max(0.0, uy), uy + 1)
+                            if nearest_x**2 + nearest_y**2 > FAR_DISTANCE**2:
+                                full[j * step + i] = rect_integral(
+                                    kind, beta, s, d, k, ux, ux + 1, uy, uy + 1, _FAR_NODES,
+                                    _FAR_WEIGHTS,
+                                )  # fmt: skip
+                            else:
+                                full[j * step + i] = rect_integral(
+                                    kind, beta, s, d, k, ux, ux + 1, uy, uy + 1, nodes, weights
+                                )
+                for a in range(n_ap):
+                    r = radii[a]
+                    if _rect_class(ex0, ex1, ey0, ey1, r) == 0:
                         continue
                     area_in = rect_disc_area(ex0, ex1, ey0, ey1, r)
                     if use_psf:
-                        psf_in = _piece_integral(kind, beta, s, d, k, ex0, ex1, ey0, ey1, r,
-                                                 nodes, weights)  # fmt: skip
+                        psf_in = 0.0
+                        for j in range(step):
+                            for i in range(step):
+                                where = _rect_class(ex0 + i, ex0 + i + 1, ey0 + j, ey0 + j + 1, r)
+                                if where == 1:
+                                    psf_in += full[j * step + i]
+                                elif where == 2:
+                                    ux, uy = ex0 + i, ey0 + j
+                                    near_x = min(max(0.0, ux), ux + 1)
+                                    near_y = min(max(0.0, uy), uy + 1)
+                                    far = near_x**2 + near_y**2 > FAR_DISTANCE**2
+                                    psf_in += disc_rect_integral(
+                                        kind, beta, s, d, k, ux, ux + 1, uy, uy + 1, r,
+                                        _FAR_NODES if far else nodes,
+                                        _FAR_WEIGHTS if far else weights,
+                                    )  # fmt: skip
                         raw = psf_in + flat * area_in
-                        seen = 0.0
-                        for c in range(cells.shape[0]):
-                            cx0 = px + cells[c, 0] - xs
-                            cx1 = px + cells[c, 1] - xs
-                            cy0 = py + cells[c, 2] - ys
-                            cy1 = py + cells[c, 3] - ys
-                            seen += cells[c, 4] * (
-                                rect_integral(kind, beta, s, d, k, cx0, cx1, cy0, cy1,
-                                              nodes, weights)
-                                + flat * (cx1 - cx0) * (cy1 - cy0)
-                            )  # fmt: skip
                         share = psf_in
                     else:
                         raw = area_in
-                        seen = area_cells
                         share = area_in
-                    weight_all += share
-                    inside = 0 <= py < ny and 0 <= px < nx
-                    code = bad[py, px] if inside else 0
-                    value = image[py, px] if inside else np.nan
-                    sigma = error[py, px] if inside else np.nan
+                    weight_all[a] += share
                     if not inside:
-                        bits |= TOUCH_EDGE
+                        bits[a] |= TOUCH_EDGE
                     elif code == BAD_SATURATED:
-                        bits |= TOUCH_SATURATED
+                        bits[a] |= TOUCH_SATURATED
                     elif code != 0:
-                        bits |= TOUCH_MASKED
-                    if (
-                        inside and code == 0 and np.isfinite(value) and np.isfinite(sigma)
-                        and seen > 0
-                    ):  # fmt: skip
+                        bits[a] |= TOUCH_MASKED
+                    if usable and seen > 0:
                         ratio = raw / seen
-                        total += value * ratio
-                        var += ratio * ratio * sigma * sigma
-                        weight_used += share
-                        area_used += area_in
-                    px += step
-                py += step
-            if weight_used <= 0.0:
+                        total[a] += value * ratio
+                        var[a] += ratio * ratio * sigma * sigma
+                        weight_used[a] += share
+                        area_used[a] += area_in
+                px += step
+            py += step
+        for a in range(n_ap):
+            if weight_used[a] <= 0.0:
                 flux[star, a] = np.nan
                 variance[star, a] = np.nan
                 lost[star, a] = 1.0
             else:
-                scale = weight_all / weight_used
-                flux[star, a] = (total - level * area_used) * scale
-                bg_term = area_used * background_err[star] / (step * step)
-                variance[star, a] = (var + bg_term * bg_term) * scale * scale
-                lost[star, a] = 1.0 - weight_used / weight_all
-            touched[star, a] = bits
+                scale = weight_all[a] / weight_used[a]
+                flux[star, a] = (total[a] - level * area_used[a]) * scale
+                bg_term = area_used[a] * background_err[star] / (step * step)
+                variance[star, a] = (var[a] + bg_term * bg_term) * scale * scale
+                lost[star, a] = 1.0 - weight_used[a] / weight_all[a]
+            touched[star, a] = bits[a]
 
 
 @numba.njit(cache=True, nogil=True)

@@ -149,8 +149,9 @@ def _prf_reference(image, error, x, y, bg, amplitude, shape, r, channel, n=120):
     return total - level * np.pi * r * r, var
 
 
+@pytest.mark.parametrize("radius", [2.5, 4.5])
 @pytest.mark.parametrize("layout, name", [("RGGB", "G1"), ("GBRG", "R"), ("MONO", "L")])
-def test_prf_weighting_matches_brute_force(layout, name):
+def test_prf_weighting_matches_brute_force(layout, name, radius):
     rng = np.random.default_rng(5)
     channel = next(c for c in channels(layout) if c.name == name)
     image = rng.normal(50, 5, (40, 40))
