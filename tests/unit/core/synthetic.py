@@ -121,13 +121,13 @@ def make_field(
                  read_noise, noiseless)  # fmt: skip
 
 
-def enclosed(major, minor, theta, radius, *, beta=BETA, dx=0.0, dy=0.0):
+def enclosed(major, minor, theta, radius, *, beta=BETA, dx=0.0, dy=0.0, nodes=200, angles=720):
     """Fraction of an elliptical Moffat's light within ``radius`` px of the star centre
-    (polar Gauss–Legendre quadrature, 1e-10 accurate)."""
-    nodes, weights = np.polynomial.legendre.leggauss(200)
+    (polar Gauss–Legendre quadrature, 1e-10 accurate at the default resolution)."""
+    nodes, weights = np.polynomial.legendre.leggauss(nodes)
     rho = 0.5 * radius * (nodes + 1)
     w_r = 0.5 * radius * weights
-    phi = np.linspace(0, 2 * np.pi, 720, endpoint=False)
+    phi = np.linspace(0, 2 * np.pi, angles, endpoint=False)
     a = fwhm_to_alpha(major, beta)
     b = fwhm_to_alpha(minor, beta)
     px = rho[:, None] * np.cos(phi)[None, :] + dx
