@@ -147,6 +147,56 @@ def pixel_integrals(
     return (weighted.sum(axis=(2, 3)) * hx[..., 0, 0] * hy[..., 0, 0] * w[..., 0, 0]).sum(axis=1)
 
 
+def model_and_jacobian(
+    kind: int, params: np.ndarray, px: np.ndarray, py: np.ndarray, cells: np.ndarray,
+    beta: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """A star's PRF model of its pixels and the model's derivatives.
+
+    ``params`` are (A, xc, yc, S, D, K) and, when ``beta`` is None (a Moffat with a free
+    index), β last; ``px``, ``py`` the pixel centres (px). Returns the model (n,) and the
+    Jacobian (n, len(params)), both integrated over the sensitivity cells like
+    :func:`pixel_integrals` (analytic derivatives under the quadrature).
+    """
+    amplitude, xc, yc, s, d, k = (float(v) for v in params[:6])
+    index = float(params[6]) if beta is None else float(beta)
+    x0, x1, y0, y1, w = (cells[:, i][None, :, None, None] for i in range(5))
+    hx, hy = (x1 - x0) / 2, (y1 - y0) / 2
+    dx = (np.asarray(px, float) - xc)[:, None, None, None] + (x0 + x1) / 2 + hx * _NODES
+    dy = (np.asarray(py, float) - yc)[:, None, None, None] + (y0 + y1) / 2 + hy * _NODES[:, None]
+    det = s * s - d * d - k * k
+    if det <= 0 or s <= 0:
+        n = len(px)
+        return np.zeros(n), np.zeros((n, len(params)))
+    q = np.maximum(s * (dx * dx + dy * dy) + d * (dx * dx - dy * dy) + 2 * k * dx * dy, 0.0)
+    dq = {
+        "x": -(2 * (s + d) * dx + 2 * k * dy),
+        "y": -(2 * (s - d) * dy + 2 * k * dx),
+        "s": dx * dx + dy * dy,
+        "d": dx * dx - dy * dy,
+        "k": 2 * dx * dy,
+    }
+    dlog_norm = {"x": 0.0, "y": 0.0, "s": s / det, "d": -d / det, "k": -k / det}
+    if kind == GAUSSIAN:
+        value = np.sqrt(det) / (2 * np.pi) * np.exp(-0.5 * q)
+        slope = -0.5 * np.ones_like(q)
+    else:
+        value = (index - 1) * np.sqrt(det) / np.pi * (1 + q) ** (-index)
+        slope = -index / (1 + q)
+    area = hx * hy * w * (_WEIGHTS[:, None] * _WEIGHTS[None, :])
+
+    def integrate(field: np.ndarray) -> np.ndarray:
+        return (field * area).sum(axis=(1, 2, 3))
+
+    prf = integrate(value)
+    columns = [prf]
+    for name in ("x", "y", "s", "d", "k"):
+        columns.append(amplitude * integrate(value * (dlog_norm[name] + slope * dq[name])))
+    if beta is None and kind != GAUSSIAN:
+        columns.append(amplitude * integrate(value * (1 / (index - 1) - np.log1p(q))))
+    return amplitude * prf, np.column_stack(columns)
+
+
 # -- per-source fits --------------------------------------------------------------------------
 
 
@@ -233,10 +283,24 @@ def fit_source_shapes(
         sigma = np.sqrt(var)
         total = max(float(values.sum()), 1.0)
 
+        free_beta = None if fit_beta else beta
+
         def residual(p, px=px, py=py, values=values, sigma=sigma):
-            index = p[6] if fit_beta else beta
-            model = p[0] * pixel_integrals(code, index, p[3:6], px - p[1], py - p[2], cells)
+            model, _ = _cached(p, px, py)
             return (model - values) / sigma
+
+        def jacobian(p, px=px, py=py, sigma=sigma):
+            _, jac = _cached(p, px, py)
+            return jac / sigma[:, None]
+
+        memo: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+
+        def _cached(p, px, py, memo=memo, free_beta=free_beta):
+            key = p.tobytes()
+            if key not in memo:
+                memo.clear()
+                memo[key] = model_and_jacobian(code, p, px, py, cells, beta=free_beta)
+            return memo[key]
 
         p0 = np.array([total, x[i], y[i], float(start[0]), 0.0, 0.0])
         lower = [0.0, x[i] - 1.5, y[i] - 1.5, 1e-3, -np.inf, -np.inf]
@@ -247,8 +311,9 @@ def fit_source_shapes(
             upper.append(20.0)
         try:
             # soft-L1 loss: a faint neighbour's or a cosmic ray's pixels pull little
-            fit = least_squares(residual, p0, bounds=(lower, upper), x_scale="jac",
-                                loss="soft_l1", f_scale=3.0, max_nfev=200)  # fmt: skip
+            fit = least_squares(residual, p0, jac=jacobian, bounds=(lower, upper),
+                                x_scale="jac", loss="soft_l1", f_scale=3.0,
+                                max_nfev=200)  # fmt: skip
         except ValueError:  # a non-finite model at the start: leave the star unfitted
             continue
         p = fit.x
