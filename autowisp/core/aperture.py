@@ -242,17 +242,6 @@ def aperture_photometry(
                 usable = inside and code == 0 and np.isfinite(value) and np.isfinite(sigma)
                 seen = area_cells
                 if use_psf:
-                    seen = 0.0
-                    for c in range(cells.shape[0]):
-                        cx0 = px + cells[c, 0] - xs
-                        cx1 = px + cells[c, 1] - xs
-                        cy0 = py + cells[c, 2] - ys
-                        cy1 = py + cells[c, 3] - ys
-                        seen += cells[c, 4] * (
-                            rect_integral(kind, beta, s, d, k, cx0, cx1, cy0, cy1, nodes,
-                                          weights)
-                            + flat * (cx1 - cx0) * (cy1 - cy0)
-                        )  # fmt: skip
                     for j in range(step):
                         for i in range(step):
                             ux, uy = ex0 + i, ey0 + j
@@ -267,6 +256,31 @@ def aperture_photometry(
                                 full[j * step + i] = rect_integral(
                                     kind, beta, s, d, k, ux, ux + 1, uy, uy + 1, nodes, weights
                                 )
+                    seen = 0.0
+                    for c in range(cells.shape[0]):
+                        # a cell that is one of the unit squares: its integral is known
+                        ci = cells[c, 0] - extent[0]
+                        cj = cells[c, 2] - extent[2]
+                        unit = (
+                            abs(cells[c, 1] - cells[c, 0] - 1.0) < 1e-12
+                            and abs(cells[c, 3] - cells[c, 2] - 1.0) < 1e-12
+                            and abs(ci - np.rint(ci)) < 1e-12
+                            and abs(cj - np.rint(cj)) < 1e-12
+                        )
+                        if unit:
+                            seen += cells[c, 4] * (
+                                full[int(np.rint(cj)) * step + int(np.rint(ci))] + flat
+                            )
+                            continue
+                        cx0 = px + cells[c, 0] - xs
+                        cx1 = px + cells[c, 1] - xs
+                        cy0 = py + cells[c, 2] - ys
+                        cy1 = py + cells[c, 3] - ys
+                        seen += cells[c, 4] * (
+                            rect_integral(kind, beta, s, d, k, cx0, cx1, cy0, cy1, nodes,
+                                          weights)
+                            + flat * (cx1 - cx0) * (cy1 - cy0)
+                        )  # fmt: skip
                 for a in range(n_ap):
                     r = radii[a]
                     if _rect_class(ex0, ex1, ey0, ey1, r) == 0:
