@@ -490,7 +490,9 @@ def check_soak(url: str, nights: Nights, reference: dict, report: SoakReport) ->
     for key, (task_state, path) in sorted(served.items()):
         local_state, local_path = reference[key]
         assert task_state == local_state, (key, task_state, local_state)
-        if key[0] != "astrometry":
+        # Astrometry may fail on these small frames; a frame it failed has no photometry.
+        solved = served.get(("astrometry", key[1]), (TaskState.DONE, None))[0]
+        if key[0] != "astrometry" and (key[0] != "photometry" or solved is TaskState.DONE):
             assert task_state is TaskState.DONE, key
         if path is None:
             continue

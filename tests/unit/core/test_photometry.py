@@ -53,8 +53,9 @@ CASES = [("MONO", 1.5, 1), ("MONO", 3.5, 2), ("RGGB", 2.0, 3), ("GBRG", 2.5, 4),
 
 @functools.cache
 def isolated_star_figures(layout: str, fwhm: float, seed: int) -> dict[str, float]:
-    """Worst median aperture bias, worst FWHM/ellipticity errors, PSF bias and the RMS
-    pull of two channels of a field of isolated stars (computed once per case)."""
+    """Worst median aperture bias, worst FWHM/ellipticity errors and PSF bias of two
+    channels of a field of isolated stars, and the RMS error pull over three noise
+    realisations of it (computed once per case)."""
     field = make_field(layout=layout, fwhm=fwhm, n_stars=70, seed=seed, shape=(280, 280))
     pulls = []
     figures = {"bias": 0.0, "fwhm": 0.0, "ellipticity": 0.0, "psf_bias": 0.0, "clean": 1e9}
@@ -79,6 +80,20 @@ def isolated_star_figures(layout: str, fwhm: float, seed: int) -> dict[str, floa
         figures["psf_bias"] = max(figures["psf_bias"], psf_bias)
         psf_pull = (result.psf_flux[clean] - psf_true[clean]) / result.psf_flux_err[clean]
         pulls.append(psf_pull - np.median(psf_pull))
+    # Error pulls over three noise realisations of the same stars (one realisation's RMS
+    # over ~70 stars scatters by ±0.1 by itself).
+    for extra in (100, 200):
+        again = make_field(layout=layout, fwhm=fwhm, seed=seed + extra, shape=(280, 280),
+                           positions=(field.x, field.y), fluxes=field.flux)  # fmt: skip
+        for channel in channels(layout)[:2]:
+            result = _measure(again, channel)
+            clean = result.flags == 0
+            for a, radius in enumerate(APERTURES):
+                true = _true_aperture_flux(again, channel.step, radius)
+                pulls.append((result.flux[clean, a] - true[clean]) / result.flux_err[clean, a])
+            psf_true = again.flux / channel.step**2
+            psf_pull = (result.psf_flux[clean] - psf_true[clean]) / result.psf_flux_err[clean]
+            pulls.append(psf_pull - np.median(psf_pull))
     figures["pull_rms"] = float(np.sqrt(np.mean(np.concatenate(pulls) ** 2)))
     return figures
 
@@ -104,10 +119,7 @@ SHAPE_NOT_REACHED = {
     ]: "the cubic PSF map misses the corners' FWHM by 12 % at FWHM 3.5 px on a Bayer channel",
 }
 PULL_NOT_REACHED = {
-    CASES[0]: "pull RMS 1.21 at FWHM 1.5 px (mono)",
-    CASES[1]: "pull RMS 1.11 at FWHM 3.5 px (mono)",
-    CASES[2]: "pull RMS 1.16 at FWHM 2 px (RGGB)",
-    CASES[4]: "pull RMS 1.13 at FWHM 3.5 px (BGGR)",
+    CASES[1]: "pull RMS 1.13 over three realisations at FWHM 3.5 px (mono)",
 }
 
 
