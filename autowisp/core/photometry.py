@@ -22,6 +22,7 @@ import enum
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from autowisp.core.aperture import (
     BAD_MASKED,
@@ -246,8 +247,6 @@ def measure_channel(
     flags[~np.isfinite(level)] |= np.uint16(Flag.NO_BACKGROUND)
 
     # Neighbours: crowding flag, and who may shape the PSF.
-    from scipy.spatial import cKDTree
-
     positions = np.column_stack([np.where(on, x, 1e9), np.where(on, y, 1e9)])
     tree = cKDTree(positions)
     crowd_radius = r_max + 2.0 * fwhm_guess
