@@ -191,8 +191,9 @@ def test_calibrated_frame_matches_truth_within_its_errors(dark_exptime, dark_cur
 
 
 def _kernel_cases():
-    """Inputs for the calibration kernels: float32 masters as the steps read them, the
-    scalars an uncalibrated frame passes, per-pixel gain and overscan, and the pixels
+    """Inputs for the calibration kernels: float32 masters and Python scalars as the steps
+    pass them (the kernels' float32 path), float64 planes as an uncalibrated frame passes,
+    numpy scalars, per-pixel gain and overscan, and the pixels
     where things go wrong (a zero, NaN or negative flat, non-finite raw values)."""
     rng = np.random.default_rng(11)
     shape = (37, 52)
@@ -218,9 +219,11 @@ def _kernel_cases():
     yield floats, dict(masters, saturation=2150.0, low_response=0.3)
     yield raw, dict(exptime=30.0, bias=np.full(shape, 2048.0), dark_rate=np.zeros(shape),
                     flat=np.ones(shape), gain=1.0, read_noise=0.0, saturation=3000.0)  # fmt: skip
+    # numpy scalars are not cast to a float32 master's type as Python floats are
+    yield raw, dict(masters, gain=np.float64(1.7), exptime=np.float32(120.0))
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_calibrate_frame_kernel_matches_the_numpy_reference_bit_for_bit(case):
     from autowisp.core.calibration import _calibrate_reference
 
@@ -232,7 +235,7 @@ def test_calibrate_frame_kernel_matches_the_numpy_reference_bit_for_bit(case):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_calibrated_error_kernel_matches_the_numpy_reference_bit_for_bit(case):
     from autowisp.core.calibration import _error_reference, calibrated_error
 
