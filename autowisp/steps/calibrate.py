@@ -144,16 +144,18 @@ class Calibrate(Step):
             ),
         )
         good = mask == 0
+        median = noise = None
+        if good.any():  # the good pixels and their median once (each a full-frame pass)
+            values = calibrated[good]
+            centre = np.median(values)
+            median = float(centre)
+            noise = float(1.4826 * np.median(np.abs(values - centre)))
         return StepResult(
             path,
             {
                 "uncalibrated": False,
-                "median_e": float(np.median(calibrated[good])) if good.any() else None,
-                "noise_e": float(
-                    1.4826 * np.median(np.abs(calibrated[good] - np.median(calibrated[good])))
-                )
-                if good.any()
-                else None,
+                "median_e": median,
+                "noise_e": noise,
                 "saturated_fraction": float(np.mean(raw >= saturation)),
                 "masked_fraction": float(1 - good.mean()),
                 "cosmic_ray_pixels": hits,

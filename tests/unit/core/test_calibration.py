@@ -188,3 +188,64 @@ def test_calibrated_frame_matches_truth_within_its_errors(dark_exptime, dark_cur
     # Hot pixels and dead pixels are flagged.
     assert np.all(mask[detector.hot] & MaskBit.HOT)
     assert np.all(mask[detector.dead] & MaskBit.LOW_RESPONSE)
+
+
+def _kernel_cases():
+    """Inputs for the calibration kernels: float32 masters and Python scalars as the steps
+    pass them (the kernels' float32 path), float64 planes as an uncalibrated frame passes,
+    numpy scalars, per-pixel gain and overscan, and the pixels
+    where things go wrong (a zero, NaN or negative flat, non-finite raw values)."""
+    rng = np.random.default_rng(11)
+    shape = (37, 52)
+    raw = rng.integers(1900, 4200, shape).astype(np.uint16)
+    raw[3, 4:9] = 4095  # saturated, with their bleed
+    raw[-1, -1] = raw[0, 0] = 4095  # at the corners
+    f32 = np.float32
+    flat = rng.normal(1.0, 0.05, shape).astype(f32)
+    flat[7, :4] = [0.0, np.nan, 0.3, -1.0]
+    masters = dict(
+        exptime=120.0, bias=rng.normal(2048, 2, shape).astype(f32),
+        dark_rate=np.abs(rng.normal(0.01, 0.003, shape)).astype(f32), flat=flat,
+        gain=1.7, read_noise=3.2, saturation=4095.0,
+        bias_error=np.abs(rng.normal(0.3, 0.05, shape)).astype(f32),
+        dark_error=np.abs(rng.normal(1e-3, 2e-4, shape)).astype(f32),
+        flat_error=np.abs(rng.normal(1e-3, 2e-4, shape)).astype(f32),
+        hot=rng.random(shape) < 0.01,
+    )  # fmt: skip
+    floats = rng.normal(2100.0, 40.0, shape)
+    floats[9, :3] = [np.nan, np.inf, -np.inf]
+    yield raw, masters
+    yield raw, dict(masters, gain=np.full(shape, 1.3), overscan=np.full(shape, 3.5), hot=None)
+    yield floats, dict(masters, saturation=2150.0, low_response=0.3)
+    yield raw, dict(exptime=30.0, bias=np.full(shape, 2048.0), dark_rate=np.zeros(shape),
+                    flat=np.ones(shape), gain=1.0, read_noise=0.0, saturation=3000.0)  # fmt: skip
+    # numpy scalars are not cast to a float32 master's type as Python floats are
+    yield raw, dict(masters, gain=np.float64(1.7), exptime=np.float32(120.0))
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_calibrate_frame_kernel_matches_the_numpy_reference_bit_for_bit(case):
+    from autowisp.core.calibration import _calibrate_reference
+
+    raw, parameters = list(_kernel_cases())[case]
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = _calibrate_reference(raw, **parameters)
+    for got, want in zip(calibrate_frame(raw, **parameters), expected, strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_calibrated_error_kernel_matches_the_numpy_reference_bit_for_bit(case):
+    from autowisp.core.calibration import _error_reference, calibrated_error
+
+    raw, parameters = list(_kernel_cases())[case]
+    image, _, _ = calibrate_frame(raw, **parameters)
+    names = ("exptime", "dark_rate", "flat", "gain", "read_noise", "bias_error",
+             "dark_error", "flat_error")  # fmt: skip
+    given = {k: parameters[k] for k in names if k in parameters}
+    with np.errstate(invalid="ignore"):
+        expected = _error_reference(image, **given)
+    got = calibrated_error(image, **given)
+    assert got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
