@@ -353,10 +353,11 @@ def paint_discs(mask, x, y, radius):
 
 
 @numba.njit(cache=True, nogil=True)
-def paint_owners(count, owner, x, y, radius):
+def paint_owners(count, owner, x, y, radius, first=0):
     """Count, per pixel, the stars whose disc of ``radius[i]`` px covers it, and remember
-    one of them in ``owner`` (in place): a pixel belongs to a star's own disc alone when
-    ``count == 1`` and ``owner`` is that star."""
+    one of them in ``owner`` as ``first + i`` (in place): a pixel belongs to a star's own
+    disc alone when ``count == 1`` and ``owner`` is that star. ``first`` < 0 counts
+    without claiming (discs of sources that are not measured)."""
     ny, nx = count.shape
     for i in range(x.shape[0]):
         if not (np.isfinite(x[i]) and np.isfinite(y[i])):
@@ -367,7 +368,8 @@ def paint_owners(count, owner, x, y, radius):
             for px in range(max(int(np.floor(x[i] - reach)), 0), min(int(x[i] + reach) + 1, nx)):
                 if (px - x[i]) ** 2 + (py - y[i]) ** 2 <= r2:
                     count[py, px] += 1
-                    owner[py, px] = i
+                    if first >= 0:
+                        owner[py, px] = first + i
 
 
 @numba.njit(cache=True, nogil=True)

@@ -207,25 +207,26 @@ def measure_channel(
         inner = r_max + max(2.0 * fwhm_guess, 2.0)
     if outer <= inner:
         outer = inner + max(6.0, 3.0 * step)
-    index = np.flatnonzero(on)
     level = np.full(n, np.nan)
     level_err = np.full(n, np.nan)
     count = np.zeros(n, np.int64)
 
     other_x, other_y = (np.asarray(v, float) for v in (others or (np.zeros(0), np.zeros(0))))
 
+    cover = np.zeros(image.shape, np.int32)
+    owner = np.full(image.shape, -1, np.int32)
+
     def background(radius: np.ndarray) -> None:
-        cover = np.zeros(image.shape, np.int32)
-        owner = np.full(image.shape, -1, np.int64)
-        paint_owners(cover, owner, x[index], y[index], radius)
-        owner[owner >= 0] = index[owner[owner >= 0]]
-        # unmeasured sources: their discs exclude pixels from every annulus
-        paint_owners(cover, np.full(image.shape, -1, np.int64), other_x, other_y,
-                     np.full(other_x.size, max(fwhm_guess * 1.5, 2.0)))  # fmt: skip
+        cover.fill(0)
+        owner.fill(-1)
+        # measured stars own their discs; unmeasured sources' discs only exclude pixels
+        paint_owners(cover, owner, x, y, np.where(on, radius, 0.0))
+        paint_owners(cover, owner, other_x, other_y,
+                     np.full(other_x.size, max(fwhm_guess * 1.5, 2.0)), -1)  # fmt: skip
         annulus_background(image, bad, cover, owner, x, y, step, channel.y0, channel.x0, inner,
                            outer, config.clip, level, level_err, count)  # fmt: skip
 
-    background(np.full(index.size, r_max + fwhm_guess))
+    background(np.full(n, r_max + fwhm_guess))
     first = (level.copy(), level_err.copy(), count.copy())
     # Again, with each star's disc out to where its wings fall below 5 % of the sky's
     # noise per pixel (bright neighbours' wings otherwise raise the faint stars' sky);
@@ -240,7 +241,7 @@ def measure_channel(
                         extent, _NODES, _WEIGHTS, sums, _v, _l, _t)  # fmt: skip
     noise = np.sqrt(np.maximum(sky, 1.0)) * 0.05
     wing = wing_radius(np.nan_to_num(sums[:, 0]), fwhm_guess, noise)
-    background(np.clip(wing[index], r_max + fwhm_guess, 3 * outer))
+    background(np.clip(wing, r_max + fwhm_guess, 3 * outer))
     sparse = (count < np.maximum(20, 0.3 * first[2])) & np.isfinite(first[0])
     level[sparse], level_err[sparse], count[sparse] = (v[sparse] for v in first)
     flags[sparse & on] |= np.uint16(Flag.CROWDED)
