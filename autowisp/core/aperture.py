@@ -39,7 +39,7 @@ __all__ = [
     "annulus_background",
     "aperture_photometry",
     "disc_rect_integral",
-    "paint_discs",
+    "paint_owners",
     "psf_photometry",
     "rect_disc_area",
 ]
@@ -338,26 +338,11 @@ def aperture_photometry(
 
 
 @numba.njit(cache=True, nogil=True)
-def paint_discs(mask, x, y, radius):
-    """Set ``mask`` True within ``radius[i]`` px of every (x[i], y[i]) (in place)."""
-    ny, nx = mask.shape
-    for i in range(x.shape[0]):
-        if not (np.isfinite(x[i]) and np.isfinite(y[i])):
-            continue
-        r2 = radius[i] * radius[i]
-        reach = radius[i]
-        for py in range(max(int(np.floor(y[i] - reach)), 0), min(int(y[i] + reach) + 1, ny)):
-            for px in range(max(int(np.floor(x[i] - reach)), 0), min(int(x[i] + reach) + 1, nx)):
-                if (px - x[i]) ** 2 + (py - y[i]) ** 2 <= r2:
-                    mask[py, px] = True
-
-
-@numba.njit(cache=True, nogil=True)
-def paint_owners(count, owner, x, y, radius, first=0):
-    """Count, per pixel, the stars whose disc of ``radius[i]`` px covers it, and remember
-    one of them in ``owner`` as ``first + i`` (in place): a pixel belongs to a star's own
-    disc alone when ``count == 1`` and ``owner`` is that star. ``first`` < 0 counts
-    without claiming (discs of sources that are not measured)."""
+def paint_owners(count, owner, x, y, radius, claim=True):
+    """Count, per pixel, the stars whose disc of ``radius[i]`` px covers it, and, with
+    ``claim``, remember one of them (``i``) in ``owner`` (in place): a pixel belongs to a
+    star's own disc alone when ``count == 1`` and ``owner`` is that star. Discs of
+    sources that are not measured are painted without ``claim``."""
     ny, nx = count.shape
     for i in range(x.shape[0]):
         if not (np.isfinite(x[i]) and np.isfinite(y[i])):
@@ -368,8 +353,8 @@ def paint_owners(count, owner, x, y, radius, first=0):
             for px in range(max(int(np.floor(x[i] - reach)), 0), min(int(x[i] + reach) + 1, nx)):
                 if (px - x[i]) ** 2 + (py - y[i]) ** 2 <= r2:
                     count[py, px] += 1
-                    if first >= 0:
-                        owner[py, px] = first + i
+                    if claim:
+                        owner[py, px] = i
 
 
 @numba.njit(cache=True, nogil=True)

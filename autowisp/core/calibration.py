@@ -272,6 +272,43 @@ def _weak_float32(shape, gain, exptime, read_noise, *planes) -> bool:
     )
 
 
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _finish_pixel(
+    raw, i, j, level, value, f, dark_e, read_var, masters_var, flat_error, saturation, hot,
+    low, image_out, error_out, mask_out,
+):  # fmt: skip
+    """The error and mask of one calibrated pixel and its three outputs: the part both
+    calibration kernels share (numpy's operations, order and precision)."""
+    ny, nx = raw.shape
+    detected = value * f + dark_e
+    if not detected > 0.0 and detected == detected:  # np.maximum keeps NaN
+        detected = 0.0
+    variance = detected + read_var + masters_var
+    relative = value * flat_error / f
+    sigma = np.sqrt(variance / (f * f) + relative * relative)
+    bits = 0
+    if level >= saturation:
+        bits |= 1  # SATURATED
+    elif (
+        (i > 0 and np.float64(raw[i - 1, j]) >= saturation)
+        or (i < ny - 1 and np.float64(raw[i + 1, j]) >= saturation)
+        or (j > 0 and np.float64(raw[i, j - 1]) >= saturation)
+        or (j < nx - 1 and np.float64(raw[i, j + 1]) >= saturation)
+    ):
+        bits |= 8  # BLEED
+    if hot:
+        bits |= 2  # HOT
+    if low:
+        bits |= 4  # LOW_RESPONSE
+    if not (np.isfinite(value) and np.isfinite(sigma)):
+        bits |= 32  # NON_FINITE
+        value = 0.0
+        sigma = np.inf
+    image_out[i, j] = np.float32(value)
+    error_out[i, j] = np.float32(sigma)
+    mask_out[i, j] = bits
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _calibrate_pixels(
     raw, overscan, bias, flat, saturation, hot, low, dark_adu, gain, dark_e, read_var,
@@ -286,33 +323,9 @@ def _calibrate_pixels(
             f = flat[i, j]
             level = np.float64(raw[i, j])
             value = (level - overscan[i, j] - bias[i, j] - dark_adu[i, j]) * gain[i, j] / f
-            detected = value * f + dark_e[i, j]
-            if not detected > 0.0 and detected == detected:  # np.maximum keeps NaN
-                detected = 0.0
-            variance = detected + read_var[i, j] + masters_var[i, j]
-            relative = value * flat_error[i, j] / f
-            sigma = np.sqrt(variance / (f * f) + relative * relative)
-            bits = 0
-            if level >= saturation:
-                bits |= 1  # SATURATED
-            elif (
-                (i > 0 and np.float64(raw[i - 1, j]) >= saturation)
-                or (i < ny - 1 and np.float64(raw[i + 1, j]) >= saturation)
-                or (j > 0 and np.float64(raw[i, j - 1]) >= saturation)
-                or (j < nx - 1 and np.float64(raw[i, j + 1]) >= saturation)
-            ):
-                bits |= 8  # BLEED
-            if hot[i, j]:
-                bits |= 2  # HOT
-            if low[i, j]:
-                bits |= 4  # LOW_RESPONSE
-            if not (np.isfinite(value) and np.isfinite(sigma)):
-                bits |= 32  # NON_FINITE
-                value = 0.0
-                sigma = np.inf
-            image_out[i, j] = np.float32(value)
-            error_out[i, j] = np.float32(sigma)
-            mask_out[i, j] = bits
+            _finish_pixel(raw, i, j, level, value, f, dark_e[i, j], read_var[i, j],
+                          masters_var[i, j], flat_error[i, j], saturation, hot[i, j],
+                          low[i, j], image_out, error_out, mask_out)  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -335,33 +348,9 @@ def _calibrate_pixels32(
             masters_var = gain2 * (bias_error[i, j] * bias_error[i, j] + dark_sigma * dark_sigma)
             level = np.float64(raw[i, j])
             value = (level - overscan[i, j] - bias[i, j] - dark_adu) * gain / f
-            detected = value * f + dark_e
-            if not detected > 0.0 and detected == detected:  # np.maximum keeps NaN
-                detected = 0.0
-            variance = detected + read_var + masters_var
-            relative = value * flat_error[i, j] / f
-            sigma = np.sqrt(variance / (f * f) + relative * relative)
-            bits = 0
-            if level >= saturation:
-                bits |= 1  # SATURATED
-            elif (
-                (i > 0 and np.float64(raw[i - 1, j]) >= saturation)
-                or (i < ny - 1 and np.float64(raw[i + 1, j]) >= saturation)
-                or (j > 0 and np.float64(raw[i, j - 1]) >= saturation)
-                or (j < nx - 1 and np.float64(raw[i, j + 1]) >= saturation)
-            ):
-                bits |= 8  # BLEED
-            if hot[i, j]:
-                bits |= 2  # HOT
-            if low[i, j]:
-                bits |= 4  # LOW_RESPONSE
-            if not (np.isfinite(value) and np.isfinite(sigma)):
-                bits |= 32  # NON_FINITE
-                value = 0.0
-                sigma = np.inf
-            image_out[i, j] = np.float32(value)
-            error_out[i, j] = np.float32(sigma)
-            mask_out[i, j] = bits
+            _finish_pixel(raw, i, j, level, value, f, dark_e, read_var, masters_var,
+                          flat_error[i, j], saturation, hot[i, j], low[i, j], image_out,
+                          error_out, mask_out)  # fmt: skip
 
 
 def _calibrate_reference(

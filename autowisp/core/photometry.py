@@ -222,7 +222,7 @@ def measure_channel(
         # measured stars own their discs; unmeasured sources' discs only exclude pixels
         paint_owners(cover, owner, x, y, np.where(on, radius, 0.0))
         paint_owners(cover, owner, other_x, other_y,
-                     np.full(other_x.size, max(fwhm_guess * 1.5, 2.0)), -1)  # fmt: skip
+                     np.full(other_x.size, max(fwhm_guess * 1.5, 2.0)), False)  # fmt: skip
         annulus_background(image, bad, cover, owner, x, y, step, channel.y0, channel.x0, inner,
                            outer, config.clip, level, level_err, count)  # fmt: skip
 
@@ -285,32 +285,32 @@ def measure_channel(
     shapes = np.zeros((n, 3))
     kind_code, beta = PROFILES["gaussian"], 0.0
     qc: dict[str, float] = {"stars": float(on.sum()), "shape_stars": float(chosen.size)}
-    if True:  # the map is a QC figure in plain mode too
-        try:
-            shape_map, fits = _fit_shapes(
-                image, error, good, x[chosen], y[chosen], level[chosen], mag[chosen], channel,
-                cells, fwhm_guess, config, image.shape,
-            )  # fmt: skip
-        except ValueError:
-            shape_map = None
-        if shape_map is not None:
-            shapes = shape_map.shapes(x, y, np.where(np.isfinite(mag), mag, shape_map.mag_zero))
-            kind_code, beta = PROFILES[shape_map.kind], shape_map.beta
-            ok = np.isfinite(shapes).all(axis=1) & (
-                shapes[:, 0] > np.hypot(shapes[:, 1], shapes[:, 2])
-            )
-            fallback = np.array(shape_from_fwhm(np.array(fwhm_guess), np.array(fwhm_guess),
-                                                np.array(0.0), kind=shape_map.kind,
-                                                beta=beta))  # fmt: skip
-            shapes[~ok] = fallback
-            major, minor, _ = shape_map.fwhm(x[chosen], y[chosen], mag[chosen])
-            qc.update(
-                fwhm=float(np.median(np.sqrt(major * minor))),
-                ellipticity=float(np.median(1 - minor / major)),
-                shape_map_stars=float(shape_map.used),
-                shape_chi2=float(np.nanmedian(fits.chi2[fits.ok])) if fits.ok.any() else np.nan,
-                profile_beta=float(beta) if shape_map.kind == "moffat" else 0.0,
-            )
+    # the map is fitted in plain mode too: its FWHM and ellipticity are QC figures
+    try:
+        shape_map, fits = _fit_shapes(
+            image, error, good, x[chosen], y[chosen], level[chosen], mag[chosen], channel,
+            cells, fwhm_guess, config, image.shape,
+        )  # fmt: skip
+    except ValueError:
+        shape_map = None
+    if shape_map is not None:
+        shapes = shape_map.shapes(x, y, np.where(np.isfinite(mag), mag, shape_map.mag_zero))
+        kind_code, beta = PROFILES[shape_map.kind], shape_map.beta
+        ok = np.isfinite(shapes).all(axis=1) & (
+            shapes[:, 0] > np.hypot(shapes[:, 1], shapes[:, 2])
+        )
+        fallback = np.array(shape_from_fwhm(np.array(fwhm_guess), np.array(fwhm_guess),
+                                            np.array(0.0), kind=shape_map.kind,
+                                            beta=beta))  # fmt: skip
+        shapes[~ok] = fallback
+        major, minor, _ = shape_map.fwhm(x[chosen], y[chosen], mag[chosen])
+        qc.update(
+            fwhm=float(np.median(np.sqrt(major * minor))),
+            ellipticity=float(np.median(1 - minor / major)),
+            shape_map_stars=float(shape_map.used),
+            shape_chi2=float(np.nanmedian(fits.chi2[fits.ok])) if fits.ok.any() else np.nan,
+            profile_beta=float(beta) if shape_map.kind == "moffat" else 0.0,
+        )
     if shape_map is None:
         shapes[:] = np.array(shape_from_fwhm(np.array(fwhm_guess), np.array(fwhm_guess),
                                              np.array(0.0)))  # fmt: skip

@@ -78,10 +78,8 @@ class Astrometry(Step):
 
     def run(self, context: StepContext) -> StepResult:
         image = context.require_image()
-        products = context.inputs.get("calibrate", ())
-        if not products or products[0].output_path is None:
-            raise PermanentError(f"no calibrated frame for {image.path.name}")
-        frame = read_calibrated_frame(products[0].output_path, with_error=False)
+        calibrated, calibrated_path = context.require_input("calibrate", "calibrated frame")
+        frame = read_calibrated_frame(calibrated_path, with_error=False)
         data = np.asarray(frame.image, float)
         parameters = context.parameters
         layout = frame.layout
@@ -197,7 +195,7 @@ class Astrometry(Step):
             qc=qc,
             provenance=Provenance.of(
                 context, version=self.version, uncalibrated=frame.uncalibrated,
-                calibrated=products[0],
+                calibrated=calibrated,
             ),
         )  # fmt: skip
         path = context.output_path("fits")

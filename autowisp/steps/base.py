@@ -208,6 +208,16 @@ class StepContext:
             raise PermanentError(f"{self.step} needs an image target, got {self.target!r}")
         return self.image
 
+    def require_input(self, step: str, what: str) -> tuple[InputProduct, Path]:
+        """The one product of upstream ``step`` this task reads and its file (``what``
+        names it in the error); a permanent error when there is none."""
+        products = self.inputs.get(step, ())
+        path = products[0].output_path if products else None
+        if path is None:
+            name = self.image.path.name if self.image is not None else self.target
+            raise PermanentError(f"no {what} ({step}) for {name}")
+        return products[0], Path(path)
+
     def require_night(self) -> NightInfo:
         """The target night; a permanent error for a task that has none."""
         if self.night is None:

@@ -58,7 +58,13 @@ class Photometry(Step):
             "'prf': each pixel weighted by PSF × sub-pixel sensitivity over its exact overlap "
             "with the aperture; 'plain': exact-area circular sums.",
         ),
-        Parameter("psf_profile", "auto", "", "'gaussian', 'moffat' or 'auto' (smallest χ² wins)."),
+        Parameter(
+            "psf_profile",
+            "auto",
+            "",
+            "'gaussian', 'moffat' (β 3.5) or 'auto' (Moffat, β the median of the brightest "
+            "stars' own fits; Gaussian past β 10).",
+        ),
         Parameter("shape_stars", 150, "", "Brightest isolated stars that shape the PSF map."),
         Parameter("shape_order_xy", 3, "", "Polynomial order of the PSF map in x and y."),
         Parameter("shape_order_mag", 1, "", "Polynomial order of the PSF map in magnitude."),
@@ -69,12 +75,8 @@ class Photometry(Step):
 
     def run(self, context: StepContext) -> StepResult:
         image = context.require_image()
-        calibrated = context.inputs.get("calibrate", ())
-        solved = context.inputs.get("astrometry", ())
-        if not calibrated or calibrated[0].output_path is None:
-            raise PermanentError(f"no calibrated frame for {image.path.name}")
-        if not solved or solved[0].output_path is None:
-            raise PermanentError(f"no astrometric solution for {image.path.name}")
+        calibrated, calibrated_path = context.require_input("calibrate", "calibrated frame")
+        solved, solved_path = context.require_input("astrometry", "astrometric solution")
         parameters = context.parameters
         try:
             annulus = [float(v) for v in str(parameters["annulus"]).split(",")]
@@ -100,8 +102,8 @@ class Photometry(Step):
             )
         except ValueError as error:
             raise PermanentError(f"[steps.photometry]: {error}") from error
-        frame = read_calibrated_frame(calibrated[0].output_path, storage_root=context.storage_root)
-        solution = read_astrometric_solution(solved[0].output_path)
+        frame = read_calibrated_frame(calibrated_path, storage_root=context.storage_root)
+        solution = read_astrometric_solution(solved_path)
         catalogue = solution.catalogue
         x = np.asarray(catalogue["x"], float)
         y = np.asarray(catalogue["y"], float)
@@ -143,7 +145,7 @@ class Photometry(Step):
             qc=qc,
             provenance=Provenance.of(
                 context, version=self.version, uncalibrated=frame.uncalibrated,
-                calibrated=calibrated[0], astrometry=solved[0],
+                calibrated=calibrated, astrometry=solved,
             ),
         )  # fmt: skip
         path = context.output_path("h5")

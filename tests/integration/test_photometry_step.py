@@ -144,3 +144,20 @@ def test_fluxes_against_the_truth(measured_night):
     print("unblended stars per channel (count, flux / truth, FWHM / truth):", figures)
     for _, flux_ratio, _ in figures.values():
         assert flux_ratio == pytest.approx(1.0, abs=0.01), figures
+
+
+def test_night_precision_against_the_truth(measured_night):
+    """The demo's precision figures: every channel reported, the scatter of the brightest
+    stars about the truth no better than their reported errors allow (a figure below the
+    errors would mean the comparison is wrong) and within a few times them."""
+    from pathlib import Path
+
+    from autowisp.simulate.assess import night_precision
+
+    rows, _ = measured_night
+    upload = Path(rows[0].output_path).parents[4] / "upload"
+    results = night_precision([r.output_path for r in rows], next(upload.rglob("truth.h5")))
+    assert [r.channel for r in results] == ["R", "G1", "G2", "B"]
+    for r in results:
+        assert r.frames == 3 and r.stars >= 5, r
+        assert 0.5 * r.expected_mmag < r.measured_mmag < 4 * r.expected_mmag, r

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autowisp.core.bayer import channel_index_map, channels
+from autowisp.core.bayer import channels
 from autowisp.simulate.render import fwhm_to_alpha, render_stars, stamp_half_sizes
 
 BETA = 3.5
@@ -93,14 +93,12 @@ def make_field(
         flux = np.asarray(fluxes, float).copy()
     mag = 25.0 - 2.5 * np.log10(flux)
     major, minor, theta = psf_over_field(x, y, shape, fwhm)
-    index = channel_index_map(layout, shape)
     n_ch = len(channels(layout))
     step = channels(layout)[0].step
     cell = np.zeros((step, step), np.int64)
     for c in range(n_ch):
         ch = channels(layout)[c]
         cell[ch.y0, ch.x0] = c
-    del index
     per_channel = np.repeat(flux[:, None], n_ch, axis=1)
     a = fwhm_to_alpha(major, BETA)
     b = fwhm_to_alpha(minor, BETA)
