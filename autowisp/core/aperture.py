@@ -338,19 +338,23 @@ def aperture_photometry(
 
 
 @numba.njit(cache=True, nogil=True)
-def paint_owners(count, owner, x, y, radius, claim=True):
+def paint_owners(count, owner, x, y, radius, claim=True, step=1, y0=0, x0=0):
     """Count, per pixel, the stars whose disc of ``radius[i]`` px covers it, and, with
     ``claim``, remember one of them (``i``) in ``owner`` (in place): a pixel belongs to a
     star's own disc alone when ``count == 1`` and ``owner`` is that star. Discs of
-    sources that are not measured are painted without ``claim``."""
+    sources that are not measured are painted without ``claim``. Only the pixels of the
+    channel ``image[y0::step, x0::step]`` are painted (the others are left as they are).
+    """
     ny, nx = count.shape
     for i in range(x.shape[0]):
         if not (np.isfinite(x[i]) and np.isfinite(y[i])):
             continue
         r2 = radius[i] * radius[i]
         reach = radius[i]
-        for py in range(max(int(np.floor(y[i] - reach)), 0), min(int(y[i] + reach) + 1, ny)):
-            for px in range(max(int(np.floor(x[i] - reach)), 0), min(int(x[i] + reach) + 1, nx)):
+        row_lo = max(int(np.floor((y[i] - reach - y0) / step)) * step + y0, y0)
+        col_lo = max(int(np.floor((x[i] - reach - x0) / step)) * step + x0, x0)
+        for py in range(row_lo, min(int(y[i] + reach) + 1, ny), step):
+            for px in range(col_lo, min(int(x[i] + reach) + 1, nx), step):
                 if (px - x[i]) ** 2 + (py - y[i]) ** 2 <= r2:
                     count[py, px] += 1
                     if claim:
@@ -475,10 +479,18 @@ def psf_photometry(
                 ):
                     value = 0.0
                     for q in range(cells.shape[0]):
+                        ax = px + cells[q, 0] - x[star]
+                        bx = px + cells[q, 1] - x[star]
+                        ay = py + cells[q, 2] - y[star]
+                        by = py + cells[q, 3] - y[star]
+                        near_x = min(max(0.0, ax), bx)
+                        near_y = min(max(0.0, ay), by)
+                        far = near_x**2 + near_y**2 > FAR_DISTANCE**2 and (
+                            bx - ax <= 1.0 and by - ay <= 1.0
+                        )
                         value += cells[q, 4] * rect_integral(
-                            kind, beta, s, d, k, px + cells[q, 0] - x[star],
-                            px + cells[q, 1] - x[star], py + cells[q, 2] - y[star],
-                            py + cells[q, 3] - y[star], nodes, weights,
+                            kind, beta, s, d, k, ax, bx, ay, by, _FAR_NODES if far else nodes,
+                            _FAR_WEIGHTS if far else weights,
                         )  # fmt: skip
                     pix_y[c] = py
                     pix_x[c] = px

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from scipy.optimize import least_squares
 
 __all__ = [
     "GAUSSIAN",
@@ -197,6 +196,161 @@ def model_and_jacobian(
     return amplitude * prf, np.column_stack(columns)
 
 
+# -- the per-source least-squares kernel ------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _model_jacobian(kind, fixed_beta, params, px, py, cells, nodes, weights, model, jac):
+    """Numba twin of :func:`model_and_jacobian` into ``model`` (n,) and ``jac`` (n, p).
+
+    β is ``params[6]`` when ``jac`` has 7 columns, else ``fixed_beta``. Returns False
+    (and leaves the arrays undefined) for a shape that is not positive definite.
+    """
+    amplitude, xc, yc, s, d, k = params[0], params[1], params[2], params[3], params[4], params[5]
+    free = jac.shape[1] == 7
+    index = params[6] if free else fixed_beta
+    det = s * s - d * d - k * k
+    if det <= 0.0 or s <= 0.0:
+        return False
+    root = np.sqrt(det)
+    if kind == GAUSSIAN:
+        norm = root / (2.0 * np.pi)
+    else:
+        norm = (index - 1.0) * root / np.pi
+    ls, ld, lk = s / det, -d / det, -k / det
+    m = nodes.shape[0]
+    for p in range(px.shape[0]):
+        f_sum = 0.0
+        gx = gy = gs = gd = gk = gb = 0.0
+        for c in range(cells.shape[0]):
+            hx = 0.5 * (cells[c, 1] - cells[c, 0])
+            hy = 0.5 * (cells[c, 3] - cells[c, 2])
+            cx = px[p] - xc + 0.5 * (cells[c, 0] + cells[c, 1])
+            cy = py[p] - yc + 0.5 * (cells[c, 2] + cells[c, 3])
+            scale = hx * hy * cells[c, 4]
+            for j in range(m):
+                dy = cy + hy * nodes[j]
+                for i in range(m):
+                    dx = cx + hx * nodes[i]
+                    q = s * (dx * dx + dy * dy) + d * (dx * dx - dy * dy) + 2.0 * k * dx * dy
+                    if q < 0.0:
+                        q = 0.0
+                    if kind == GAUSSIAN:
+                        value = norm * np.exp(-0.5 * q)
+                        slope = -0.5
+                    else:
+                        value = norm * (1.0 + q) ** (-index)
+                        slope = -index / (1.0 + q)
+                    v = value * weights[i] * weights[j] * scale
+                    f_sum += v
+                    vs = v * slope
+                    gx += vs * -(2.0 * (s + d) * dx + 2.0 * k * dy)
+                    gy += vs * -(2.0 * (s - d) * dy + 2.0 * k * dx)
+                    gs += v * ls + vs * (dx * dx + dy * dy)
+                    gd += v * ld + vs * (dx * dx - dy * dy)
+                    gk += v * lk + vs * (2.0 * dx * dy)
+                    if free:
+                        gb += v * (1.0 / (index - 1.0) - np.log1p(q))
+        model[p] = amplitude * f_sum
+        jac[p, 0] = f_sum
+        jac[p, 1] = amplitude * gx
+        jac[p, 2] = amplitude * gy
+        jac[p, 3] = amplitude * gs
+        jac[p, 4] = amplitude * gd
+        jac[p, 5] = amplitude * gk
+        if free:
+            jac[p, 6] = amplitude * gb
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _robust_cost(model, values, sigma, f_scale):
+    """½ Σ f² ρ((r/f)²) with the soft-L1 ρ(z) = 2(√(1+z) − 1), r = (model − value)/σ."""
+    total = 0.0
+    for p in range(model.shape[0]):
+        z = ((model[p] - values[p]) / sigma[p] / f_scale) ** 2
+        total += 2.0 * (np.sqrt(1.0 + z) - 1.0)
+    return 0.5 * f_scale * f_scale * total
+
+
+@numba.njit(cache=True, nogil=True)
+def fit_prf_lm(kind, fixed_beta, p0, lower, upper, px, py, values, sigma, cells, nodes,
+               weights, f_scale, max_iterations):  # fmt: skip
+    """Levenberg–Marquardt fit of a star's PRF to its pixels under the soft-L1 loss.
+
+    Minimises :func:`_robust_cost` over (A, x, y, S, D, K[, β]) within the bounds
+    ``lower``/``upper`` (a step is cut back to them); the robust loss enters as
+    iteratively reweighted least squares (weight ρ′ = (1 + (r/f)²)^−½, Gauss–Newton
+    curvature) with Marquardt's diagonal damping. The same minimum as
+    ``scipy.optimize.least_squares(..., loss='soft_l1')``, found without Python in the
+    loop. Returns the parameters, the raw residuals (model − value)/σ and whether the
+    fit converged (relative cost change or step below 1e-10 within ``max_iterations``).
+    """
+    n_par = p0.shape[0]
+    n = px.shape[0]
+    params = p0.copy()
+    model = np.empty(n)
+    jac = np.empty((n, n_par))
+    trial_model = np.empty(n)
+    trial_jac = np.empty((n, n_par))
+    residual = np.empty(n)
+    if not _model_jacobian(kind, fixed_beta, params, px, py, cells, nodes, weights, model, jac):
+        return params, residual, False
+    cost = _robust_cost(model, values, sigma, f_scale)
+    damping = 1e-3
+    converged = False
+    normal = np.empty((n_par, n_par))
+    gradient = np.empty(n_par)
+    for _ in range(max_iterations):
+        normal[:] = 0.0
+        gradient[:] = 0.0
+        for p in range(n):
+            r = (model[p] - values[p]) / sigma[p]
+            w = 1.0 / np.sqrt(1.0 + (r / f_scale) ** 2)
+            for a in range(n_par):
+                ja = jac[p, a] / sigma[p]
+                gradient[a] += w * ja * r
+                for b in range(a + 1):
+                    normal[a, b] += w * ja * jac[p, b] / sigma[p]
+        for a in range(n_par):
+            for b in range(a):
+                normal[b, a] = normal[a, b]
+        improved = False
+        for _attempt in range(12):
+            system = normal.copy()
+            for a in range(n_par):
+                system[a, a] += damping * max(normal[a, a], 1e-300)
+            step = np.linalg.solve(system, -gradient)
+            trial = params + step
+            for a in range(n_par):
+                trial[a] = min(max(trial[a], lower[a]), upper[a])
+            ok = _model_jacobian(kind, fixed_beta, trial, px, py, cells, nodes, weights,
+                                 trial_model, trial_jac)  # fmt: skip
+            new_cost = _robust_cost(trial_model, values, sigma, f_scale) if ok else np.inf
+            if new_cost <= cost:
+                change = cost - new_cost
+                moved = 0.0
+                for a in range(n_par):
+                    moved = max(moved, abs(trial[a] - params[a]) / (abs(params[a]) + 1e-8))
+                params = trial
+                model[:] = trial_model
+                jac[:] = trial_jac
+                cost = new_cost
+                damping = max(damping / 3.0, 1e-9)
+                improved = True
+                if change <= 1e-10 * cost or moved <= 1e-10:
+                    converged = True
+                break
+            damping *= 4.0
+        if not improved:  # no step lowers the cost: at the minimum to working precision
+            converged = True
+        if converged:
+            break
+    for p in range(n):
+        residual[p] = (model[p] - values[p]) / sigma[p]
+    return params, residual, converged
+
+
 # -- per-source fits --------------------------------------------------------------------------
 
 
@@ -221,8 +375,8 @@ class SourceShapes:
     beta: np.ndarray | None = None  # per star, when fitted
 
 
-def _stamp(image, variance, good, x, y, radius, channel_step, y0, x0):
-    """Channel pixels within ``radius`` of (x, y): offsets, values, variances."""
+def _stamp(image, error, good, x, y, radius, channel_step, y0, x0):
+    """Channel pixels within ``radius`` of (x, y): positions, values, variances."""
     ny, nx = image.shape
     lo_x = int(np.ceil((x - radius - x0) / channel_step)) * channel_step + x0
     lo_y = int(np.ceil((y - radius - y0) / channel_step)) * channel_step + y0
@@ -233,14 +387,15 @@ def _stamp(image, variance, good, x, y, radius, channel_step, y0, x0):
     py, px = np.meshgrid(ys, xs, indexing="ij")
     near = (px - x) ** 2 + (py - y) ** 2 <= radius**2
     py, px = py[near], px[near]
-    use = good[py, px] & np.isfinite(image[py, px]) & (variance[py, px] > 0)
+    sigma = error[py, px].astype(float)
+    use = good[py, px] & np.isfinite(image[py, px]) & (sigma > 0) & np.isfinite(sigma)
     py, px = py[use], px[use]
-    return px, py, image[py, px].astype(float), variance[py, px].astype(float)
+    return px, py, image[py, px].astype(float), np.square(sigma[use])
 
 
 def fit_source_shapes(
     image: np.ndarray,
-    variance: np.ndarray,
+    error: np.ndarray,
     good: np.ndarray,
     x: np.ndarray,
     y: np.ndarray,
@@ -258,9 +413,9 @@ def fit_source_shapes(
 ) -> SourceShapes:
     """Fit flux, centre and (S, D, K) of each star to its channel pixels.
 
-    ``variance`` (e⁻²) weights the pixels; ``good`` marks usable pixels (saturated and
-    masked ones False); ``background`` (e⁻ per channel pixel) is subtracted, not fitted.
-    The fitting radius defaults to ``max(3, 2·fwhm_guess) + step`` px. With
+    ``error`` (e⁻, the pixels' noise) weights the pixels; ``good`` marks usable pixels
+    (saturated and masked ones False); ``background`` (e⁻ per channel pixel) is
+    subtracted, not fitted. The fitting radius defaults to ``max(3, 2·fwhm_guess) + step`` px. With
     ``fit_beta`` (Moffat only) each star's β is a free parameter too (``beta`` of the
     result), starting from ``beta``.
     """
@@ -275,7 +430,7 @@ def fit_source_shapes(
     start = shape_from_fwhm(np.array(fwhm_guess), np.array(fwhm_guess), np.array(0.0),
                             kind=kind, beta=beta)  # fmt: skip
     for i in range(n):
-        stamp = _stamp(image, variance, good, x[i], y[i], radius, step, y0, x0)
+        stamp = _stamp(image, error, good, x[i], y[i], radius, step, y0, x0)
         if stamp is None or stamp[0].size < 12:
             continue
         px, py, values, var = stamp
@@ -283,48 +438,26 @@ def fit_source_shapes(
         sigma = np.sqrt(var)
         total = max(float(values.sum()), 1.0)
 
-        free_beta = None if fit_beta else beta
-
-        def residual(p, px=px, py=py, values=values, sigma=sigma):
-            model, _ = _cached(p, px, py)
-            return (model - values) / sigma
-
-        def jacobian(p, px=px, py=py, sigma=sigma):
-            _, jac = _cached(p, px, py)
-            return jac / sigma[:, None]
-
-        memo: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
-
-        def _cached(p, px, py, memo=memo, free_beta=free_beta):
-            key = p.tobytes()
-            if key not in memo:
-                memo.clear()
-                memo[key] = model_and_jacobian(code, p, px, py, cells, beta=free_beta)
-            return memo[key]
-
         p0 = np.array([total, x[i], y[i], float(start[0]), 0.0, 0.0])
-        lower = [0.0, x[i] - 1.5, y[i] - 1.5, 1e-3, -np.inf, -np.inf]
-        upper = [np.inf, x[i] + 1.5, y[i] + 1.5, np.inf, np.inf, np.inf]
+        lower = np.array([0.0, x[i] - 1.5, y[i] - 1.5, 1e-3, -np.inf, -np.inf])
+        upper = np.array([np.inf, x[i] + 1.5, y[i] + 1.5, np.inf, np.inf, np.inf])
         if fit_beta:
             p0 = np.append(p0, beta)
-            lower.append(1.2)
-            upper.append(20.0)
-        try:
-            # soft-L1 loss: a faint neighbour's or a cosmic ray's pixels pull little
-            fit = least_squares(residual, p0, jac=jacobian, bounds=(lower, upper),
-                                x_scale="jac", loss="soft_l1", f_scale=3.0,
-                                max_nfev=200)  # fmt: skip
-        except ValueError:  # a non-finite model at the start: leave the star unfitted
-            continue
-        p = fit.x
+            lower = np.append(lower, 1.2)
+            upper = np.append(upper, 20.0)
+        # soft-L1 loss: a faint neighbour's or a cosmic ray's pixels pull little
+        p, residual, converged = fit_prf_lm(code, float(beta), p0, lower, upper,
+                                            px.astype(float), py.astype(float), values,
+                                            sigma, cells, _NODES, _WEIGHTS, 3.0,
+                                            100)  # fmt: skip
         dof = max(px.size - p.size, 1)
         for name, value in zip(("flux", "x", "y", "s", "d", "k"), p[:6], strict=True):
             out[name][i] = value
         if fit_beta:
             betas[i] = p[6]
-        out["chi2"][i] = float(np.sum(fit.fun**2) / dof)
+        out["chi2"][i] = float(np.sum(residual**2) / dof)
         npix[i] = px.size
-        ok[i] = bool(fit.success and p[3] > np.hypot(p[4], p[5]) and p[0] > 0)
+        ok[i] = bool(converged and p[3] > np.hypot(p[4], p[5]) and p[0] > 0)
     return SourceShapes(**out, npix=npix, ok=ok, beta=betas if fit_beta else None)
 
 

@@ -225,6 +225,24 @@ def test_annulus_background_rejects_stars_and_masks():
     assert count[1] < full - 100
 
 
+def test_painting_one_channel_matches_the_full_grid_on_its_pixels():
+    rng = np.random.default_rng(4)
+    x, y = rng.uniform(-3, 43, 30), rng.uniform(-3, 43, 30)
+    radius = rng.uniform(0.5, 7.0, 30)
+    full_count = np.zeros((40, 40), np.int32)
+    full_owner = np.full((40, 40), -1, np.int32)
+    paint_owners(full_count, full_owner, x, y, radius)
+    for y0, x0 in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        count = np.zeros((40, 40), np.int32)
+        owner = np.full((40, 40), -1, np.int32)
+        paint_owners(count, owner, x, y, radius, True, 2, y0, x0)
+        np.testing.assert_array_equal(count[y0::2, x0::2], full_count[y0::2, x0::2])
+        np.testing.assert_array_equal(owner[y0::2, x0::2], full_owner[y0::2, x0::2])
+        others = np.ones((40, 40), bool)
+        others[y0::2, x0::2] = False
+        assert not count[others].any() and np.all(owner[others] == -1)
+
+
 def test_psf_fluxes_solve_overlapping_stars_jointly():
     """Gauss–Seidel sweeps reach the joint weighted least-squares solution."""
     (mono,) = channels("MONO")

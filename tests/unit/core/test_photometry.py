@@ -210,3 +210,28 @@ def test_saturated_edge_and_masked_stars_are_flagged_and_measured():
     true = _true_aperture_flux(field, 1, 3.0)
     assert result.flux[2, 1] == pytest.approx(true[2], rel=0.01)
     assert result.flux[1, 1] == pytest.approx(true[1], rel=0.02)
+
+
+def test_bad_codes_follow_the_mask_bits():
+    """The lookup table against the plain rule for every mask value: masked pixels
+    (hot, low response, cosmic ray, non-finite) and saturated ones (saturated, bleed),
+    non-finite winning over saturated."""
+    from autowisp.core.aperture import BAD_MASKED, BAD_SATURATED
+    from autowisp.core.calibration import MaskBit
+
+    mask = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    expected = np.zeros(mask.shape, np.uint8)
+    for j, i in np.ndindex(mask.shape):
+        bits = MaskBit(int(mask[j, i]) & 63)
+        if bits & MaskBit.NON_FINITE:
+            expected[j, i] = BAD_MASKED
+        elif bits & (MaskBit.SATURATED | MaskBit.BLEED):
+            expected[j, i] = BAD_SATURATED
+        elif bits & (MaskBit.HOT | MaskBit.LOW_RESPONSE | MaskBit.COSMIC_RAY):
+            expected[j, i] = BAD_MASKED
+    np.testing.assert_array_equal(bad_codes(mask), expected)
+    np.testing.assert_array_equal(bad_codes(mask.astype(np.int32)), expected)
+    with pytest.raises(ValueError, match="MaskBit"):
+        bad_codes(mask.astype(np.int32) * 2)
+    with pytest.raises(ValueError, match="MaskBit"):
+        bad_codes(mask.astype(float))
