@@ -182,8 +182,12 @@ class BicubicGrid:
         return self.n_basis - 1
 
     def extent(self) -> tuple[float, float, float, float]:
-        return (float(self.x_bounds[0]), float(self.x_bounds[-1]),
-                float(self.y_bounds[0]), float(self.y_bounds[-1]))  # fmt: skip
+        return (
+            float(self.x_bounds[0]),
+            float(self.x_bounds[-1]),
+            float(self.y_bounds[0]),
+            float(self.y_bounds[-1]),
+        )
 
     def rect_integrals(self, x0, x1, y0, y1) -> np.ndarray:
         """Exact ∫∫ of every basis function over rectangles (m, n_basis)."""
@@ -211,8 +215,9 @@ class BicubicGrid:
     def total_integral(self) -> np.ndarray:
         """∫∫ of every basis function over the whole grid (n_basis,)."""
         x0, x1, y0, y1 = self.extent()
-        return self.rect_integrals(np.array([x0]), np.array([x1]), np.array([y0]),
-                                   np.array([y1]))[0]  # fmt: skip
+        return self.rect_integrals(np.array([x0]), np.array([x1]), np.array([y0]), np.array([y1]))[
+            0
+        ]
 
     def constraint(self) -> tuple[np.ndarray, np.ndarray]:
         """(c0, E): c = c0 + E q has unit integral for any q (E orthonormal, ⟂ I)."""
@@ -225,8 +230,9 @@ class BicubicGrid:
         return self._cache["constraint"]
 
 
-def default_grid(fwhm: float, cell: float = 1.0, *, core: float = 1.5, extent: float = 5.0,
-                 growth: float = 2.0) -> BicubicGrid:  # fmt: skip
+def default_grid(
+    fwhm: float, cell: float = 1.0, *, core: float = 1.5, extent: float = 5.0, growth: float = 2.0
+) -> BicubicGrid:
     """A symmetric grid: cells of ``cell`` px out to ``core`` FWHM, then wider cells
     (each ``growth`` times the last) out to ``extent`` FWHM, where the PSF is zero.
 
@@ -287,13 +293,16 @@ class BicubicPSFMap:
 
     def terms(self, x, y, mag) -> np.ndarray:
         """The polynomial terms of sources (n, n_terms)."""
-        x, y, mag = np.broadcast_arrays(*(np.atleast_1d(np.asarray(v, float))
-                                          for v in (x, y, mag)))  # fmt: skip
+        x, y, mag = np.broadcast_arrays(
+            *(np.atleast_1d(np.asarray(v, float)) for v in (x, y, mag))
+        )
         ny, nx = self.frame_shape
         u = 2.0 * x / max(nx - 1, 1) - 1.0
         v = 2.0 * y / max(ny - 1, 1) - 1.0
-        m = np.clip((np.nan_to_num(mag, nan=self.mag_zero) - self.mag_zero) / self.mag_scale,
-                    *self.mag_range)  # fmt: skip
+        m = np.clip(
+            (np.nan_to_num(mag, nan=self.mag_zero) - self.mag_zero) / self.mag_scale,
+            *self.mag_range,
+        )
         powers = _term_powers(self.order_xy, self.order_mag)
         return u[:, None] ** powers[:, 0] * v[:, None] ** powers[:, 1] * m[:, None] ** powers[:, 2]
 
@@ -321,8 +330,9 @@ class BicubicPSFMap:
         phi = self.grid.prf_matrix(dx, dy, cells)
         return phi @ c
 
-    def shape(self, x, y, mag, *, angles: int = 36, resolution: float = 0.05,
-              reach: float | None = None) -> tuple[np.ndarray, ...]:  # fmt: skip
+    def shape(
+        self, x, y, mag, *, angles: int = 36, resolution: float = 0.05, reach: float | None = None
+    ) -> tuple[np.ndarray, ...]:
         """FWHM (px) along the major and minor axes and the major axis angle (rad,
         [0, π)) of the mapped PSF at each source.
 
@@ -349,7 +359,7 @@ class BicubicPSFMap:
             py = fine[iy] + np.outer(np.sin(phi), line)
             vx = hermite_values(self.grid.x_bounds, px.ravel())
             vy = hermite_values(self.grid.y_bounds, py.ravel())
-            profiles = np.einsum("ia,ab,ib->i", vx, c, vy).reshape(angles, -1)
+            profiles = ((vx @ c) * vy).sum(axis=1).reshape(angles, -1)
             widths = np.array([_half_width(line, profile) for profile in profiles])
             if not np.isfinite(widths).any():
                 continue
@@ -447,6 +457,46 @@ class _Units:
                     out = out + (wk * wl) * (xx.T @ (w.T @ yy))
         return out
 
+    def single_cell(self) -> bool:
+        return all(len(cells) == 1 for blocks in self.basis for cells in blocks)
+
+    def packed_gram(self, u: int, weights: np.ndarray, tri_x, tri_y) -> np.ndarray:
+        """:meth:`gram` on the pairs a ≤ a', b ≤ b' only (single-cell sensitivity maps,
+        where the Gram matrix is symmetric in a ↔ a' and in b ↔ b' separately)."""
+        out = 0.0
+        for w, ((weight, xk, yk),) in self._blocks(u, weights):
+            xx = xk[:, tri_x[0]] * xk[:, tri_x[1]]
+            yy = yk[:, tri_y[0]] * yk[:, tri_y[1]]
+            out = out + (weight * weight) * (xx.T @ (w.T @ yy))
+        return out
+
+
+def _expansion(n_x: int, n_y: int, nt: int) -> np.ndarray:
+    """Index of every element of Λ (unknowns (a, b, k)) in the packed accumulator
+    [(a ≤ a') pair, (b ≤ b') pair, k, k'] (cached: it depends on the sizes only)."""
+    key = (n_x, n_y, nt)
+    if key not in _EXPANSIONS:
+        pack_x = np.zeros((n_x, n_x), np.int64)
+        ia, ja = np.triu_indices(n_x)
+        pack_x[ia, ja] = pack_x[ja, ia] = np.arange(ia.size)
+        pack_y = np.zeros((n_y, n_y), np.int64)
+        ib, jb = np.triu_indices(n_y)
+        pack_y[ib, jb] = pack_y[jb, ib] = np.arange(ib.size)
+        k = np.arange(nt)
+        index = (
+            (pack_x[:, None, None, :, None, None] * ib.size + pack_y[None, :, None, None, :, None])
+            * (nt * nt)
+            + k[None, None, :, None, None, None] * nt
+            + k[None, None, None, None, None, :]
+        )
+        size = n_x * n_y * nt
+        _EXPANSIONS.clear()
+        _EXPANSIONS[key] = index.reshape(size, size).astype(np.int32)
+    return _EXPANSIONS[key]
+
+
+_EXPANSIONS: dict = {}
+
 
 def _build_units(image, variance, good, x, y, background, channels, grid, *, tie=False):
     """Every (star, channel) unit's channel pixels overlapping the grid, their 1-D basis
@@ -481,11 +531,16 @@ def _build_units(image, variance, good, x, y, background, channels, grid, *, tie
             all_px.append(gx.ravel())
             all_py.append(gy.ravel())
             entry_channel.append(np.full(gx.size, c))
-            unit_basis.append([
-                (w, hermite_integrals(grid.x_bounds, cols - x[s] + cx0, cols - x[s] + cx1),
-                 hermite_integrals(grid.y_bounds, rows - y[s] + cy0, rows - y[s] + cy1))
-                for cx0, cx1, cy0, cy1, w in cells
-            ])  # fmt: skip
+            unit_basis.append(
+                [
+                    (
+                        w,
+                        hermite_integrals(grid.x_bounds, cols - x[s] + cx0, cols - x[s] + cx1),
+                        hermite_integrals(grid.y_bounds, rows - y[s] + cy0, rows - y[s] + cy1),
+                    )
+                    for cx0, cx1, cy0, cy1, w in cells
+                ]
+            )
         units_star.append(s)
         units_channel.append(chosen[0] if len(chosen) == 1 else -1)
         starts.append(starts[-1] + size)
@@ -579,67 +634,93 @@ def split_groups(x: np.ndarray, y: np.ndarray, reach: float, max_group: int) -> 
     return groups
 
 
-def _solve_fluxes(units, prf, flux, groups, *, sweeps, tolerance=1e-4):
-    """Weighted linear least-squares fluxes of units with fixed PRFs (entries ``prf``),
-    group by group with the rest of the model fixed; weights from the model variance.
+def _group_layout(units, groups):
+    """Per group: its pixels (covered-pixel indices) and where its members' entries go
+    in the (pixels × members) design matrix. Computed once per set of groups."""
+    layout = []
+    for members in groups:
+        idx = np.concatenate([np.arange(units.start[u], units.start[u + 1]) for u in members])
+        local, inverse = np.unique(units.pix[idx], return_inverse=True)
+        column = np.repeat(np.arange(members.size), units.count[members])
+        layout.append((idx, local, inverse, column))
+    return layout
 
-    Returns (flux, flux variance, background Jacobian rows per unit as (owner, value)
-    lists folded into a variance factor, model over covered pixels).
+
+def _solve_fluxes(
+    units, prf, flux, groups, *, sweeps, tolerance=1e-4, layout=None, background_err=None
+):
+    """Weighted linear least-squares fluxes of units with fixed PRFs (entries ``prf``),
+    group by group with the rest of the model fixed (block Gauss–Seidel sweeps until
+    no flux moves by ``tolerance`` of its error); weights 1 / (background-level
+    variance + model).
+
+    Returns (flux, flux variance, background variance, model over covered pixels): the
+    variances from each group's normal matrix at the end; the background part (with
+    ``background_err`` per unit, the error of the background it subtracts from the
+    pixels it owns) is ``Σ_o J_{u,o}² σ_o²``, ``J = −N⁻¹ Pᵀ W S`` with ``S`` the
+    pixels' owners, so a background error is correlated over the star's pixels.
     """
     n_units = units.star.size
     entry_unit = units.unit_of_entry()
+    if layout is None:
+        layout = _group_layout(units, groups)
     model = np.zeros(units.data.size)
-    np.add.at(model, units.pix, flux[entry_unit] * prf)
-    variance = np.full(n_units, np.nan)
-    bg_jac: list = [None] * n_units
-    entries = [np.arange(units.start[u], units.start[u + 1]) for u in range(n_units)]
+    np.add.at(model, units.pix, np.nan_to_num(flux)[entry_unit] * prf)
+
+    def system(members, parts):
+        idx, local, inverse, column = parts
+        design = np.zeros((local.size, members.size))
+        design[inverse, column] = prf[idx]
+        weight = np.where(
+            units.good[local], 1.0 / (units.variance[local] + np.maximum(model[local], 0)), 0.0
+        )
+        normal = design.T @ (design * weight[:, None])
+        return design, local, weight, normal
+
     for _sweep in range(sweeps):
         change = 0.0
-        for members in groups:
-            idx = np.concatenate([entries[u] for u in members])
-            local, inverse = np.unique(units.pix[idx], return_inverse=True)
-            column = np.repeat(np.arange(members.size), [entries[u].size for u in members])
-            design = np.zeros((local.size, members.size))
-            np.add.at(design, (inverse, column), prf[idx])
-            ok = units.good[local]
-            own = design @ flux[members]
-            others = model[local] - own
-            weight = np.where(ok, 1.0 / (units.variance[local] + np.maximum(model[local], 0)),
-                              0.0)  # fmt: skip
-            target = units.data[local] - others
-            normal = design.T @ (design * weight[:, None])
+        for members, parts in zip(groups, layout, strict=True):
+            design, local, weight, normal = system(members, parts)
+            old = np.nan_to_num(flux[members])
+            target = units.data[local] - (model[local] - design @ old)
             rhs = design.T @ (weight * target)
-            active = np.diag(normal) > 0
+            diag = np.diag(normal)
+            active = diag > 0
             new = np.full(members.size, np.nan)
-            cov = None
             if active.any():
-                sub = normal[np.ix_(active, active)]
                 try:
-                    cov = np.linalg.inv(sub)
-                    new[active] = cov @ rhs[active]
+                    new[active] = np.linalg.solve(normal[np.ix_(active, active)], rhs[active])
                 except np.linalg.LinAlgError:
-                    cov = None
+                    pass
             fine = np.isfinite(new)
-            old = flux[members]
-            delta = np.where(fine, new, 0.0) - np.where(np.isfinite(old), old, 0.0)
+            delta = np.where(fine, new, 0.0) - old
             if fine.any():
-                scale = np.sqrt(np.maximum(1.0 / np.where(active, np.diag(normal), np.inf), 0))
-                change = max(change, float(np.nanmax(np.abs(delta[fine]) / np.maximum(
-                    scale[fine], 1e-30))))  # fmt: skip
-            flux[members] = np.where(fine, new, np.nan)
+                moved = np.abs(delta[fine]) * np.sqrt(diag[fine])
+                change = max(change, float(moved.max()))
+            flux[members] = new
             model[local] += design @ delta
-            if cov is not None:
-                act = members[active]
-                variance[act] = np.diag(cov)
-                # d flux / d background of the owners of the group's pixels
-                owners = units.owner[local]
-                sens = design[:, active] * weight[:, None]
-                jac = -(cov @ sens.T)  # (k_active, local)
-                for row, u in enumerate(act):
-                    bg_jac[u] = (owners, jac[row])
         if change < tolerance:
             break
-    return flux, variance, bg_jac, model
+    variance = np.full(n_units, np.nan)
+    bg_variance = np.zeros(n_units)
+    for members, parts in zip(groups, layout, strict=True):
+        design, local, weight, normal = system(members, parts)
+        active = np.diag(normal) > 0
+        if not active.any():
+            continue
+        try:
+            cov = np.linalg.inv(normal[np.ix_(active, active)])
+        except np.linalg.LinAlgError:
+            continue
+        act = members[active]
+        variance[act] = np.diag(cov)
+        if background_err is not None:
+            owners, where = np.unique(units.owner[local], return_inverse=True)
+            sens = np.zeros((owners.size, act.size))
+            np.add.at(sens, where, design[:, active] * weight[:, None])
+            jac = -(cov @ sens.T)  # (members, owners): d flux / d background
+            bg_variance[act] = (jac**2) @ np.square(background_err[owners])
+    return flux, variance, bg_variance, model
 
 
 def _residual_chi2(units, model):
@@ -716,19 +797,28 @@ def _shape_normal(units, flux, weight, target, terms, which, n_x, n_y, chunk=32)
     """
     nt = terms.shape[1]
     n_basis = n_x * n_y
-    outer = np.zeros((n_x * n_x * n_y * n_y, nt * nt))
     rhs = np.zeros((n_basis, nt))
+    packed = units.single_cell()
+    tri_x, tri_y = np.triu_indices(n_x), np.triu_indices(n_y)
+    width = tri_x[0].size * tri_y[0].size if packed else n_x * n_x * n_y * n_y
+    outer = np.zeros((width, nt * nt))
     for lo in range(0, which.size, chunk):
         block = which[lo : lo + chunk]
-        grams = np.empty((block.size, n_x * n_x * n_y * n_y))
+        grams = np.empty((block.size, width))
         for row, u in enumerate(block):
             sl = slice(units.start[u], units.start[u + 1])
             amp = flux[u]
-            grams[row] = (amp * amp) * units.gram(u, weight[sl]).ravel()
+            if packed:
+                gram = units.packed_gram(u, weight[sl], tri_x, tri_y)
+            else:
+                gram = units.gram(u, weight[sl])
+            grams[row] = (amp * amp) * gram.ravel()
             rhs += np.outer(amp * units.project(u, weight[sl] * target[sl]).ravel(), terms[u])
         pairs = (terms[block][:, :, None] * terms[block][:, None, :]).reshape(block.size, -1)
         outer += grams.T @ pairs
     size = n_basis * nt
+    if packed:
+        return outer.ravel()[_expansion(n_x, n_y, nt)], rhs.ravel()
     lam = outer.reshape(n_x, n_x, n_y, n_y, nt, nt).transpose(0, 2, 4, 1, 3, 5)
     return np.ascontiguousarray(lam.reshape(size, size)), rhs.ravel()
 
@@ -761,8 +851,14 @@ def _solve_constrained(lam, rhs, integral, nt, extra=None):
         mu = np.linalg.solve(schur, constraint @ free - goal)
     else:
         scale = np.sqrt(np.abs(np.diag(schur))) + 1e-300
-        mu = lstsq(schur / scale[:, None] / scale[None, :],
-                   (constraint @ free - goal) / scale, cond=1e-10)[0] / scale  # fmt: skip
+        mu = (
+            lstsq(
+                schur / scale[:, None] / scale[None, :],
+                (constraint @ free - goal) / scale,
+                cond=1e-10,
+            )[0]
+            / scale
+        )
     return (free - across @ mu).reshape(n_basis, nt)
 
 
@@ -867,10 +963,17 @@ def fit_bicubic_map(
     m_scaled = (np.where(finite_mag, mag, mag_zero) - mag_zero) / mag_scale
     mag_range = (float(m_scaled.min()), float(m_scaled.max())) if n else (-1.0, 1.0)
     nt = _term_powers(order_xy, order_mag).shape[0]
-    psf_map = BicubicPSFMap(grid, np.zeros((grid.n_free, nt)), order_xy, order_mag,
-                            image.shape, mag_zero, mag_scale, mag_range)  # fmt: skip
-    units = _build_units(image, variance, good, x, y, background, channels, grid,
-                         tie=tie_fluxes)  # fmt: skip
+    psf_map = BicubicPSFMap(
+        grid,
+        np.zeros((grid.n_free, nt)),
+        order_xy,
+        order_mag,
+        image.shape,
+        mag_zero,
+        mag_scale,
+        mag_range,
+    )
+    units = _build_units(image, variance, good, x, y, background, channels, grid, tie=tie_fluxes)
     n_units = units.star.size
     terms = psf_map.terms(x, y, mag)[units.star]
     if alias_constraint is None:
@@ -889,12 +992,16 @@ def fit_bicubic_map(
     flux = _initial_fluxes(units) / (n_ch if tie_fluxes else 1)
     if flux0 is not None:
         start = np.broadcast_to(np.asarray(flux0, float).reshape(n, -1), (n, n_ch))
-        flux = np.where(np.isfinite(start[units.star, np.maximum(units.channel, 0)]),
-                        start[units.star, np.maximum(units.channel, 0)], flux)  # fmt: skip
+        flux = np.where(
+            np.isfinite(start[units.star, np.maximum(units.channel, 0)]),
+            start[units.star, np.maximum(units.channel, 0)],
+            flux,
+        )
     flux_var = np.full(n_units, np.nan)
     active = np.ones(n, bool)
     reach = (grid.extent()[1] - grid.extent()[0]) + 2 * step
     groups = split_groups(units.x + 1e4 * units.channel, units.y, reach, max_group)
+    layout = _group_layout(units, groups)
     iterations_run = 0
     full = np.zeros((grid.n_basis, nt))
     full[:, 0] = c0
@@ -911,16 +1018,17 @@ def fit_bicubic_map(
             own = np.nan_to_num(flux)[entry_unit] * prf_now
             # each entry's target: the data minus the other units' models
             target = units.data[units.pix] - (model[units.pix] - own)
-            lam, rhs = _shape_normal(units, flux, w, target, terms, np.flatnonzero(unit_ok),
-                                     grid.n_x, grid.n_y)  # fmt: skip
-            lam[np.diag_indices(lam.shape[0])] += ridge * max(float(np.diag(lam).mean()),
-                                                              1e-300)  # fmt: skip
+            lam, rhs = _shape_normal(
+                units, flux, w, target, terms, np.flatnonzero(unit_ok), grid.n_x, grid.n_y
+            )
+            lam[np.diag_indices(lam.shape[0])] += ridge * max(float(np.diag(lam).mean()), 1e-300)
             full = _solve_constrained(lam, rhs, integral, nt, extra)
             # (b) the fluxes, shape fixed
             prf_now = _all_prf(units, full, terms, grid.n_x, grid.n_y)
             old = flux.copy()
-            flux, flux_var, _, model = _solve_fluxes(units, prf_now, flux.copy(), groups,
-                                                     sweeps=4)  # fmt: skip
+            flux, flux_var, _, model = _solve_fluxes(
+                units, prf_now, flux.copy(), groups, sweeps=4, layout=layout
+            )
             err = np.sqrt(flux_var)
             moved = np.abs(flux - old) / np.where(err > 0, err, np.inf)
             if np.nanmax(np.where(active[units.star], moved, 0.0), initial=0.0) < tolerance:
@@ -946,8 +1054,9 @@ def fit_bicubic_map(
     offset = full.copy()
     offset[:, 0] -= c0
     coefficients = basis.T @ offset
-    psf_map = BicubicPSFMap(grid, coefficients, order_xy, order_mag, image.shape, mag_zero,
-                            mag_scale, mag_range)  # fmt: skip
+    psf_map = BicubicPSFMap(
+        grid, coefficients, order_xy, order_mag, image.shape, mag_zero, mag_scale, mag_range
+    )
     chi2, npix = _residual_chi2(units, model)
     out_flux = np.full((n, n_ch), np.nan)
     out_err = np.full((n, n_ch), np.nan)
@@ -957,9 +1066,15 @@ def fit_bicubic_map(
         out_flux[units.star, column] = flux
         out_err[units.star, column] = np.sqrt(flux_var)
         out_chi2[units.star, column] = chi2 / np.maximum(npix - 1, 1)
-    diagnostics.update(iterations=iterations_run, n_free=grid.n_free, n_terms=nt,
-                       unknowns=grid.n_basis * nt, units=n_units,
-                       pixels=int(units.good.sum()), used=int(active.sum()))  # fmt: skip
+    diagnostics.update(
+        iterations=iterations_run,
+        n_free=grid.n_free,
+        n_terms=nt,
+        unknowns=grid.n_basis * nt,
+        units=n_units,
+        pixels=int(units.good.sum()),
+        used=int(active.sum()),
+    )
     return BicubicFit(psf_map, out_flux, out_err, out_chi2, active, diagnostics)
 
 
@@ -1039,8 +1154,9 @@ def bicubic_psf_photometry(
     flags[~on] |= FAILED
     if index.size == 0:
         return PSFPhotometry(flux, flux_err, chi2, npix, flags)
-    units = _build_units(image, variance, good, x[index], y[index], background[index],
-                         (channel,), grid)  # fmt: skip
+    units = _build_units(
+        image, variance, good, x[index], y[index], background[index], (channel,), grid
+    )
     coeffs = psf_map.node_coefficients(x[index], y[index], mag[index])
     prf = np.empty(units.pix.size)
     for u in range(index.size):
@@ -1069,14 +1185,9 @@ def bicubic_psf_photometry(
     else:
         start = np.asarray(flux0, float)[index].copy()
     start = np.where(np.isfinite(start), start, 0.0)
-    fitted, fvar, bg_jac, model = _solve_fluxes(units, prf, start, groups, sweeps=sweeps)
-    err_bg = np.zeros(index.size)
-    for u in range(index.size):
-        if bg_jac[u] is None:
-            continue
-        owners, jac = bg_jac[u]
-        per_owner = np.bincount(owners, weights=jac, minlength=index.size)
-        err_bg[u] = np.sum((per_owner * background_err[index]) ** 2)
+    fitted, fvar, err_bg, model = _solve_fluxes(
+        units, prf, start, groups, sweeps=sweeps, background_err=background_err[index]
+    )
     c2, used = _residual_chi2(units, model)
     flux[index] = fitted
     flux_err[index] = np.sqrt(fvar + err_bg)
@@ -1084,5 +1195,6 @@ def bicubic_psf_photometry(
     chi2[index] = c2 / np.maximum(used - 1, 1)
     failed = ~np.isfinite(flux)
     flags[failed] |= FAILED
-    return PSFPhotometry(flux, flux_err, chi2, npix, flags,
-                         max((g.size for g in groups), default=0))  # fmt: skip
+    return PSFPhotometry(
+        flux, flux_err, chi2, npix, flags, max((g.size for g in groups), default=0)
+    )
