@@ -417,3 +417,70 @@ def test_map_fit_time_with_150_stars():
     )
     major, _, _ = fit.psf_map.shape(field.x, field.y, field.mag)
     assert abs(np.median(major / field.major) - 1) < 0.03
+
+
+def test_saturated_star_is_flagged_and_measured_from_its_wings():
+    others = make_field(layout="MONO", fwhm=2.0, seed=22, shape=(280, 280), n_stars=40)
+    keep = np.hypot(others.x - 140.3, others.y - 140.6) > 25
+    positions = (np.r_[140.3, others.x[keep]], np.r_[140.6, others.y[keep]])
+    fluxes = np.r_[3e6, others.flux[keep]]
+    field = make_field(
+        layout="MONO",
+        fwhm=2.0,
+        seed=23,
+        shape=(280, 280),
+        positions=positions,
+        fluxes=fluxes,
+        saturation=60000.0,
+    )
+    assert field.mask[140, 140] == 1
+    n = field.x.size
+    result = bicubic_psf_photometry(
+        field.image,
+        field.error**2,
+        field.mask == 0,
+        field.x,
+        field.y,
+        field.mag,
+        np.full(n, field.sky),
+        np.zeros(n),
+        _mono_map(),
+        channels("MONO")[0],
+    )
+    assert result.flags[0] & BAD_PIXEL and not np.any(result.flags[1:] & BAD_PIXEL)
+    assert result.npix[0] < result.npix[1]
+    assert result.flux[0] == pytest.approx(3e6, rel=0.03)
+    assert np.median(result.flux[1:] / field.flux[1:]) == pytest.approx(1.0, abs=0.005)
+
+
+def test_map_terms_normalise_position_and_clamp_magnitude():
+    psf_map = _mono_map()
+    assert psf_map.order_mag == 0
+    terms = psf_map.terms([0.0, 279.0], [0.0, 279.0], [10.0, 10.0])
+    assert_allclose(terms[:, 1:3], [[-1.0, -1.0], [1.0, 1.0]])
+    field = make_field(layout="MONO", fwhm=2.0, n_stars=70, seed=21, shape=(280, 280))
+    fit = fit_bicubic_map(
+        field.image,
+        field.error**2,
+        field.mask == 0,
+        field.x,
+        field.y,
+        field.mag,
+        np.full(field.x.size, field.sky),
+        fwhm_guess=2.0,
+        order_xy=1,
+        order_mag=1,
+        rejection_rounds=0,
+        iterations=2,
+    )
+    m = fit.psf_map
+    lo = m.mag_range[0]
+    bright = m.mag_zero + m.mag_scale * lo
+    # beyond the fitted range the magnitude term is clamped: the PSF stops changing
+    assert_allclose(
+        m.node_coefficients(100, 100, bright - 3), m.node_coefficients(100, 100, bright)
+    )
+    assert not np.allclose(
+        m.node_coefficients(100, 100, bright), m.node_coefficients(100, 100, m.mag_zero)
+    )
+    assert fit.diagnostics["n_terms"] == 6
