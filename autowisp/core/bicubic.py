@@ -56,6 +56,7 @@ __all__ = [
     "bicubic_psf_photometry",
     "default_grid",
     "fit_bicubic_map",
+    "hermite_antiderivatives",
     "hermite_integrals",
     "hermite_values",
     "lattice_sums",
@@ -92,32 +93,51 @@ def _scatter(bounds: np.ndarray, k: int, parts: np.ndarray, out: np.ndarray) -> 
             out[:, 2 * (node - 1) + 1] += parts[slope]
 
 
+def hermite_antiderivatives(bounds: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """``∫_{bounds[0]}^u h_j`` of the 1-D basis of interior nodes (m, 2 (G − 2)): the
+    whole cells before ``u`` in closed form (``∫ h_value = (w_left + w_right) / 2``,
+    ``∫ h_slope = (w_left² − w_right²) / 12``) plus the part of ``u``'s own cell."""
+    bounds = np.asarray(bounds, float)
+    u = np.asarray(u, float).ravel()
+    n_nodes = bounds.size
+    widths = np.diff(bounds)
+    # per cell, the integrals of its four Hermite pieces, scattered to the node columns
+    full = np.zeros((n_nodes - 1, 2 * (n_nodes - 2)))
+    whole = _antiderivatives(np.ones(1))[:, 0]
+    for k in range(n_nodes - 1):
+        parts = (whole * widths[k] * np.array([1.0, widths[k], 1.0, widths[k]]))[:, None]
+        _scatter(bounds, k, parts, full[k : k + 1])
+    cumulative = np.vstack([np.zeros((1, full.shape[1])), np.cumsum(full, axis=0)])
+    cell = np.searchsorted(bounds, u, side="right") - 1
+    out = cumulative[np.clip(cell, 0, n_nodes - 1)].copy()
+    out[cell < 0] = 0.0
+    inside = np.flatnonzero((cell >= 0) & (cell < n_nodes - 1))
+    if inside.size:
+        k = cell[inside]
+        w = widths[k]
+        parts = _antiderivatives((u[inside] - bounds[k]) / w) * w
+        parts[1] *= w
+        parts[3] *= w
+        for node, (value, slope) in ((k, (0, 1)), (k + 1, (2, 3))):
+            ok = (node >= 1) & (node <= n_nodes - 2)
+            rows, col = inside[ok], 2 * (node[ok] - 1)
+            out[rows, col] += parts[value][ok]
+            out[rows, col + 1] += parts[slope][ok]
+    return out
+
+
 def hermite_integrals(bounds: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Exact ``∫_lo^hi h_j`` of the 1-D basis of interior nodes (m, 2 (G − 2)).
+    """Exact ``∫_lo^hi h_j`` of the 1-D basis of interior nodes (m, 2 (G − 2)), as the
+    difference of :func:`hermite_antiderivatives`.
 
     Column ``2 (node − 1)`` is the node's value function (1 at the node, zero slope),
     column ``2 (node − 1) + 1`` its slope function (0 at every node, slope 1 at its own);
     the outer nodes (0 and G − 1) carry nothing: the PSF vanishes there.
     """
-    bounds = np.asarray(bounds, float)
-    lo = np.asarray(lo, float)
-    hi = np.asarray(hi, float)
-    out = np.zeros((lo.size, 2 * (bounds.size - 2)))
-    for k in range(bounds.size - 1):
-        left, right = bounds[k], bounds[k + 1]
-        width = right - left
-        a = np.clip(lo, left, right)
-        b = np.clip(hi, left, right)
-        inside = b > a
-        if not inside.any():
-            continue
-        parts = _antiderivatives((b - left) / width) - _antiderivatives((a - left) / width)
-        parts *= width  # dx = width dt
-        parts[1] *= width  # slope functions: h = width · H1x(t)
-        parts[3] *= width
-        parts[:, ~inside] = 0.0
-        _scatter(bounds, k, parts, out)
-    return out
+    lo = np.asarray(lo, float).ravel()
+    hi = np.asarray(hi, float).ravel()
+    both = hermite_antiderivatives(bounds, np.concatenate([lo, hi]))
+    return both[lo.size :] - both[: lo.size]
 
 
 def hermite_values(bounds: np.ndarray, u: np.ndarray) -> np.ndarray:
