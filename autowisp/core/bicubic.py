@@ -806,7 +806,7 @@ def _as_channels(channels) -> tuple[Channel, ...]:
     return tuple(channels)
 
 
-def _shape_normal(units, flux, weight, target, terms, which, n_x, n_y, chunk=32):
+def _shape_normal(units, flux, weight, target, terms, which, n_x, n_y, prf=None, chunk=32):
     """Normal matrix and right-hand side of the shape step, fluxes fixed, for the basis
     coefficients ``C`` (n_basis × n_terms, unknown ``p · n_terms + k``).
 
@@ -814,10 +814,17 @@ def _shape_normal(units, flux, weight, target, terms, which, n_x, n_y, chunk=32)
     come from the separable 1-D integrals (:meth:`_Units.gram`) and are combined with the
     terms' outer products by one matrix product per chunk of units, so the (pixels ×
     unknowns) design matrix is never formed.
+
+    With ``prf`` (the current PRFs), also the shape–flux coupling of the joint
+    (Gauss–Newton) problem: per unit ``g_u = A_u (Φ_uᵀ W p_u) ⊗ t_u``, ``d_u = p_uᵀ W p_u``
+    and the flux gradient ``p_uᵀ W (target − A_u p_u)``.
     """
     nt = terms.shape[1]
     n_basis = n_x * n_y
     rhs = np.zeros((n_basis, nt))
+    coupling = np.zeros((n_basis * nt, which.size)) if prf is not None else None
+    d_flux = np.zeros(which.size)
+    g_flux = np.zeros(which.size)
     packed = units.single_cell()
     tri_x, tri_y = np.triu_indices(n_x), np.triu_indices(n_y)
     width = tri_x[0].size * tri_y[0].size if packed else n_x * n_x * n_y * n_y
@@ -834,16 +841,26 @@ def _shape_normal(units, flux, weight, target, terms, which, n_x, n_y, chunk=32)
                 gram = units.gram(u, weight[sl])
             grams[row] = (amp * amp) * gram.ravel()
             rhs += np.outer(amp * units.project(u, weight[sl] * target[sl]).ravel(), terms[u])
+            if coupling is not None:
+                wp = weight[sl] * prf[sl]
+                coupling[:, lo + row] = np.outer(amp * units.project(u, wp).ravel(),
+                                                 terms[u]).ravel()  # fmt: skip
+                d_flux[lo + row] = wp @ prf[sl]
+                g_flux[lo + row] = wp @ (target[sl] - amp * prf[sl])
         pairs = (terms[block][:, :, None] * terms[block][:, None, :]).reshape(block.size, -1)
         outer += grams.T @ pairs
     size = n_basis * nt
     if packed:
-        return outer.ravel()[_expansion(n_x, n_y, nt)], rhs.ravel()
-    lam = outer.reshape(n_x, n_x, n_y, n_y, nt, nt).transpose(0, 2, 4, 1, 3, 5)
-    return np.ascontiguousarray(lam.reshape(size, size)), rhs.ravel()
+        lam = outer.ravel()[_expansion(n_x, n_y, nt)]
+    else:
+        lam = outer.reshape(n_x, n_x, n_y, n_y, nt, nt).transpose(0, 2, 4, 1, 3, 5)
+        lam = np.ascontiguousarray(lam.reshape(size, size))
+    if coupling is None:
+        return lam, rhs.ravel()
+    return lam, rhs.ravel(), (coupling, d_flux, g_flux)
 
 
-def _solve_constrained(lam, rhs, integral, nt, extra=None):
+def _solve_constrained(lam, rhs, integral, nt, extra=None, current=None):
     """Minimise the quadratic form subject to unit integral for every source: ``I · C_0
     = 1`` for the constant term and ``I · C_k = 0`` for the others (an exact equivalent
     of ``c = I/|I|² + E q``, solved by Cholesky of Λ and the Schur complement of the
@@ -859,6 +876,8 @@ def _solve_constrained(lam, rhs, integral, nt, extra=None):
             constraint[r * nt + k, k::nt] = row
     goal = np.zeros(constraint.shape[0])
     goal[0] = 1.0
+    if current is not None:  # a step from a feasible point keeps the constraints
+        goal = goal - constraint @ current.ravel()
     try:
         factor = cho_factor(lam, lower=True, overwrite_a=True)
         free = cho_solve(factor, rhs)
@@ -927,6 +946,7 @@ def fit_bicubic_map(
     alias_constraint: bool | None = None,
     alias_phases: int = 4,
     flux0: np.ndarray | None = None,
+    gauss_newton: bool = False,
 ) -> BicubicFit:
     """Fit a bicubic PSF map to stars of one or several channels of the same filter.
 
@@ -1038,11 +1058,25 @@ def fit_bicubic_map(
             own = np.nan_to_num(flux)[entry_unit] * prf_now
             # each entry's target: the data minus the other units' models
             target = units.data[units.pix] - (model[units.pix] - own)
-            lam, rhs = _shape_normal(
-                units, flux, w, target, terms, np.flatnonzero(unit_ok), grid.n_x, grid.n_y
+            which = np.flatnonzero(unit_ok)
+            lam, rhs, (coupling, d_flux, g_flux) = _shape_normal(
+                units, flux, w, target, terms, which, grid.n_x, grid.n_y, prf=prf_now
             )
-            lam[np.diag_indices(lam.shape[0])] += ridge * max(float(np.diag(lam).mean()), 1e-300)
-            full = _solve_constrained(lam, rhs, integral, nt, extra)
+            rhs = rhs - lam @ full.ravel()
+            if gauss_newton:
+                # Gauss–Newton step of the joint problem with the fluxes eliminated
+                # (variable projection): plain alternation converges slowly along the
+                # shape–flux trade-offs; the flux–flux coupling of overlapping stars is
+                # left out here, and the exact group solve follows in (b).
+                keep = d_flux > 0
+                scaled = coupling[:, keep] / np.sqrt(d_flux[keep])
+                lam -= scaled @ scaled.T
+                rhs -= coupling[:, keep] @ (g_flux[keep] / d_flux[keep])
+            # the ridge pulls the coefficients themselves (not the step) towards 0
+            penalty = ridge * max(float(np.diag(lam).mean()), 1e-300)
+            lam[np.diag_indices(lam.shape[0])] += penalty
+            rhs -= penalty * full.ravel()
+            full = full + _solve_constrained(lam, rhs, integral, nt, extra, current=full)
             # (b) the fluxes, shape fixed
             prf_now = _all_prf(units, full, terms, grid.n_x, grid.n_y)
             old = flux.copy()
