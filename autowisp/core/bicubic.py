@@ -24,11 +24,30 @@ magnitude (centred and scaled on the fitting stars, clamped to their range):
 :class:`BicubicPSFMap`.
 
 :func:`fit_bicubic_map` fits the map to chosen stars of one or several channels of the
-same filter (one PSF, a flux per star and channel) by alternating linear least squares:
-the shape with the fluxes fixed (one normal system, Cholesky), the fluxes with the shape
-fixed (overlapping sources jointly, in groups of capped size), then pixel rejection on
-unclipped residuals and source rejection by χ² before refitting.
-:func:`bicubic_psf_photometry` measures every star's flux with a fitted map.
+same filter (one PSF; a flux per star and channel, or one per star with
+``tie_fluxes``) by alternating linear least squares: the shape with the fluxes fixed
+(one normal system, Cholesky, the unit integral as equality constraints), the fluxes
+with the shape fixed (overlapping sources jointly, in groups of capped size), then
+pixel rejection on unclipped residuals and source rejection by χ² before refitting.
+In the fit the unit integral is imposed on the basis coefficients ``C`` (n_basis ×
+n_terms) as ``I · C_0 = 1``, ``I · C_k = 0`` by a Schur complement, the same solution
+as the ``E q`` parametrisation without projecting the normal matrix; the stored map
+holds ``q``. :func:`bicubic_psf_photometry` measures every star's flux with a map.
+
+Sampling by a Bayer channel. A source whose flux is free and whose pixels are one
+Bayer channel's (a lattice of step 2) cannot tell the PSF ``f`` from ``f · p`` for any
+function ``p`` of period 2: on its pixels ``f · p`` is ``f`` times ``p`` at the
+source's phase, which the flux absorbs. Fitted with 1 px cells, one channel's map
+drifts along that family (measured: FWHM 10–15 % too broad, flux pulls 4–6, even on
+noiseless data with a constant PSF). Hence: cells finer than the super-pixel only
+where a flux sees a finer lattice (monochrome, or G1 + G2 with ``tie_fluxes``: the
+checkerboard, whose remaining period functions are those of frequency (π, ±π), where a
+seeing PSF has almost no power) and the phases are covered (:func:`phase_coverage`);
+with ``alias_constraint`` the PRF summed over the unit's lattice is the same at
+``alias_phases²`` phases (:func:`lattice_sums`), which pins that family. One red or
+blue channel uses cells of 2 px; at FWHM ≈ 2 px that cannot represent the PSF, and no
+free-form fit of one channel can: its collected flux truly depends on the phase by a
+few per cent there (an analytic PSF, :mod:`autowisp.core.psf`, is the tool).
 """
 
 from __future__ import annotations
@@ -954,21 +973,31 @@ def fit_bicubic_map(
     full-frame positions (px), ``mag`` magnitudes and ``background`` (e⁻ per channel
     pixel, (n,) or (n, n_channels)) of the fitting stars; ``channels`` the channels to
     fit jointly with one PSF (default: one monochrome channel): every star gets a flux
-    per channel. The grid is ``grid`` or :func:`default_grid` of ``fwhm_guess`` with
-    cells of ``cell`` px (default 1 px), coarsened to the super-pixel (``step`` px)
-    when the stars' sub-pixel phases do not cover it (:func:`phase_coverage`).
+    per channel, or one for all of them with ``tie_fluxes`` (G1 and G2: one filter).
+    The grid is ``grid`` or :func:`default_grid` of ``fwhm_guess`` with cells of
+    ``cell`` px (default max(1, FWHM / 2)); a flux that sees one Bayer channel only
+    gets cells of the super-pixel (``step`` px; see the module notes), and cells finer
+    than that also need the stars' sub-pixel phases covered (:func:`phase_coverage`,
+    ``min_phase_stars`` a bin). ``alias_constraint`` (default: on for Bayer channels)
+    makes the PRF summed over a flux's lattice the same at ``alias_phases²`` phases.
+    ``order_xy``, ``order_mag``: the map's polynomial orders. ``flux0``: starting
+    fluxes (default: background-subtracted sums over the grid).
 
-    Alternating least squares: fluxes start from background-subtracted sums; the shape
-    (all polynomial coefficients at once) is solved with the fluxes fixed from
-    ``Λ = Σ_s A_s² (F_sᵀ W F_s) ⊗ (t_s t_sᵀ)`` by Cholesky, where ``F_s`` is the star's
-    basis-PRF matrix projected on the unit-integral subspace and ``t_s`` its terms;
-    then fluxes with the shape fixed (overlap groups of at most ``max_group`` sources
-    solved jointly); repeated until the fluxes change by less than ``tolerance`` of
-    their errors. Then pixels whose unclipped residual exceeds ``pixel_rejection`` σ
-    are dropped, and sources whose flux is not positive, with < 2 good pixels, or whose
-    χ²/dof exceeds the median by ``chi2_rejection`` robust σ; and the fit is redone,
-    ``rejection_rounds`` times. ``ridge`` × the normal matrix's mean diagonal is added to
-    its diagonal to keep poorly sampled combinations of coefficients finite.
+    Alternating least squares: the shape (all polynomial coefficients at once) is
+    solved with the fluxes fixed from ``Λ = Σ_s A_s² (Φ_sᵀ W Φ_s) ⊗ (t_s t_sᵀ)`` by
+    Cholesky (``Φ_s`` the star's basis PRFs, ``t_s`` its terms, ``W`` the inverse of
+    the background-level variance plus the model), the unit integral an equality
+    constraint; then fluxes with the shape fixed (overlap groups of at most
+    ``max_group`` sources solved jointly); ``iterations`` times or until the fluxes
+    change by less than ``tolerance`` of their errors. With ``gauss_newton`` the shape
+    step is the Gauss–Newton step of the joint problem with the fluxes eliminated
+    (``Λ − Σ_s g_s g_sᵀ / d_s``), which converges in a few iterations where plain
+    alternation creeps (the tests measure both). Then pixels whose unclipped residual
+    exceeds ``pixel_rejection`` σ are dropped, and sources whose flux is not positive,
+    with < 2 good pixels, or whose χ²/dof exceeds the median by ``chi2_rejection``
+    robust σ; and the fit is redone, ``rejection_rounds`` times. ``ridge`` × the normal
+    matrix's mean diagonal pulls the coefficients to 0, keeping poorly sampled
+    combinations (the frame's corners) finite.
     """
     channels = _as_channels(channels)
     image = np.asarray(image, float)
