@@ -1088,11 +1088,20 @@ def fit_bicubic_map(
             # each entry's target: the data minus the other units' models
             target = units.data[units.pix] - (model[units.pix] - own)
             which = np.flatnonzero(unit_ok)
-            lam, rhs, (coupling, d_flux, g_flux) = _shape_normal(
-                units, flux, w, target, terms, which, grid.n_x, grid.n_y, prf=prf_now
+            normal = _shape_normal(
+                units,
+                flux,
+                w,
+                target,
+                terms,
+                which,
+                grid.n_x,
+                grid.n_y,
+                prf=prf_now if gauss_newton else None,
             )
-            rhs = rhs - lam @ full.ravel()
+            lam, rhs = normal[0], normal[1] - normal[0] @ full.ravel()
             if gauss_newton:
+                coupling, d_flux, g_flux = normal[2]
                 # Gauss–Newton step of the joint problem with the fluxes eliminated
                 # (variable projection): plain alternation converges slowly along the
                 # shape–flux trade-offs; the flux–flux coupling of overlapping stars is
