@@ -36,6 +36,13 @@ from autowisp.core.aperture import (
     psf_photometry,
 )
 from autowisp.core.bayer import Channel
+from autowisp.core.bicubic import (
+    BAD_PIXEL,
+    FAILED,
+    BicubicPSFMap,
+    bicubic_psf_photometry,
+    fit_bicubic_map,
+)
 from autowisp.core.calibration import MaskBit
 from autowisp.core.psf import (
     _NODES,
@@ -80,12 +87,15 @@ class PhotometryConfig:
     psf_radius: float = 0.0  # 0: 2 FWHM + one channel pixel
     iterations: int = 4
     clip: float = 3.0
+    psf_model: str = "analytic"  # PSF fluxes from the analytic map, or 'bicubic'
 
     def __post_init__(self) -> None:
         if not self.apertures or min(self.apertures) <= 0:
             raise ValueError(f"apertures must be positive radii (px), got {self.apertures!r}")
         if self.mode not in ("prf", "plain"):
             raise ValueError(f"photometry mode must be 'prf' or 'plain', got {self.mode!r}")
+        if self.psf_model not in ("analytic", "bicubic"):
+            raise ValueError(f"PSF model must be 'analytic' or 'bicubic', got {self.psf_model!r}")
         if self.profile not in ("auto", *PROFILES):
             raise ValueError(
                 f"PSF profile must be 'auto', 'gaussian' or 'moffat', got {self.profile!r}"
@@ -107,7 +117,8 @@ class ChannelPhotometry:
     flags: np.ndarray  # (n,) uint16 Flag bits
     shape_map: ShapeMap | None
     shapes: np.ndarray  # (n, 3) S, D, K used for each star
-    qc: dict[str, float] = field(default_factory=dict)
+    qc: dict[str, float | str] = field(default_factory=dict)
+    bicubic_map: BicubicPSFMap | None = None  # with psf_model 'bicubic': the PSF fluxes' map
 
 
 def bad_codes(mask: np.ndarray) -> np.ndarray:
@@ -165,6 +176,42 @@ def _fit_shapes(image, error, good, x, y, background, mag, channel, cells, fwhm,
                               order_xy=config.shape_order_xy,
                               order_mag=config.shape_order_mag)  # fmt: skip
     return shape_map, fits
+
+
+def _bicubic_fluxes(image, error, good, x, y, mag, bg, bg_err, on, chosen, channel, fwhm,
+                    psf_flux, psf_err, psf_chi2, qc) -> BicubicPSFMap | None:  # fmt: skip
+    """PSF fluxes (in place) from a piecewise bicubic map fitted to the ``chosen`` stars.
+
+    The map is fitted to this channel alone: on a Bayer channel its cells are the
+    super-pixel unless the stars' phases and the lattice allow finer ones (see
+    :func:`autowisp.core.bicubic.fit_bicubic_map`). Too few stars or a singular fit
+    leave the analytic fluxes and say so in ``qc['psf_model']``.
+    """
+    variance = np.square(error)
+    if chosen.size < 10:
+        qc["psf_model"] = "analytic: too few stars for a bicubic map"
+        return None
+    try:
+        fit = fit_bicubic_map(image, variance, good, x[chosen], y[chosen], mag[chosen],
+                              bg[chosen], channels=(channel,), fwhm_guess=float(fwhm))  # fmt: skip
+    except (ValueError, np.linalg.LinAlgError) as failure:
+        qc["psf_model"] = f"analytic: the bicubic fit failed ({failure})"
+        return None
+    if fit.psf_map is None or fit.used.sum() < 10:
+        qc["psf_model"] = "analytic: the bicubic fit kept too few stars"
+        return None
+    index = np.flatnonzero(on)
+    result = bicubic_psf_photometry(image, variance, good, x[index], y[index], mag[index],
+                                    bg[index], bg_err[index], fit.psf_map, channel)  # fmt: skip
+    usable = (result.flags & FAILED) == 0
+    psf_flux[index] = np.where(usable, result.flux, np.nan)
+    psf_err[index] = np.where(usable, result.flux_err, np.nan)
+    psf_chi2[index] = np.where(usable, result.chi2, np.nan)
+    qc["psf_model"] = "bicubic"
+    qc["bicubic_cell"] = float(fit.diagnostics.get("cell", np.nan))
+    qc["bicubic_stars"] = float(fit.used.sum())
+    qc["bicubic_bad_pixel_stars"] = float(np.sum((result.flags & BAD_PIXEL) != 0))
+    return fit.psf_map
 
 
 def measure_channel(
@@ -294,7 +341,7 @@ def measure_channel(
     shape_map = None
     shapes = np.zeros((n, 3))
     kind_code, beta = PROFILES["gaussian"], 0.0
-    qc: dict[str, float] = {"stars": float(on.sum()), "shape_stars": float(chosen.size)}
+    qc: dict[str, float | str] = {"stars": float(on.sum()), "shape_stars": float(chosen.size)}
     # the map is fitted in plain mode too: its FWHM and ellipticity are QC figures
     try:
         shape_map, fits = _fit_shapes(
@@ -344,6 +391,13 @@ def measure_channel(
     psf_photometry(image, error, bad, x, y, bg, bg_err, shapes, kind_code, beta, step,
                    channel.y0, channel.x0, cells, psf_radius, start[:, 0], config.iterations,
                    _NODES, _WEIGHTS, psf_flux, psf_err, psf_chi2, npix)  # fmt: skip
+    bicubic_map = None
+    qc["psf_model"] = "analytic"
+    if config.psf_model == "bicubic":
+        bicubic_map = _bicubic_fluxes(
+            image, error, good, x, y, mag, bg, bg_err, on, chosen, channel,
+            qc.get("fwhm", fwhm_guess), psf_flux, psf_err, psf_chi2, qc,
+        )  # fmt: skip
     flags[on & ~np.isfinite(psf_flux)] |= np.uint16(Flag.PSF_FAILED)
 
     # 4. apertures
@@ -381,4 +435,5 @@ def measure_channel(
         shape_map=shape_map,
         shapes=shapes,
         qc=qc,
+        bicubic_map=bicubic_map,
     )

@@ -19,7 +19,14 @@ Layout (written once, atomically, by the photometry step):
     (uint16), ``psf_s``, ``psf_d``, ``psf_k`` (the PSF shape at each star, px⁻²);
     attributes: the PSF map (``psf_profile``, ``psf_beta``, ``psf_order_xy``,
     ``psf_order_mag``, ``psf_centre``, ``psf_half``, ``psf_mag_zero``) and dataset
-    ``psf_coefficients`` (3 × terms: S, D, K), and the channel's ``qc`` (JSON).
+    ``psf_coefficients`` (3 × terms: S, D, K), and the channel's ``qc`` (JSON; its
+    ``psf_model`` says which model gave ``psf_flux``).
+    With the bicubic PSF model (``psf_model = bicubic``) also the map of the PSF fluxes
+    (:class:`autowisp.core.bicubic.BicubicPSFMap`): datasets ``bicubic_x_bounds``,
+    ``bicubic_y_bounds`` (px, cell boundaries about the star), ``bicubic_coefficients``
+    (free parameters × terms) and attributes ``bicubic_order_xy``,
+    ``bicubic_order_mag``, ``bicubic_frame_shape``, ``bicubic_mag_zero``,
+    ``bicubic_mag_scale``, ``bicubic_mag_range``.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from autowisp.core.bicubic import BicubicGrid, BicubicPSFMap
 from autowisp.core.photometry import ChannelPhotometry, Flag
 from autowisp.core.psf import ShapeMap
 from autowisp.io.atomic import atomic_path
@@ -104,6 +112,17 @@ def write_frame_photometry(path: Path, product: FramePhotometry) -> None:
                 group.attrs["psf_mag_zero"] = float(shape_map.mag_zero)
                 group.attrs["psf_mag_range"] = np.asarray(shape_map.mag_range, float)
                 group["psf_coefficients"] = np.asarray(shape_map.coefficients, float)
+            bicubic = channel.bicubic_map
+            if bicubic is not None:
+                group["bicubic_x_bounds"] = np.asarray(bicubic.grid.x_bounds, float)
+                group["bicubic_y_bounds"] = np.asarray(bicubic.grid.y_bounds, float)
+                group["bicubic_coefficients"] = np.asarray(bicubic.coefficients, float)
+                group.attrs["bicubic_order_xy"] = int(bicubic.order_xy)
+                group.attrs["bicubic_order_mag"] = int(bicubic.order_mag)
+                group.attrs["bicubic_frame_shape"] = np.asarray(bicubic.frame_shape, np.int64)
+                group.attrs["bicubic_mag_zero"] = float(bicubic.mag_zero)
+                group.attrs["bicubic_mag_scale"] = float(bicubic.mag_scale)
+                group.attrs["bicubic_mag_range"] = np.asarray(bicubic.mag_range, float)
         out.attrs["channels"] = ",".join(names)
 
 
@@ -132,6 +151,23 @@ def read_frame_photometry(path: Path) -> FramePhotometry:
                     rms=(np.nan, np.nan, np.nan),
                     mag_range=tuple(float(v) for v in group.attrs["psf_mag_range"]),  # type: ignore[arg-type]
                 )
+            bicubic = None
+            if "bicubic_coefficients" in group:
+                a = group.attrs
+                frame_shape = tuple(int(v) for v in a["bicubic_frame_shape"])
+                bicubic = BicubicPSFMap(
+                    grid=BicubicGrid(
+                        np.asarray(group["bicubic_x_bounds"]),
+                        np.asarray(group["bicubic_y_bounds"]),
+                    ),
+                    coefficients=np.asarray(group["bicubic_coefficients"]),
+                    order_xy=int(a["bicubic_order_xy"]),
+                    order_mag=int(a["bicubic_order_mag"]),
+                    frame_shape=(frame_shape[0], frame_shape[1]),
+                    mag_zero=float(a["bicubic_mag_zero"]),
+                    mag_scale=float(a["bicubic_mag_scale"]),
+                    mag_range=(float(a["bicubic_mag_range"][0]), float(a["bicubic_mag_range"][1])),
+                )
             channels[name] = ChannelPhotometry(
                 channel=name,
                 flux=np.asarray(group["flux"]),
@@ -147,6 +183,7 @@ def read_frame_photometry(path: Path) -> FramePhotometry:
                     [np.asarray(group[k]) for k in ("psf_s", "psf_d", "psf_k")]
                 ),
                 qc=json.loads(str(group.attrs["qc"])),
+                bicubic_map=bicubic,
             )
         empty = np.zeros(0)
         return FramePhotometry(

@@ -48,7 +48,7 @@ class Photometry(Step):
     scope = Scope.IMAGE
     inputs = ("calibrate", "astrometry")
     image_types = frozenset({ImageType.OBJECT})
-    version = "1"
+    version = "2"  # 2: numba PSF shape fits, far-pixel quadrature, psf_model
     parameters = (
         Parameter("apertures", "2,3,4,5", "px", "Aperture radii, comma-separated."),
         Parameter(
@@ -64,6 +64,14 @@ class Photometry(Step):
             "",
             "'gaussian', 'moffat' (β 3.5) or 'auto' (Moffat, β the median of the brightest "
             "stars' own fits; Gaussian past β 10).",
+        ),
+        Parameter(
+            "psf_model",
+            "analytic",
+            "",
+            "PSF fluxes from 'analytic' (the elliptical profile's smooth map) or 'bicubic' "
+            "(a piecewise bicubic map fitted per channel; on a Bayer channel its cells are "
+            "the 2×2 super-pixel: see autowisp.core.bicubic).",
         ),
         Parameter("shape_stars", 150, "", "Brightest isolated stars that shape the PSF map."),
         Parameter("shape_order_xy", 3, "", "Polynomial order of the PSF map in x and y."),
@@ -99,6 +107,7 @@ class Photometry(Step):
                 shape_order_xy=int(parameters["shape_order_xy"]),
                 shape_order_mag=int(parameters["shape_order_mag"]),
                 annulus=(float(annulus[0]), float(annulus[-1])),
+                psf_model=str(parameters["psf_model"]),
             )
         except ValueError as error:
             raise PermanentError(f"[steps.photometry]: {error}") from error
@@ -118,17 +127,19 @@ class Photometry(Step):
         error_image = np.asarray(frame.error, float)
         bad = bad_codes(frame.mask)
         results = {}
-        qc: dict[str, dict[str, float | None] | float | int | bool] = {}
+        qc: dict[str, dict[str, float | str | None] | float | int | bool] = {}
         for channel in channels(frame.layout):
             result = measure_channel(
                 data, error_image, bad, channel, x, y, mag, config=config, fwhm_guess=fwhm,
                 uncalibrated=frame.uncalibrated, others=others,
             )  # fmt: skip
             results[channel.name] = result
-            qc[GROUP_OF.get(channel.name, channel.name)] = {
+            figures: dict[str, float | str | None] = {
                 key: _finite(result.qc.get(key))
                 for key in ("fwhm", "ellipticity", "measured", "psf_chi2", "shape_stars")
             }
+            figures["psf_model"] = str(result.qc.get("psf_model", "analytic"))
+            qc[GROUP_OF.get(channel.name, channel.name)] = figures
         qc["stars"] = int(x.size)
         qc["uncalibrated"] = bool(frame.uncalibrated)
         product = FramePhotometry(
