@@ -53,6 +53,7 @@ few per cent there (an analytic PSF, :mod:`autowisp.core.psf`, is the tool).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.linalg import LinAlgError, cho_factor, cho_solve, lstsq
@@ -123,9 +124,9 @@ def hermite_antiderivatives(bounds: np.ndarray, u: np.ndarray) -> np.ndarray:
     # per cell, the integrals of its four Hermite pieces, scattered to the node columns
     full = np.zeros((n_nodes - 1, 2 * (n_nodes - 2)))
     whole = _antiderivatives(np.ones(1))[:, 0]
-    for k in range(n_nodes - 1):
-        parts = (whole * widths[k] * np.array([1.0, widths[k], 1.0, widths[k]]))[:, None]
-        _scatter(bounds, k, parts, full[k : k + 1])
+    for j in range(n_nodes - 1):
+        parts = (whole * widths[j] * np.array([1.0, widths[j], 1.0, widths[j]]))[:, None]
+        _scatter(bounds, j, parts, full[j : j + 1])
     cumulative = np.vstack([np.zeros((1, full.shape[1])), np.cumsum(full, axis=0)])
     cell = np.searchsorted(bounds, u, side="right") - 1
     out = cumulative[np.clip(cell, 0, n_nodes - 1)].copy()
@@ -477,7 +478,7 @@ class _Units:
 
     def project(self, u: int, values: np.ndarray) -> np.ndarray:
         """Φ_uᵀ v for values over unit u's lattices (flattened) → (n_x, n_y)."""
-        out = 0.0
+        out: Any = 0.0
         for v, cells in self._blocks(u, values):
             for weight, xk, yk in cells:
                 out = out + weight * (xk.T @ v.T @ yk)
@@ -486,7 +487,7 @@ class _Units:
     def gram(self, u: int, weights: np.ndarray) -> np.ndarray:
         """Φ_uᵀ W Φ_u in the unpermuted layout (n_x², n_y²): [a a', b b'], from the
         1-D matrices (cost ∝ columns · n_x² · n_y², not pixels · n_basis²)."""
-        out = 0.0
+        out: Any = 0.0
         for w, cells in self._blocks(u, weights):
             rows, cols = w.shape
             for wk, xk, yk in cells:
@@ -502,7 +503,7 @@ class _Units:
     def packed_gram(self, u: int, weights: np.ndarray, tri_x, tri_y) -> np.ndarray:
         """:meth:`gram` on the pairs a ≤ a', b ≤ b' only (single-cell sensitivity maps,
         where the Gram matrix is symmetric in a ↔ a' and in b ↔ b' separately)."""
-        out = 0.0
+        out: Any = 0.0
         for w, ((weight, xk, yk),) in self._blocks(u, weights):
             xx = xk[:, tri_x[0]] * xk[:, tri_x[1]]
             yy = yk[:, tri_y[0]] * yk[:, tri_y[1]]
@@ -1047,12 +1048,12 @@ def fit_bicubic_map(
     terms = psf_map.terms(x, y, mag)[units.star]
     if alias_constraint is None:
         alias_constraint = step > 1
-    extra = None
+    extra: Any = None
     if alias_constraint:
         sets = [channels] if tie_fluxes else [(ch,) for ch in channels]
         extra = []
-        for chosen in sets:
-            sums = lattice_sums(grid, chosen, alias_phases)
+        for group_channels in sets:
+            sums = lattice_sums(grid, group_channels, alias_phases)
             extra.extend(sums[1:] - sums[0])
         extra = np.array(extra)
     c0, basis = grid.constraint()

@@ -37,9 +37,11 @@ def _radii(text: str) -> tuple[float, ...]:
     return radii
 
 
-def _finite(value: float | None) -> float | None:
+def _finite(value: object) -> float | None:
     """A QC figure for the task row's JSON (no NaN: PostgreSQL's JSON refuses it)."""
-    return float(value) if value is not None and np.isfinite(value) else None
+    if isinstance(value, (int, float)) and np.isfinite(value):
+        return float(value)
+    return None
 
 
 class Photometry(Step):
