@@ -388,9 +388,6 @@ def measure_channel(
     psf_err = np.full(n, np.nan)
     psf_chi2 = np.full(n, np.nan)
     npix = np.zeros(n, np.int64)
-    psf_photometry(image, error, bad, x, y, bg, bg_err, shapes, kind_code, beta, step,
-                   channel.y0, channel.x0, cells, psf_radius, start[:, 0], config.iterations,
-                   _NODES, _WEIGHTS, psf_flux, psf_err, psf_chi2, npix)  # fmt: skip
     bicubic_map = None
     qc["psf_model"] = "analytic"
     if config.psf_model == "bicubic":
@@ -398,6 +395,11 @@ def measure_channel(
             image, error, good, x, y, mag, bg, bg_err, on, chosen, channel,
             qc.get("fwhm", fwhm_guess), psf_flux, psf_err, psf_chi2, qc,
         )  # fmt: skip
+    if bicubic_map is None:  # the analytic fluxes: the default, or the bicubic fit failed
+        psf_photometry(image, error, bad, x, y, bg, bg_err, shapes, kind_code, beta, step,
+                       channel.y0, channel.x0, cells, psf_radius, start[:, 0],
+                       config.iterations, _NODES, _WEIGHTS, psf_flux, psf_err, psf_chi2,
+                       npix)  # fmt: skip
     flags[on & ~np.isfinite(psf_flux)] |= np.uint16(Flag.PSF_FAILED)
 
     # 4. apertures

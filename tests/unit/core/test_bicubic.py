@@ -381,17 +381,26 @@ def test_split_groups_never_exceed_the_cap():
     assert np.array_equal(np.sort(np.concatenate(groups)), np.arange(3000))
 
 
-@functools.cache
-def _mono_map():
-    field = make_field(layout="MONO", fwhm=2.0, n_stars=70, seed=21, shape=(280, 280))
+def _fit_field(field, *, image=None, **kwargs):
+    """:func:`fit_bicubic_map` on every star of a synthetic field, its flat sky the
+    background (``image`` defaults to the noisy frame)."""
     return fit_bicubic_map(
-        field.image,
+        field.image if image is None else image,
         field.error**2,
         field.mask == 0,
         field.x,
         field.y,
         field.mag,
         np.full(field.x.size, field.sky),
+        **kwargs,
+    )
+
+
+@functools.cache
+def _mono_map():
+    field = make_field(layout="MONO", fwhm=2.0, n_stars=70, seed=21, shape=(280, 280))
+    return _fit_field(
+        field,
         fwhm_guess=2.0,
     ).psf_map
 
@@ -401,14 +410,8 @@ def test_map_fit_time_with_150_stars():
     printed, not asserted (wall clock on a shared machine); the fit must still work."""
     field = make_field(layout="MONO", fwhm=2.0, n_stars=150, seed=41, shape=(420, 420))
     start = time.perf_counter()
-    fit = fit_bicubic_map(
-        field.image,
-        field.error**2,
-        field.mask == 0,
-        field.x,
-        field.y,
-        field.mag,
-        np.full(field.x.size, field.sky),
+    fit = _fit_field(
+        field,
         fwhm_guess=2.0,
     )
     elapsed = time.perf_counter() - start
@@ -460,14 +463,8 @@ def test_map_terms_normalise_position_and_clamp_magnitude():
     terms = psf_map.terms([0.0, 279.0], [0.0, 279.0], [10.0, 10.0])
     assert_allclose(terms[:, 1:3], [[-1.0, -1.0], [1.0, 1.0]])
     field = make_field(layout="MONO", fwhm=2.0, n_stars=70, seed=21, shape=(280, 280))
-    fit = fit_bicubic_map(
-        field.image,
-        field.error**2,
-        field.mask == 0,
-        field.x,
-        field.y,
-        field.mag,
-        np.full(field.x.size, field.sky),
+    fit = _fit_field(
+        field,
         fwhm_guess=2.0,
         order_xy=1,
         order_mag=1,
@@ -494,14 +491,9 @@ def test_gauss_newton_step_converges_faster_than_plain_alternation():
     field = make_field(layout="MONO", fwhm=3.5, n_stars=70, seed=36, shape=(280, 280))
     scatter = {}
     for gauss_newton in (False, True):
-        fit = fit_bicubic_map(
-            field.noiseless,
-            field.error**2,
-            field.mask == 0,
-            field.x,
-            field.y,
-            field.mag,
-            np.full(field.x.size, field.sky),
+        fit = _fit_field(
+            field,
+            image=field.noiseless,
             fwhm_guess=3.5,
             iterations=5,
             rejection_rounds=0,
