@@ -5,8 +5,9 @@
 1. the annulus background of every star (other stars' discs excluded);
 2. per-source PSF fits of the brightest isolated, unsaturated stars and the smooth PSF
    map over the frame (:mod:`autowisp.core.psf`); with ``profile='auto'`` the radial
-   profile (Gaussian, or Moffat with β from a short list) is the one whose fits have the
-   smallest median χ²;
+   profile is a Moffat with β the median of the brightest stars' own fits (a Gaussian
+   past β 10); the fits' centres correct every star's position by a smooth polynomial
+   over the frame (:mod:`autowisp.core.positions`; ``refine_positions``);
 3. PSF-fitting fluxes with the mapped PRF (:func:`autowisp.core.aperture.psf_photometry`);
 4. aperture photometry in each radius, PRF-weighted (``mode='prf'``) or exact-area
    (``mode='plain'``).
@@ -44,6 +45,7 @@ from autowisp.core.bicubic import (
     fit_bicubic_map,
 )
 from autowisp.core.calibration import MaskBit
+from autowisp.core.positions import NONE, PositionCorrection, fit_position_correction
 from autowisp.core.psf import (
     _NODES,
     _WEIGHTS,
@@ -88,6 +90,7 @@ class PhotometryConfig:
     iterations: int = 4
     clip: float = 3.0
     psf_model: str = "analytic"  # PSF fluxes from the analytic map, or 'bicubic'
+    refine_positions: bool = True  # correct the given positions from the PSF fits' centres
 
     def __post_init__(self) -> None:
         if not self.apertures or min(self.apertures) <= 0:
@@ -119,6 +122,12 @@ class ChannelPhotometry:
     shapes: np.ndarray  # (n, 3) S, D, K used for each star
     qc: dict[str, float | str] = field(default_factory=dict)
     bicubic_map: BicubicPSFMap | None = None  # with psf_model 'bicubic': the PSF fluxes' map
+    # where the stars were measured (px): the given positions plus ``correction``'s offsets
+    x: np.ndarray | None = None
+    y: np.ndarray | None = None
+    dx: np.ndarray | None = None  # the offsets applied (px)
+    dy: np.ndarray | None = None
+    correction: PositionCorrection = NONE
 
 
 def bad_codes(mask: np.ndarray) -> np.ndarray:
@@ -149,6 +158,15 @@ def wing_radius(flux: np.ndarray, fwhm: float, threshold: np.ndarray) -> np.ndar
     return alpha * np.sqrt(ratio ** (1 / beta) - 1)
 
 
+def _map_fwhm(shape_map, x, y, mag, chosen, default) -> float:
+    """The median FWHM (px, geometric mean of the axes) of the map at the chosen stars."""
+    if chosen.size == 0:
+        return float(default)
+    major, minor, _ = shape_map.fwhm(x[chosen], y[chosen], mag[chosen])
+    value = float(np.nanmedian(np.sqrt(major * minor)))
+    return value if np.isfinite(value) and value > 0 else float(default)
+
+
 def _fit_shapes(image, error, good, x, y, background, mag, channel, cells, fwhm, config, shape):
     """Per-source fits of the chosen stars and the map; the profile chosen by χ²."""
     best = (config.profile, config.beta)
@@ -176,6 +194,28 @@ def _fit_shapes(image, error, good, x, y, background, mag, channel, cells, fwhm,
                               order_xy=config.shape_order_xy,
                               order_mag=config.shape_order_mag)  # fmt: skip
     return shape_map, fits
+
+
+def _position_correction(image, error, channel, x, y, fits, fwhm) -> PositionCorrection:
+    """The smooth correction of the given positions from the per-source fits' centres.
+
+    Each offset's expected error is the centroid error of a star of the fitted flux on
+    the channel's sky noise, ≈ √2 σ_PSF / (S/N) per axis.
+    """
+    step = channel.step
+    sample = error[channel.y0 :: step * 4, channel.x0 :: step * 4]
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return NONE
+    sky_var = float(np.median(np.square(sample)))
+    sigma_psf = float(fwhm) / 2.3548
+    area = 4 * np.pi * sigma_psf**2 / step**2  # the PSF's noise area in channel pixels
+    flux = np.where(fits.ok, fits.flux, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = flux / np.sqrt(np.maximum(flux, 0) + area * sky_var)
+        sigma = np.sqrt(2.0) * sigma_psf / snr
+    sigma = np.where(fits.ok & (snr > 0), sigma, np.nan)
+    return fit_position_correction(x, y, fits.x - x, fits.y - y, sigma, image.shape)
 
 
 def _bicubic_fluxes(image, error, good, x, y, mag, bg, bg_err, on, chosen, channel, fwhm,
@@ -350,6 +390,22 @@ def measure_channel(
         )  # fmt: skip
     except ValueError:
         shape_map = None
+    correction = NONE
+    if shape_map is not None and config.refine_positions:
+        correction = _position_correction(image, error, channel, x[chosen], y[chosen], fits,
+                                          _map_fwhm(shape_map, x, y, mag, chosen,
+                                                         fwhm_guess))  # fmt: skip
+    dx, dy = correction.offsets(x, y)
+    dx = np.where(on, dx, 0.0)
+    dy = np.where(on, dy, 0.0)
+    x = x + dx
+    y = y + dy
+    qc.update(
+        position_order=float(correction.order),
+        position_stars=float(correction.used),
+        position_shift_rms=correction.shift_rms,
+        position_residual_rms=correction.residual_rms,
+    )
     if shape_map is not None:
         shapes = shape_map.shapes(x, y, np.where(np.isfinite(mag), mag, shape_map.mag_zero))
         kind_code, beta = PROFILES[shape_map.kind], shape_map.beta
@@ -438,4 +494,9 @@ def measure_channel(
         shapes=shapes,
         qc=qc,
         bicubic_map=bicubic_map,
+        x=x,
+        y=y,
+        dx=dx,
+        dy=dy,
+        correction=correction,
     )

@@ -11,7 +11,10 @@ Layout (written once, atomically, by the photometry step):
 ``/<channel>`` for each channel ``R``, ``G1``, ``G2``, ``B`` (or ``MONO``), datasets over
     the stars measured (rows in the same order in every channel):
     ``source_id`` (int64, Gaia DR3 id), ``x``, ``y`` (px, 0-based full-frame
-    coordinates, pixel centres at integers), ``flux``, ``flux_err`` (stars × apertures,
+    coordinates, pixel centres at integers: where the channel measured the star, the
+    WCS-projected position plus the channel's smooth position correction), ``dx``,
+    ``dy`` (px, that correction; the projected position is ``x − dx``), ``flux``,
+    ``flux_err`` (stars × apertures,
     e⁻: the flux an evenly sensitive detector would collect within each radius, in
     the channel's share, so a well-sampled star's channel pixels sum to it),
     ``psf_flux``, ``psf_flux_err`` (e⁻, the whole PRF), ``psf_chi2`` (per degree of
@@ -92,8 +95,12 @@ def write_frame_photometry(path: Path, product: FramePhotometry) -> None:
             names.append(group_name)
             group = out.create_group(group_name)
             group["source_id"] = np.asarray(product.source_id, np.int64)
-            group["x"] = np.asarray(product.x, float)
-            group["y"] = np.asarray(product.y, float)
+            x = channel.x if channel.x is not None else product.x
+            y = channel.y if channel.y is not None else product.y
+            group["x"] = np.asarray(x, float)
+            group["y"] = np.asarray(y, float)
+            group["dx"] = np.asarray(x, float) - np.asarray(product.x, float)
+            group["dy"] = np.asarray(y, float) - np.asarray(product.y, float)
             for key in ("flux", "flux_err", "psf_flux", "psf_flux_err", "psf_chi2",
                         "background", "background_err"):  # fmt: skip
                 group.create_dataset(key, data=np.asarray(getattr(channel, key), np.float64))
@@ -124,6 +131,13 @@ def write_frame_photometry(path: Path, product: FramePhotometry) -> None:
                 group.attrs["bicubic_mag_scale"] = float(bicubic.mag_scale)
                 group.attrs["bicubic_mag_range"] = np.asarray(bicubic.mag_range, float)
         out.attrs["channels"] = ",".join(names)
+
+
+def _offsets(group: Any, name: str) -> np.ndarray:
+    """A channel's position correction (files of step version < 3 have none: zeros)."""
+    if name in group:
+        return np.asarray(group[name])
+    return np.zeros(len(group["x"]))
 
 
 def read_frame_photometry(path: Path) -> FramePhotometry:
@@ -184,14 +198,18 @@ def read_frame_photometry(path: Path) -> FramePhotometry:
                 ),
                 qc=json.loads(str(group.attrs["qc"])),
                 bicubic_map=bicubic,
+                x=np.asarray(group["x"]),
+                y=np.asarray(group["y"]),
+                dx=_offsets(group, "dx"),
+                dy=_offsets(group, "dy"),
             )
         empty = np.zeros(0)
         return FramePhotometry(
             source_id=np.asarray(first["source_id"])
             if first is not None
             else empty.astype(np.int64),
-            x=np.asarray(first["x"]) if first is not None else empty,
-            y=np.asarray(first["y"]) if first is not None else empty,
+            x=np.asarray(first["x"]) - _offsets(first, "dx") if first is not None else empty,
+            y=np.asarray(first["y"]) - _offsets(first, "dy") if first is not None else empty,
             channels=channels,
             apertures=tuple(float(v) for v in attrs["apertures"]),
             mode=str(attrs["mode"]),
