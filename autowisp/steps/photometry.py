@@ -2,8 +2,9 @@
 
 Reads the calibrated frame (with its error image and mask) and the frame's astrometric
 solution, whose ``CATALOGUE`` table lists the field's stars projected through the WCS;
-measures each channel of the mosaic with :func:`autowisp.core.photometry.measure_channel`
-(the PSF map, PSF-fitting fluxes, PRF-weighted or exact-area apertures) and writes one
+measures the channels of the mosaic with :func:`autowisp.core.photometry.measure_mosaic`
+(the position correction fitted to all channels' shape stars, the PSF map, PSF-fitting
+fluxes, PRF-weighted or exact-area apertures) and writes one
 HDF5 file (:mod:`autowisp.io.photometry`). Median FWHM and ellipticity per channel, the
 stars measured and the fit χ²/dof go to the task row.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from autowisp.core.bayer import channels
-from autowisp.core.photometry import PhotometryConfig, bad_codes, measure_channel
+from autowisp.core.photometry import PhotometryConfig, bad_codes, measure_mosaic
 from autowisp.errors import PermanentError
 from autowisp.io.photometry import GROUP_OF, FramePhotometry, write_frame_photometry
 from autowisp.io.products import read_calibrated_frame
@@ -63,7 +64,8 @@ class Photometry(Step):
     scope = Scope.IMAGE
     inputs = ("calibrate", "astrometry")
     image_types = frozenset({ImageType.OBJECT})
-    version = "3"  # 2: numba PSF shape fits, far-pixel quadrature, psf_model; 3: positions
+    version = "4"  # 2: numba PSF shape fits, far-pixel quadrature, psf_model; 3: positions;
+    # 4: the position correction pooled over the channels
     parameters = (
         Parameter("apertures", "2,3,4,5", "px", "Aperture radii, comma-separated."),
         Parameter(
@@ -92,9 +94,11 @@ class Photometry(Step):
             "refine_positions",
             True,
             "",
-            "Correct the WCS-projected positions per channel by a smooth polynomial fitted "
-            "to the offsets of the PSF fits' centres (order 2 from 24 stars, 1 from 12, a "
-            "shift from 4); false: measure at the projected positions.",
+            "Correct the WCS-projected positions by a smooth polynomial fitted to the "
+            "offsets of the PSF fits' centres of all channels' shape stars (order 2 from 64 "
+            "stars, 1 from 32, a shift from 16; fits of chi2/dof > 3 left out), with a "
+            "constant shift per channel (8 stars or more each) where the "
+            "offsets call for one; false: measure at the projected positions.",
         ),
         Parameter("shape_stars", 150, "", "Brightest isolated stars that shape the PSF map."),
         Parameter("shape_order_xy", 3, "", "Polynomial order of the PSF map in x and y."),
@@ -152,11 +156,12 @@ class Photometry(Step):
         bad = bad_codes(frame.mask)
         results = {}
         qc: dict[str, dict[str, float | str | None] | float | int | bool] = {}
-        for channel in channels(frame.layout):
-            result = measure_channel(
-                data, error_image, bad, channel, x, y, mag, config=config, fwhm_guess=fwhm,
-                uncalibrated=frame.uncalibrated, others=others,
-            )  # fmt: skip
+        mosaic = channels(frame.layout)
+        measured = measure_mosaic(
+            data, error_image, bad, mosaic, x, y, mag, config=config, fwhm_guess=fwhm,
+            uncalibrated=frame.uncalibrated, others=others,
+        )  # fmt: skip
+        for channel, result in zip(mosaic, measured, strict=True):
             results[channel.name] = result
             figures: dict[str, float | str | None] = {
                 key: _finite(result.qc.get(key))
