@@ -11,12 +11,16 @@ Storage (what a frame costs; the astrometric solution is in
   ``ERROR`` float32, ``USED`` int16, ``HOT`` uint8 for darks, a ``FRAMES`` table of the
   frames used and rejected (with the reasons, also in HISTORY cards for people).
 * **Calibrated frames** are tile-compressed (``fits.CompImageHDU``). ``IMAGE`` (e⁻) is
-  RICE_1 with quantisation: each row tile's step is its background noise (estimated by
-  cfitsio from same-channel pixel differences) divided by :data:`QUANTIZE_LEVEL` = 16,
-  so a value is off by at most 1/32 of the noise; SUBTRACTIVE_DITHER_2 keeps zeros
-  exact and removes the mean bias of rounding; a fixed dither seed makes the bytes
-  reproducible. The header states the level (``QLEVEL``). ``MASK`` is lossless (RICE_1;
-  GZIP would stamp the time of writing into the file, and the bytes would differ).
+  RICE_1 with quantisation in tiles of :data:`TILE_ROWS` rows: one step for the frame,
+  its background noise (:func:`background_noise`: same-channel pixel differences, the
+  quietest tenth of the frame's bands) divided by :data:`QUANTIZE_LEVEL` = 16, so a
+  value is off by at most 1/32 of the noise; SUBTRACTIVE_DITHER_2 keeps zeros exact
+  and removes the mean bias of rounding; a fixed dither seed makes the bytes
+  reproducible. The header states the level and the step (``QLEVEL``, ``QSTEP``).
+  (cfitsio's own per-tile noise estimate on row tiles cost 0.8 s of a full frame's
+  1.1 s write and a third of its reads; files written so are read as before.)
+  ``MASK`` is lossless (RICE_1, the same tiles; GZIP would stamp the time of writing
+  into the file, and the bytes would differ).
   ``ERROR`` is not stored: it is a deterministic function of the calibrated image, the
   masters the header names and the gain, read noise and exposure time it records
   (:func:`autowisp.core.calibration.calibrated_error`), recomputed by the reader from
@@ -44,10 +48,12 @@ from autowisp.io.provenance import MASTER_KEYWORDS, Provenance, stamp
 
 __all__ = [
     "QUANTIZE_LEVEL",
+    "TILE_ROWS",
     "CalibratedFrame",
     "ChannelQC",
     "FrameQCReport",
     "MasterFrame",
+    "background_noise",
     "read_calibrated_frame",
     "read_frame_qc",
     "read_master_frame",
@@ -56,8 +62,10 @@ __all__ = [
     "write_master_frame",
 ]
 
-#: IMAGE quantisation: step = (tile's background noise) / QUANTIZE_LEVEL.
+#: IMAGE quantisation: step = (the frame's background noise) / QUANTIZE_LEVEL.
 QUANTIZE_LEVEL = 16.0
+#: Rows per IMAGE and MASK tile.
+TILE_ROWS = 16
 #: Fixed dither seed (1..10000): the same image gives the same bytes.
 DITHER_SEED = 4242
 
@@ -214,6 +222,29 @@ class CalibratedFrame:
         return bool(self.provenance.uncalibrated)
 
 
+def background_noise(image: np.ndarray, *, band: int = 64, every: int = 4) -> float:
+    """The background noise of ``image`` (its units), 0 if it has none: per band of
+    ``band`` rows, 1.4826 × the median absolute difference of pixels two columns apart
+    (the same channel of any 2×2 mosaic) / √2, sampled on every ``every``-th row; the
+    10th percentile of the bands, so that a frame's darker (vignetted) parts are not
+    quantised coarser than their own noise allows."""
+    data = np.asarray(image, np.float32)
+    if data.ndim != 2 or data.shape[1] < 3:
+        return 0.0
+    rows = data[::every]
+    difference = rows[:, 2:] - rows[:, :-2]
+    per_band = max(1, band // every)
+    noises = []
+    for start in range(0, difference.shape[0], per_band):
+        values = difference[start : start + per_band].ravel()
+        values = values[np.isfinite(values)]
+        if values.size >= 100:
+            noises.append(1.4826 * float(np.median(np.abs(values))) / np.sqrt(2.0))
+    if not noises:
+        return 0.0
+    return float(np.percentile(noises, 10))
+
+
 def write_calibrated_frame(path: Path, product: CalibratedFrame) -> None:
     """Write a calibrated frame (tile-compressed, ERROR derived), atomically."""
     header = fits.Header()
@@ -225,19 +256,29 @@ def write_calibrated_frame(path: Path, product: CalibratedFrame) -> None:
     header["GAIN"] = (product.gain, "[e-/ADU] gain used")
     header["RDNOISE"] = (product.read_noise, "[e-] read noise used")
     header["EXPTIME"] = (product.exptime, "[s] exposure time")
-    header["QLEVEL"] = (QUANTIZE_LEVEL, "IMAGE step: tile background noise / QLEVEL")
+    data = np.asarray(product.image, np.float32)
+    noise = background_noise(data)
+    header["QLEVEL"] = (QUANTIZE_LEVEL, "IMAGE step: background noise / QLEVEL")
     header["ERRORHDU"] = ("derived", "ERROR = core.calibration.calibrated_error")
+    if noise > 0:  # one step for the frame (negative: an absolute step for cfitsio)
+        level = -noise / QUANTIZE_LEVEL
+        header["QSTEP"] = (noise / QUANTIZE_LEVEL, "[BUNIT] IMAGE quantisation step")
+    else:  # no noise to measure (a constant image): cfitsio's per-tile estimate
+        level = QUANTIZE_LEVEL
+    ny, nx = data.shape
     image = fits.CompImageHDU(
-        np.asarray(product.image, np.float32),
+        data,
         name="IMAGE",
         compression_type="RICE_1",
-        quantize_level=QUANTIZE_LEVEL,
+        quantize_level=level,
         quantize_method=2,  # SUBTRACTIVE_DITHER_2: zeros stay exactly zero
         dither_seed=DITHER_SEED,
+        tile_shape=(min(TILE_ROWS, ny), nx),
     )
     mask = fits.CompImageHDU(
-        np.asarray(product.mask, np.uint8), name="MASK", compression_type="RICE_1"
-    )
+        np.asarray(product.mask, np.uint8), name="MASK", compression_type="RICE_1",
+        tile_shape=(min(TILE_ROWS, ny), nx),
+    )  # fmt: skip
     with atomic_path(path) as temporary:
         fits.HDUList([fits.PrimaryHDU(header=header), image, mask]).writeto(temporary)
 

@@ -17,6 +17,7 @@ from autowisp.db.models import TaskState
 from autowisp.io.fits import read_image
 from autowisp.io.products import (
     CalibratedFrame,
+    background_noise,
     master_path,
     read_calibrated_frame,
     read_frame_qc,
@@ -111,6 +112,7 @@ def test_image_mask_and_error_survive_storage_within_the_stated_bounds(night):
         assert np.max(relative) < ERROR_BOUND, np.max(relative)
         header = fits.getheader(path)
         assert header["QLEVEL"] == 16.0 and header["ERRORHDU"] == "derived"
+        assert header["QSTEP"] == pytest.approx(background_noise(stored.image) / 16, rel=0.02)
 
 
 def test_a_frames_products_take_less_room_than_its_raw_file(night):
