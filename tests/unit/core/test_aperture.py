@@ -279,3 +279,47 @@ def test_psf_fluxes_solve_overlapping_stars_jointly():
     assert_allclose(flux, reference, rtol=2e-3)
     assert_allclose(flux, amplitude, rtol=0.02)
     assert np.all(np.isfinite(err)) and np.all(npix > 50)
+
+
+def _disc_psf_integral(fwhm, r, cx, cy, far_distance, near_rule):
+    """∫_disc PSF summed over unit squares as the kernels do: the 3-point rule on squares
+    farther than ``far_distance`` from the star, ``near_rule`` on the others."""
+    from autowisp.core import aperture
+    from autowisp.core.psf import MOFFAT, rect_integral, shape_from_fwhm
+
+    width = np.array(fwhm)
+    shape = shape_from_fwhm(width, width, np.array(0.0), kind="moffat", beta=3.5)
+    s, d, k = (float(v) for v in shape)
+    total = 0.0
+    for j in range(-8, 9):
+        for i in range(-8, 9):
+            x0, y0 = i - 0.5 - cx, j - 0.5 - cy
+            where = aperture._rect_class(x0, x0 + 1, y0, y0 + 1, r)
+            if where == 0:
+                continue
+            near_x, near_y = min(max(0.0, x0), x0 + 1), min(max(0.0, y0), y0 + 1)
+            far = near_x**2 + near_y**2 > far_distance**2
+            nodes, weights = (aperture._FAR_NODES, aperture._FAR_WEIGHTS) if far else near_rule
+            if where == 1:
+                total += rect_integral(MOFFAT, 3.5, s, d, k, x0, x0 + 1, y0, y0 + 1, nodes,
+                                       weights)  # fmt: skip
+            else:
+                total += disc_rect_integral(MOFFAT, 3.5, s, d, k, x0, x0 + 1, y0, y0 + 1, r,
+                                            nodes, weights)  # fmt: skip
+    return total
+
+
+@pytest.mark.parametrize("fwhm", [1.0, 1.5, 2.5, 3.5])
+def test_the_far_squares_rule_keeps_the_aperture_integral_exact(fwhm):
+    """With the 3-point rule beyond FAR_DISTANCE the PSF's integral over each aperture is
+    within 1e-4 of a 12-point rule's (measured ≤ 3.4e-5), at random sub-pixel phases."""
+    from autowisp.core.aperture import FAR_DISTANCE
+    from autowisp.core.psf import _NODES, _WEIGHTS
+
+    fine = np.polynomial.legendre.leggauss(12)
+    rng = np.random.default_rng(int(fwhm * 10))
+    for r in (2.0, 3.0, 5.0):
+        for cx, cy in rng.uniform(-0.5, 0.5, (4, 2)):
+            ours = _disc_psf_integral(fwhm, r, cx, cy, FAR_DISTANCE, (_NODES, _WEIGHTS))
+            reference = _disc_psf_integral(fwhm, r, cx, cy, 99.0, fine)
+            assert ours == pytest.approx(reference, rel=1e-4), (fwhm, r, cx, cy)
