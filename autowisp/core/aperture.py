@@ -38,6 +38,7 @@ __all__ = [
     "BAD_SATURATED",
     "annulus_background",
     "aperture_photometry",
+    "clear_owners",
     "disc_rect_integral",
     "paint_owners",
     "psf_photometry",
@@ -366,6 +367,25 @@ def paint_owners(count, owner, x, y, radius, claim=True, step=1, y0=0, x0=0):
 
 
 @numba.njit(cache=True, nogil=True)
+def clear_owners(count, x, y, radius, step=1, y0=0, x0=0):
+    """Undo :func:`paint_owners` with the same discs: ``count`` back to 0 there, at a
+    cost in proportion to the discs, not to the frame (``owner`` is read only where
+    ``count`` is 1, so it needs no clearing)."""
+    ny, nx = count.shape
+    for i in range(x.shape[0]):
+        if not (np.isfinite(x[i]) and np.isfinite(y[i])):
+            continue
+        r2 = radius[i] * radius[i]
+        reach = radius[i]
+        row_lo = max(int(np.floor((y[i] - reach - y0) / step)) * step + y0, y0)
+        col_lo = max(int(np.floor((x[i] - reach - x0) / step)) * step + x0, x0)
+        for py in range(row_lo, min(int(y[i] + reach) + 1, ny), step):
+            for px in range(col_lo, min(int(x[i] + reach) + 1, nx), step):
+                if (px - x[i]) ** 2 + (py - y[i]) ** 2 <= r2:
+                    count[py, px] = 0
+
+
+@numba.njit(cache=True, nogil=True)
 def annulus_background(
     image, bad, cover, owner, x, y, step, y0, x0, r_in, r_out, clip, level, error, count
 ):  # fmt: skip
@@ -444,7 +464,8 @@ def psf_photometry(
     """
     ny, nx = image.shape
     n = x.shape[0]
-    model = np.zeros((ny, nx))
+    # the stars' models on the channel's own pixels: model[(py - y0) // step, (px - x0) // step]
+    model = np.zeros(((ny - y0 + step - 1) // step, (nx - x0 + step - 1) // step))
     # Pass 1: each star's pixels and PRF values, flattened.
     counts = np.zeros(n + 1, np.int64)
     box = int(np.ceil(radius / step)) + 1
@@ -503,7 +524,7 @@ def psf_photometry(
         start = flux0[star] if np.isfinite(flux0[star]) else 0.0
         flux[star] = start
         for i in range(counts[star], counts[star + 1]):
-            model[pix_y[i], pix_x[i]] += start * prf[i]
+            model[(pix_y[i] - y0) // step, (pix_x[i] - x0) // step] += start * prf[i]
     for _ in range(iterations):
         for star in range(n):
             num = 0.0
@@ -515,9 +536,10 @@ def psf_photometry(
                 if bad[py, px] != 0 or not np.isfinite(value) or not np.isfinite(sigma):
                     continue
                 own = flux[star] * prf[i]
-                others = model[py, px] - own
+                current = model[(py - y0) // step, (px - x0) // step]
+                others = current - own
                 excess = max(value - background[star], 0.0)
-                var = max(sigma * sigma - excess, 1e-6) + max(model[py, px], 0.0)
+                var = max(sigma * sigma - excess, 1e-6) + max(current, 0.0)
                 p = prf[i]
                 num += p * (value - background[star] - others) / var
                 den += p * p / var
@@ -526,7 +548,7 @@ def psf_photometry(
             if np.isfinite(new):
                 delta = new - (old if np.isfinite(old) else 0.0)
                 for i in range(counts[star], counts[star + 1]):
-                    model[pix_y[i], pix_x[i]] += delta * prf[i]
+                    model[(pix_y[i] - y0) // step, (pix_x[i] - x0) // step] += delta * prf[i]
             flux[star] = new
     for star in range(n):
         den = 0.0
@@ -540,11 +562,12 @@ def psf_photometry(
             if bad[py, px] != 0 or not np.isfinite(value) or not np.isfinite(sigma):
                 continue
             excess = max(value - background[star], 0.0)
-            var = max(sigma * sigma - excess, 1e-6) + max(model[py, px], 0.0)
+            current = model[(py - y0) // step, (px - x0) // step]
+            var = max(sigma * sigma - excess, 1e-6) + max(current, 0.0)
             p = prf[i]
             den += p * p / var
             sum_p += p / var
-            resid = value - background[star] - model[py, px]
+            resid = value - background[star] - current
             rss += resid * resid / var
             used += 1
         npix[star] = used

@@ -34,6 +34,7 @@ from autowisp.core.aperture import (
     TOUCH_SATURATED,
     annulus_background,
     aperture_photometry,
+    clear_owners,
     paint_owners,
     psf_photometry,
 )
@@ -439,20 +440,22 @@ def prepare_channel(
 
     other_x, other_y = (np.asarray(v, float) for v in (others or (np.zeros(0), np.zeros(0))))
 
+    # Full-frame maps of the discs: zero pages cost nothing until painted, and each pass
+    # clears what it painted (``owner`` is read only where ``cover`` is 1).
     cover = np.zeros(image.shape, np.int32)
-    owner = np.full(image.shape, -1, np.int32)
+    owner = np.empty(image.shape, np.int32)
+    other_radius = np.full(other_x.size, max(fwhm_guess * 1.5, 2.0))
 
     def background(radius: np.ndarray) -> None:
-        cover.fill(0)
-        owner.fill(-1)
+        own = np.where(on, radius, 0.0)
         # measured stars own their discs; unmeasured sources' discs only exclude pixels
-        paint_owners(cover, owner, x, y, np.where(on, radius, 0.0), True, step, channel.y0,
+        paint_owners(cover, owner, x, y, own, True, step, channel.y0, channel.x0)
+        paint_owners(cover, owner, other_x, other_y, other_radius, False, step, channel.y0,
                      channel.x0)  # fmt: skip
-        paint_owners(cover, owner, other_x, other_y,
-                     np.full(other_x.size, max(fwhm_guess * 1.5, 2.0)), False, step,
-                     channel.y0, channel.x0)  # fmt: skip
         annulus_background(image, bad, cover, owner, x, y, step, channel.y0, channel.x0, inner,
                            outer, config.clip, level, level_err, count)  # fmt: skip
+        clear_owners(cover, x, y, own, step, channel.y0, channel.x0)
+        clear_owners(cover, other_x, other_y, other_radius, step, channel.y0, channel.x0)
 
     background(np.full(n, r_max + fwhm_guess))
     first = (level.copy(), level_err.copy(), count.copy())

@@ -10,6 +10,7 @@ from numpy.testing import assert_allclose
 from autowisp.core.aperture import (
     annulus_background,
     aperture_photometry,
+    clear_owners,
     disc_rect_integral,
     paint_owners,
     psf_photometry,
@@ -241,6 +242,11 @@ def test_painting_one_channel_matches_the_full_grid_on_its_pixels():
         others = np.ones((40, 40), bool)
         others[y0::2, x0::2] = False
         assert not count[others].any() and np.all(owner[others] == -1)
+        # clearing the same discs leaves the map as it was, for the next pass
+        clear_owners(count, x, y, radius, 2, y0, x0)
+        assert not count.any()
+    clear_owners(full_count, x, y, radius)
+    assert not full_count.any()
 
 
 def test_psf_fluxes_solve_overlapping_stars_jointly():
