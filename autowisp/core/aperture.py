@@ -347,8 +347,10 @@ def paint_owners(count, owner, x, y, radius, claim=True, step=1, y0=0, x0=0):
     """Count, per pixel, the stars whose disc of ``radius[i]`` px covers it, and, with
     ``claim``, remember one of them (``i``) in ``owner`` (in place): a pixel belongs to a
     star's own disc alone when ``count == 1`` and ``owner`` is that star. Discs of
-    sources that are not measured are painted without ``claim``. Only the pixels of the
-    channel ``image[y0::step, x0::step]`` are painted (the others are left as they are).
+    sources that are not measured are painted without ``claim``: their pixels' owner
+    becomes −1 (no star's), so ``owner`` is defined wherever ``count`` is not 0 and needs
+    no clearing between passes. Only the pixels of the channel
+    ``image[y0::step, x0::step]`` are painted (the others are left as they are).
     """
     ny, nx = count.shape
     for i in range(x.shape[0]):
@@ -362,15 +364,14 @@ def paint_owners(count, owner, x, y, radius, claim=True, step=1, y0=0, x0=0):
             for px in range(col_lo, min(int(x[i] + reach) + 1, nx), step):
                 if (px - x[i]) ** 2 + (py - y[i]) ** 2 <= r2:
                     count[py, px] += 1
-                    if claim:
-                        owner[py, px] = i
+                    owner[py, px] = i if claim else -1
 
 
 @numba.njit(cache=True, nogil=True)
 def clear_owners(count, x, y, radius, step=1, y0=0, x0=0):
     """Undo :func:`paint_owners` with the same discs: ``count`` back to 0 there, at a
-    cost in proportion to the discs, not to the frame (``owner`` is read only where
-    ``count`` is 1, so it needs no clearing)."""
+    cost in proportion to the discs, not to the frame (``owner`` is rewritten wherever a
+    pass paints, so it needs no clearing)."""
     ny, nx = count.shape
     for i in range(x.shape[0]):
         if not (np.isfinite(x[i]) and np.isfinite(y[i])):

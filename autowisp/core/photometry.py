@@ -441,7 +441,8 @@ def prepare_channel(
     other_x, other_y = (np.asarray(v, float) for v in (others or (np.zeros(0), np.zeros(0))))
 
     # Full-frame maps of the discs: zero pages cost nothing until painted, and each pass
-    # clears what it painted (``owner`` is read only where ``cover`` is 1).
+    # clears what it painted (``owner`` is written wherever ``cover`` is painted, so its
+    # initial contents are never read).
     cover = np.zeros(image.shape, np.int32)
     owner = np.empty(image.shape, np.int32)
     other_radius = np.full(other_x.size, max(fwhm_guess * 1.5, 2.0))

@@ -329,3 +329,34 @@ def test_the_far_squares_rule_keeps_the_aperture_integral_exact(fwhm):
             ours = _disc_psf_integral(fwhm, r, cx, cy, FAR_DISTANCE, (_NODES, _WEIGHTS))
             reference = _disc_psf_integral(fwhm, r, cx, cy, 99.0, fine)
             assert ours == pytest.approx(reference, rel=1e-4), (fwhm, r, cx, cy)
+
+
+def test_backgrounds_do_not_depend_on_what_the_owner_map_held():
+    """The photometry reuses its disc maps between passes and never fills ``owner``: the
+    annulus counts must be those of freshly initialised maps, whatever ``owner`` held
+    (another pass's star indices, or garbage), with unmeasured sources' discs painted."""
+    rng = np.random.default_rng(9)
+    image = rng.normal(200.0, 4.0, (90, 90))
+    bad = np.zeros(image.shape, np.uint8)
+    x, y = rng.uniform(10, 80, 12), rng.uniform(10, 80, 12)
+    other_x, other_y = rng.uniform(0, 90, 30), rng.uniform(0, 90, 30)
+    radius, other_radius = np.full(12, 5.0), np.full(30, 3.0)
+
+    def counts(cover, owner):
+        paint_owners(cover, owner, x, y, radius, True, 2, 1, 0)
+        paint_owners(cover, owner, other_x, other_y, other_radius, False, 2, 1, 0)
+        level, err, count = np.zeros(12), np.zeros(12), np.zeros(12, np.int64)
+        annulus_background(image, bad, cover, owner, x, y, 2, 1, 0, 7.0, 14.0, 3.0, level, err,
+                           count)  # fmt: skip
+        clear_owners(cover, x, y, radius, 2, 1, 0)
+        clear_owners(cover, other_x, other_y, other_radius, 2, 1, 0)
+        assert not cover.any()
+        return count, level
+
+    fresh = counts(np.zeros(image.shape, np.int32), np.full(image.shape, -1, np.int32))
+    garbage = rng.integers(0, 12, image.shape).astype(np.int32)  # any star's index
+    reused = np.zeros(image.shape, np.int32)
+    for _ in range(2):  # a second pass on the same maps
+        got = counts(reused, garbage)
+        np.testing.assert_array_equal(got[0], fresh[0])
+        np.testing.assert_array_equal(got[1], fresh[1])
