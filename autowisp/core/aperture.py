@@ -343,6 +343,26 @@ def aperture_photometry(
 
 
 @numba.njit(cache=True, nogil=True)
+def _paint(count, owner, x, y, radius, claim, step, y0, x0, delta):
+    """Add ``delta`` to ``count`` over each disc; with ``delta`` > 0 also write the owner
+    (``i`` with ``claim``, else −1)."""
+    ny, nx = count.shape
+    for i in range(x.shape[0]):
+        if not (np.isfinite(x[i]) and np.isfinite(y[i])):
+            continue
+        r2 = radius[i] * radius[i]
+        reach = radius[i]
+        row_lo = max(int(np.floor((y[i] - reach - y0) / step)) * step + y0, y0)
+        col_lo = max(int(np.floor((x[i] - reach - x0) / step)) * step + x0, x0)
+        for py in range(row_lo, min(int(y[i] + reach) + 1, ny), step):
+            for px in range(col_lo, min(int(x[i] + reach) + 1, nx), step):
+                if (px - x[i]) ** 2 + (py - y[i]) ** 2 <= r2:
+                    count[py, px] += delta
+                    if delta > 0:
+                        owner[py, px] = i if claim else -1
+
+
+@numba.njit(cache=True, nogil=True)
 def paint_owners(count, owner, x, y, radius, claim=True, step=1, y0=0, x0=0):
     """Count, per pixel, the stars whose disc of ``radius[i]`` px covers it, and, with
     ``claim``, remember one of them (``i``) in ``owner`` (in place): a pixel belongs to a
@@ -352,38 +372,15 @@ def paint_owners(count, owner, x, y, radius, claim=True, step=1, y0=0, x0=0):
     no clearing between passes. Only the pixels of the channel
     ``image[y0::step, x0::step]`` are painted (the others are left as they are).
     """
-    ny, nx = count.shape
-    for i in range(x.shape[0]):
-        if not (np.isfinite(x[i]) and np.isfinite(y[i])):
-            continue
-        r2 = radius[i] * radius[i]
-        reach = radius[i]
-        row_lo = max(int(np.floor((y[i] - reach - y0) / step)) * step + y0, y0)
-        col_lo = max(int(np.floor((x[i] - reach - x0) / step)) * step + x0, x0)
-        for py in range(row_lo, min(int(y[i] + reach) + 1, ny), step):
-            for px in range(col_lo, min(int(x[i] + reach) + 1, nx), step):
-                if (px - x[i]) ** 2 + (py - y[i]) ** 2 <= r2:
-                    count[py, px] += 1
-                    owner[py, px] = i if claim else -1
+    _paint(count, owner, x, y, radius, claim, step, y0, x0, 1)
 
 
 @numba.njit(cache=True, nogil=True)
 def clear_owners(count, x, y, radius, step=1, y0=0, x0=0):
-    """Undo :func:`paint_owners` with the same discs: ``count`` back to 0 there, at a
-    cost in proportion to the discs, not to the frame (``owner`` is rewritten wherever a
-    pass paints, so it needs no clearing)."""
-    ny, nx = count.shape
-    for i in range(x.shape[0]):
-        if not (np.isfinite(x[i]) and np.isfinite(y[i])):
-            continue
-        r2 = radius[i] * radius[i]
-        reach = radius[i]
-        row_lo = max(int(np.floor((y[i] - reach - y0) / step)) * step + y0, y0)
-        col_lo = max(int(np.floor((x[i] - reach - x0) / step)) * step + x0, x0)
-        for py in range(row_lo, min(int(y[i] + reach) + 1, ny), step):
-            for px in range(col_lo, min(int(x[i] + reach) + 1, nx), step):
-                if (px - x[i]) ** 2 + (py - y[i]) ** 2 <= r2:
-                    count[py, px] = 0
+    """Undo :func:`paint_owners` with the same discs (``count`` back to what it was
+    there), at a cost in proportion to the discs, not to the frame; ``owner`` is
+    rewritten wherever a pass paints, so it needs no clearing."""
+    _paint(count, count, x, y, radius, False, step, y0, x0, -1)
 
 
 @numba.njit(cache=True, nogil=True)

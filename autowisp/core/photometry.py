@@ -47,12 +47,7 @@ from autowisp.core.bicubic import (
     fit_bicubic_map,
 )
 from autowisp.core.calibration import MaskBit
-from autowisp.core.positions import (
-    NONE,
-    PositionCorrection,
-    fit_pooled_correction,
-    fit_position_correction,
-)
+from autowisp.core.positions import NONE, PositionCorrection, fit_pooled_correction
 from autowisp.core.psf import (
     _NODES,
     _WEIGHTS,
@@ -172,6 +167,7 @@ class PreparedChannel:
     flags: np.ndarray
     level: np.ndarray
     level_err: np.ndarray
+    good: np.ndarray  # bad == 0
     chosen: np.ndarray  # indices of the shape stars
     shape_map: ShapeMap | None
     fits: SourceShapes | None
@@ -335,20 +331,16 @@ def measure_channel(
     """Measure every star (x, y px; ``mag`` a catalogue magnitude, brightest smallest)
     in one channel of ``image`` (e⁻) with its ``error`` (e⁻) and ``bad`` codes
     (:func:`bad_codes`), the position correction from this channel's stars alone
-    (:func:`measure_mosaic` pools the channels of a mosaic).
+    (:func:`measure_mosaic` of one channel; a mosaic's channels are pooled there).
 
     ``others`` (x, y px) are sources that are not measured (detections without a
     catalogue star): their pixels are kept out of the backgrounds, and stars with one
     near them do not shape the PSF.
     """
-    prepared = prepare_channel(image, error, bad, channel, x, y, mag, config=config,
+    (result,) = measure_mosaic(image, error, bad, (channel,), x, y, mag, config=config,
                                fwhm_guess=fwhm_guess, uncalibrated=uncalibrated,
                                others=others)  # fmt: skip
-    correction = NONE
-    if config.refine_positions:
-        sx, sy, dx, dy, sigma = prepared.offsets()
-        correction = fit_position_correction(sx, sy, dx, dy, sigma, prepared.image.shape)
-    return finish_channel(prepared, correction)
+    return result
 
 
 def measure_mosaic(
@@ -401,13 +393,8 @@ def prepare_channel(
     uncalibrated: bool = False,
     others: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> PreparedChannel:
-    """Steps 1 and 2 of :func:`measure_channel`: every star's background and flags, the
-    shape stars' own fits and the PSF map, at the given positions (x, y px).
-
-    ``others`` (x, y px) are sources that are not measured (detections without a
-    catalogue star): their pixels are kept out of the backgrounds, and stars with one
-    near them do not shape the PSF.
-    """
+    """Steps 1 and 2 of :func:`measure_channel` (its arguments): every star's background
+    and flags, the shape stars' own fits and the PSF map, at the given positions."""
     image = np.asarray(image, dtype=float)
     error = np.asarray(error, dtype=float)
     x = np.asarray(x, dtype=float)
@@ -526,7 +513,8 @@ def prepare_channel(
     return PreparedChannel(
         image=image, error=error, bad=bad, channel=channel, x=x, y=y, mag=mag,
         config=config, fwhm_guess=fwhm_guess, on=on, flags=flags, level=level,
-        level_err=level_err, chosen=chosen, shape_map=shape_map, fits=fits, qc=qc,
+        level_err=level_err, good=good, chosen=chosen, shape_map=shape_map, fits=fits,
+        qc=qc,
     )  # fmt: skip
 
 
@@ -536,23 +524,16 @@ def finish_channel(
     """Steps 2 (the correction applied) to 4 of :func:`measure_channel`: the positions
     corrected by ``correction``, the PSF fluxes and the apertures."""
     p = prepared
-    image, error, bad, channel, config = p.image, p.error, p.bad, p.channel, p.config
-    fwhm_guess, on, flags, level, level_err = (
-        p.fwhm_guess,
-        p.on,
-        p.flags.copy(),
-        p.level,
-        p.level_err,
-    )
-    chosen, shape_map, fits, qc, mag = p.chosen, p.shape_map, p.fits, dict(p.qc), p.mag
-    x, y = p.x, p.y
+    image, error, bad, good, channel = p.image, p.error, p.bad, p.good, p.channel
+    config, fwhm_guess, on, level, level_err = p.config, p.fwhm_guess, p.on, p.level, p.level_err
+    chosen, shape_map, fits, mag, x, y = p.chosen, p.shape_map, p.fits, p.mag, p.x, p.y
+    flags, qc = p.flags.copy(), dict(p.qc)
     n = x.size
     sensitivity = channel_map(channel)
     cells = sensitivity.cells()
     extent = sensitivity.extent()
     step = channel.step
     radii = np.asarray(sorted(config.apertures), dtype=float)
-    good = bad == 0
     shapes = np.zeros((n, 3))
     kind_code, beta = PROFILES["gaussian"], 0.0
     dx, dy = correction.offsets(x, y)
