@@ -18,7 +18,7 @@ import sep
 
 from autowisp.core.bayer import channels
 
-__all__ = ["Sources", "background_map", "extract_sources"]
+__all__ = ["Sources", "background_map", "colour_normalised_centroids", "extract_sources"]
 
 
 @dataclass(frozen=True)
@@ -209,3 +209,103 @@ def _near(pixels: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _empty(background_rms: float) -> Sources:
     empty = np.zeros(0)
     return Sources(empty, empty, empty, empty, empty, np.zeros(0, np.int32), background_rms)
+
+
+def colour_normalised_centroids(
+    image: np.ndarray,
+    layout: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    sigma: float,
+    *,
+    iterations: int = 8,
+    mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windowed centroids of stars on a mosaic, each channel scaled by the star's share.
+
+    On a Bayer mosaic a star's light reaches each channel times its colour's response, so
+    a plain centroid is pulled toward the channel its colour favours (0.04 px on a
+    mosaic whose channels differ by 40 %). Here each star's channels are first scaled to
+    equal mean level over its window, from its own pixels, then the Gaussian-windowed
+    centroid (sep's ``winpos``: window ``sigma``) is iterated from ``(x, y)``.
+
+    Returns ``x, y`` and a flag per star: 0, or 1 where the star was too close to the
+    edge, had no positive signal in a channel, or moved by more than ``2 sigma`` (its
+    input position is kept then). ``image`` has its background removed; ``mask`` marks
+    pixels to leave out (non-zero).
+    """
+    data = np.asarray(image)
+    ny, nx = data.shape
+    x = np.asarray(x, dtype=float).copy()
+    y = np.asarray(y, dtype=float).copy()
+    half = int(np.ceil(4 * sigma)) + 1
+    offsets = np.arange(-half, half + 1)
+    found = channels(layout)
+    # The channel of pixel (row, column) from the parities (one channel for MONO).
+    lookup = np.zeros((2, 2), np.intp)
+    for index, channel in enumerate(found):
+        lookup[channel.y0 :: channel.step, channel.x0 :: channel.step] = index
+    bad = None if mask is None else np.asarray(mask) != 0
+    flags = np.zeros(x.size, np.int32)
+    col0 = np.rint(x).astype(int)
+    row0 = np.rint(y).astype(int)
+    edge = (col0 - half < 0) | (col0 + half >= nx) | (row0 - half < 0) | (row0 + half >= ny)
+    edge |= ~(np.isfinite(x) & np.isfinite(y))
+    flags[edge] = 1
+    inside = np.flatnonzero(~edge)
+    for start in range(0, inside.size, _CENTROID_CHUNK):
+        chunk = inside[start : start + _CENTROID_CHUNK]
+        rows = row0[chunk, None, None] + offsets[None, :, None]
+        cols = col0[chunk, None, None] + offsets[None, None, :]
+        values = data[rows, cols].astype(np.float64)
+        valid = np.isfinite(values)
+        if bad is not None:
+            valid &= ~bad[rows, cols]
+        stamps = np.where(valid, values, 0.0)
+        which = lookup[rows % 2, cols % 2]
+        cx, cy, ok = _colour_centroid_chunk(
+            stamps, valid, which, rows, cols, x[chunk], y[chunk], sigma, len(found), iterations
+        )
+        flags[chunk[~ok]] = 1
+        x[chunk[ok]] = cx[ok]
+        y[chunk[ok]] = cy[ok]
+    return x, y, flags
+
+
+#: Stars per batch of :func:`colour_normalised_centroids` (bounds its memory: ~40 MB).
+_CENTROID_CHUNK = 2048
+
+
+def _colour_centroid_chunk(stamps, valid, which, rows, cols, x0, y0, sigma, n_channels,
+                           iterations):  # fmt: skip
+    px = cols.astype(float)
+    py = rows.astype(float)
+    cx, cy = x0.copy(), y0.copy()
+    n_stars = stamps.shape[0]
+    star_index = np.arange(n_stars)[:, None, None]
+    positive = np.ones(n_stars, bool)
+    for _ in range(iterations):
+        dx = px - cx[:, None, None]
+        dy = py - cy[:, None, None]
+        window = np.exp(-(dx**2 + dy**2) / (2 * sigma**2)) * valid
+        # Each channel's amplitude: the PSF-matched filter over the channel's pixels
+        # (unbiased by where the pixel grid samples the star), as a share of the mean.
+        level = np.zeros((n_stars, n_channels))
+        for c in range(n_channels):
+            model = window * (which == c)
+            level[:, c] = (model * stamps).sum(axis=(1, 2)) / np.maximum(
+                (model * model).sum(axis=(1, 2)), 1e-12
+            )
+        positive = np.all(level > 0, axis=1)
+        mean_level = level.mean(axis=1, keepdims=True)
+        scale = np.where(positive[:, None], mean_level / np.where(level > 0, level, 1.0), 1.0)
+        normalised = stamps * scale[star_index, which]
+        total = (window * normalised).sum(axis=(1, 2))
+        ok = total > 0
+        step_x = 2 * (window * normalised * dx).sum(axis=(1, 2)) / np.where(ok, total, 1.0)
+        step_y = 2 * (window * normalised * dy).sum(axis=(1, 2)) / np.where(ok, total, 1.0)
+        cx = np.where(ok, cx + step_x, cx)
+        cy = np.where(ok, cy + step_y, cy)
+    moved = np.hypot(cx - x0, cy - y0)
+    good = positive & (moved <= 2 * sigma) & np.isfinite(cx) & np.isfinite(cy)
+    return cx, cy, good

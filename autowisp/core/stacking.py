@@ -1,0 +1,331 @@
+"""A night's deep stack: frames registered onto one reference grid through their WCS.
+
+The stack is a mosaic on the reference frame's own pixel grid, built channel by channel:
+a channel's pixels of every frame are resampled onto the same channel's pixels of the
+reference (a Bayer channel is never mixed with another, whose colour and response
+differ), so the stack has the layout of the frames and the source extraction of
+:mod:`autowisp.core.extraction` runs on it unchanged (per-channel background, detection on
+all channels together: the sum of the channels' significance, windowed centroids on the
+full grid).
+
+Registration. For a reference pixel, the frame's pixel that saw the same sky is
+``frame.sky_to_pixel(reference.pixel_to_sky(x, y))``. Both solutions are smooth, so the
+mapping is evaluated exactly on a coarse grid of nodes (every ``grid_step`` pixels) and
+interpolated between them with a cubic spline (error below 10⁻³ px on the simulator's lens
+distortion; tested). The channel's value there is interpolated bilinearly between the
+channel's four nearest pixels: a bilinear resampling moves a star's first moment by exactly
+the shift it applies, so the stack's centroids are the frames' true positions averaged, and
+a masked pixel spoils only its four neighbours (it is NaN, and NaN is never averaged in).
+
+Combination. Each frame's background is taken out and its fluxes scaled to the
+reference's (transparency, exposure), then every pixel's values are combined as the mean
+after dropping the lowest and the highest value (IRAF ``imcombine`` min/max rejection): a
+satellite trail, an aircraft or a cosmic ray the calibration did not mask is in one frame at
+a pixel, and is dropped; the rejection is symmetric, so the noise stays unbiased. It needs
+only four running planes per channel (sum, count, minimum, maximum), so the memory is
+bounded whatever the number of frames; pixels seen by fewer than three frames keep the plain
+mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.interpolate import RectBivariateSpline
+
+from autowisp.core.bayer import Channel, channels
+from autowisp.core.extraction import colour_normalised_centroids
+from autowisp.core.projection import TanSip
+
+__all__ = [
+    "MinMaxStack",
+    "SkyPositions",
+    "Stack",
+    "StackBuilder",
+    "channel_mapping",
+    "combine_mosaic",
+    "frame_mapping",
+    "resample_channel",
+]
+
+
+def frame_mapping(
+    reference: TanSip,
+    frame: TanSip,
+    shape: tuple[int, int],
+    *,
+    grid_step: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The frame's pixel coordinates of a coarse grid of the reference's pixels.
+
+    Returns ``(u, v)``, each of shape ``(len(ys), len(xs))`` for node rows
+    ``ys = 0, grid_step, ..., ny - 1`` and columns likewise (the last row and column are
+    always nodes, so interpolation never extrapolates inside the frame). NaN where the
+    frame's solution cannot be inverted.
+    """
+    ny, nx = shape
+    ys = _nodes(ny, grid_step)
+    xs = _nodes(nx, grid_step)
+    grid_x, grid_y = np.meshgrid(xs.astype(float), ys.astype(float))
+    ra, dec = reference.pixel_to_sky(grid_x.ravel(), grid_y.ravel())
+    u, v = frame.sky_to_pixel(ra, dec)
+    return u.reshape(grid_x.shape), v.reshape(grid_x.shape)
+
+
+def _nodes(size: int, step: int) -> np.ndarray:
+    if step < 1:
+        raise ValueError(f"grid_step must be at least 1, got {step}")
+    nodes = np.arange(0, size, step)
+    if nodes[-1] != size - 1:
+        nodes = np.append(nodes, size - 1)
+    return nodes
+
+
+def channel_mapping(
+    mapping: tuple[np.ndarray, np.ndarray],
+    shape: tuple[int, int],
+    channel: Channel,
+    *,
+    grid_step: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where each pixel of ``channel`` of the reference falls in the frame's channel grid.
+
+    ``mapping`` is :func:`frame_mapping`'s for a frame of ``shape``; returns the frame's
+    channel-grid coordinates (rows, columns) of every reference channel pixel, each an
+    array of the channel's shape (float64).
+    """
+    ny, nx = shape
+    ys, xs = _nodes(ny, grid_step), _nodes(nx, grid_step)
+    rows = np.arange(channel.y0, ny, channel.step, dtype=float)
+    cols = np.arange(channel.x0, nx, channel.step, dtype=float)
+    u, v = mapping
+    degree = min(3, ys.size - 1, xs.size - 1)
+    frame_x = RectBivariateSpline(ys, xs, u, kx=degree, ky=degree)(rows, cols)
+    frame_y = RectBivariateSpline(ys, xs, v, kx=degree, ky=degree)(rows, cols)
+    return (frame_y - channel.y0) / channel.step, (frame_x - channel.x0) / channel.step
+
+
+def resample_channel(plane: np.ndarray, coordinates: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The channel ``plane`` (NaN where masked) bilinearly interpolated at ``coordinates``
+    (its own rows and columns, :func:`channel_mapping`); NaN outside the hull of its
+    pixel centres and where a masked pixel has a weight (float32)."""
+    data = np.asarray(plane, dtype=np.float32)
+    rows, cols = (np.asarray(c, dtype=float) for c in coordinates)
+    ny, nx = data.shape
+    inside = (rows >= 0) & (rows <= ny - 1) & (cols >= 0) & (cols <= nx - 1)
+    r = np.where(inside, rows, 0.0)
+    c = np.where(inside, cols, 0.0)
+    r0 = np.minimum(r.astype(np.intp), max(ny - 2, 0))
+    c0 = np.minimum(c.astype(np.intp), max(nx - 2, 0))
+    fr = (r - r0).astype(np.float32)
+    fc = (c - c0).astype(np.float32)
+    r1 = np.minimum(r0 + 1, ny - 1)
+    c1 = np.minimum(c0 + 1, nx - 1)
+    out = np.zeros(rows.shape, np.float32)
+    # A neighbour of weight (near) zero is left out, so an exact whole-pixel shift (the
+    # reference onto itself) spreads no mask.
+    for rr, cc, weight in (
+        (r0, c0, (1 - fr) * (1 - fc)),
+        (r0, c1, (1 - fr) * fc),
+        (r1, c0, fr * (1 - fc)),
+        (r1, c1, fr * fc),
+    ):
+        value = data[rr, cc]
+        out += np.where(weight > 1e-6, weight * value, np.float32(0.0))
+    out[~inside] = np.nan
+    return out
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A combined stack: the mosaic (image units of the reference, background removed)
+    and the number of frames that contributed to each pixel."""
+
+    image: np.ndarray
+    count: np.ndarray
+    frames: int
+
+
+class MinMaxStack:
+    """Running min/max-rejected mean of planes of one shape (see the module docstring).
+
+    Planes hold NaN where a frame has no data; each pixel's lowest and highest values
+    are dropped once it has three or more.
+    """
+
+    def __init__(self, shape: tuple[int, int]):
+        self.shape = tuple(shape)
+        self._sum = np.zeros(shape, np.float64)
+        self._count = np.zeros(shape, np.int32)
+        self._low = np.full(shape, np.inf, np.float32)
+        self._high = np.full(shape, -np.inf, np.float32)
+        self.frames = 0
+
+    def add(self, plane: np.ndarray) -> None:
+        """Fold one frame's plane in."""
+        plane = np.asarray(plane, dtype=np.float32)
+        if plane.shape != self.shape:
+            raise ValueError(f"plane of shape {plane.shape} added to a stack of {self.shape}")
+        valid = np.isfinite(plane)
+        self._sum += np.where(valid, plane, np.float32(0.0))
+        self._count += valid
+        np.fmin(self._low, plane, out=self._low)
+        np.fmax(self._high, plane, out=self._high)
+        self.frames += 1
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """The combined plane (float32, NaN where no frame saw the pixel) and the count."""
+        count = self._count
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rejected = (self._sum - self._low - self._high) / (count - 2)
+            plain = self._sum / count
+        combined = np.where(count >= 3, rejected, plain)
+        combined[count == 0] = np.nan
+        return combined.astype(np.float32), count.copy()
+
+
+def combine_mosaic(parts: dict[str, MinMaxStack], layout: str, shape: tuple[int, int]) -> Stack:
+    """Interleave the channels' stacks back into a mosaic of ``shape``."""
+    image = np.full(shape, np.nan, np.float32)
+    count = np.zeros(shape, np.int32)
+    frames = 0
+    for channel in channels(layout):
+        plane, used = parts[channel.name].result()
+        channel.view(image)[...] = plane
+        channel.view(count)[...] = used
+        frames = max(frames, parts[channel.name].frames)
+    return Stack(image, count, frames)
+
+
+class StackBuilder:
+    """Registers frames onto a reference's grid and combines them, one frame at a time.
+
+    Parameters
+    ----------
+    reference : TanSip
+        The reference frame's solution: the stack is on its pixel grid.
+    shape : (ny, nx)
+        The frames' shape (all frames of a night's camera have the same).
+    layout : str
+        The mosaic's Bayer layout (``"MONO"`` for a monochrome sensor).
+    grid_step : int
+        Spacing of the nodes where the registration is evaluated exactly, px.
+    """
+
+    def __init__(
+        self, reference: TanSip, shape: tuple[int, int], layout: str, *, grid_step: int = 32
+    ):
+        self.reference = reference
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.layout = layout
+        self.grid_step = grid_step
+        self._channels = channels(layout)
+        self._parts = {
+            channel.name: MinMaxStack(channel.view(np.empty(self.shape, np.bool_)).shape)
+            for channel in self._channels
+        }
+
+    @property
+    def frames(self) -> int:
+        """How many frames were added."""
+        return self._parts[self._channels[0].name].frames
+
+    def add(self, image: np.ndarray, solution: TanSip) -> None:
+        """Add a frame: ``image`` with its background removed and scaled to the
+        reference's fluxes, NaN where masked; ``solution`` its WCS."""
+        image = np.asarray(image, dtype=np.float32)
+        if image.shape != self.shape:
+            raise ValueError(
+                f"a frame of shape {image.shape} cannot join a stack of {self.shape} frames"
+            )
+        mapping = frame_mapping(self.reference, solution, self.shape, grid_step=self.grid_step)
+        for channel in self._channels:
+            coordinates = channel_mapping(mapping, self.shape, channel, grid_step=self.grid_step)
+            self._parts[channel.name].add(resample_channel(channel.view(image), coordinates))
+
+    def result(self) -> Stack:
+        """The combined mosaic and its per-pixel frame count."""
+        return combine_mosaic(self._parts, self.layout, self.shape)
+
+
+class SkyPositions:
+    """Stars' sky positions refined on the frames themselves and averaged over them.
+
+    A Bayer channel undersamples the star, so resampling it onto another grid changes
+    its profile with the sub-pixel phase, and a centroid on the stack is off by up to
+    0.1 px; the stack finds the stars, this measures where they are. Each frame's
+    colour-normalised windowed centroids (:func:`~autowisp.core.extraction.
+    colour_normalised_centroids`, on the frame's own pixels) go to the sky through the
+    frame's solution; a star's position is the mean of its frames' after dropping those
+    more than 3.5 robust σ from their median.
+
+    Parameters
+    ----------
+    ra, dec : (n,) ndarray
+        Starting positions, deg (the stack's detections through the reference's WCS).
+    """
+
+    def __init__(self, ra: np.ndarray, dec: np.ndarray):
+        self.ra = np.asarray(ra, dtype=float)
+        self.dec = np.asarray(dec, dtype=float)
+        self._cos_dec = np.cos(np.radians(self.dec))
+        self._offsets: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(
+        self,
+        image: np.ndarray,
+        layout: str,
+        solution: TanSip,
+        sigma: float,
+        *,
+        mask: np.ndarray | None = None,
+    ) -> None:
+        """Measure the stars on one frame (background removed, ``mask`` non-zero where
+        bad; ``sigma`` the PSF's Gaussian σ in px)."""
+        x, y = solution.sky_to_pixel(self.ra, self.dec)
+        ny, nx = np.shape(image)
+        on = np.isfinite(x) & np.isfinite(y) & (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
+        east = np.full(self.ra.size, np.nan)
+        north = np.full(self.ra.size, np.nan)
+        if on.any():
+            cx, cy, flags = colour_normalised_centroids(
+                image, layout, x[on], y[on], sigma, mask=mask
+            )
+            ra, dec = solution.pixel_to_sky(cx, cy)
+            index = np.flatnonzero(on)[flags == 0]
+            east[index] = ((ra[flags == 0] - self.ra[index] + 180.0) % 360.0 - 180.0) * (
+                self._cos_dec[index]
+            )
+            north[index] = dec[flags == 0] - self.dec[index]
+        self._offsets.append((east, north))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """RA, Dec (deg), the number of frames used and the scatter of one frame's
+        position along each axis (deg; NaN with fewer than two frames) per star. Stars no
+        frame measured keep their starting position with a count of 0."""
+        if not self._offsets:
+            zero = np.zeros(self.ra.size)
+            return self.ra.copy(), self.dec.copy(), zero.astype(int), zero + np.nan
+        east = np.stack([e for e, _ in self._offsets])
+        north = np.stack([n for _, n in self._offsets])
+        seen = np.isfinite(east).any(axis=0)  # nanmedian of nothing would warn
+        centre_e = np.full(self.ra.size, np.nan)
+        centre_n = np.full(self.ra.size, np.nan)
+        centre_e[seen] = np.nanmedian(east[:, seen], axis=0)
+        centre_n[seen] = np.nanmedian(north[:, seen], axis=0)
+        distance = np.hypot(east - centre_e, north - centre_n)
+        spread = np.full(self.ra.size, np.nan)
+        spread[seen] = np.nanmedian(distance[:, seen], axis=0) / np.sqrt(np.log(4.0))  # Rayleigh σ
+        with np.errstate(invalid="ignore"):
+            keep = np.isfinite(distance) & ~(distance > 3.5 * np.maximum(spread, 1e-12))
+        count = keep.sum(axis=0)
+        mean_e = np.where(keep, east, 0.0).sum(axis=0) / np.maximum(count, 1)
+        mean_n = np.where(keep, north, 0.0).sum(axis=0) / np.maximum(count, 1)
+        residual = np.where(keep, np.hypot(east - mean_e, north - mean_n), 0.0)
+        scatter = np.sqrt((residual**2).sum(axis=0) / np.maximum(2 * (count - 1), 1))
+        scatter = np.where(count >= 2, scatter, np.nan)
+        measured = count > 0
+        ra = np.where(measured, self.ra + mean_e / self._cos_dec, self.ra) % 360.0
+        dec = np.where(measured, self.dec + mean_n, self.dec)
+        return ra, dec, count, scatter
