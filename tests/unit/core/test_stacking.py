@@ -16,6 +16,7 @@ from autowisp.core.stacking import (
     SkyPositions,
     StackBuilder,
     channel_mapping,
+    detect_on_stack,
     frame_mapping,
     resample_channel,
 )
@@ -156,6 +157,33 @@ def test_stack_finds_faint_stars_at_their_true_positions_and_drops_a_satellite(l
     assert stack.count.max() == frames and (stack.count >= frames - 2).mean() > 0.9
 
     true_x, true_y = reference.sky_to_pixel(ra, dec)
+    deep_sources = detect_on_stack(stack, layout, reference)
+    d_deep, n_deep = cKDTree(np.column_stack([true_x, true_y])).query(
+        np.column_stack([deep_sources.x, deep_sources.y])
+    )
+    ok = d_deep < 1.0
+    assert ok.mean() > 0.97
+    # Every true star of S/N > 20 on the stack that is not blended is found.
+    found_ids = set(n_deep[ok])
+    # Channel fluxes: their sum follows the true flux (the responses sum to the mean
+    # over the layout's channels).
+    total = sum(deep_sources.flux.values())
+    share = np.mean(list(response.values())) * len(response) / (4 if layout != "MONO" else 1)
+    ratio = total[ok] / (flux[n_deep[ok]] * share)
+    bright_ok = flux[n_deep[ok]] > 3000
+    assert 0.97 < np.median(ratio[bright_ok]) < 1.03  # 1.5 FWHM holds 99.8 % of a Gaussian
+    spread = 1.4826 * np.median(np.abs(ratio[bright_ok] - np.median(ratio[bright_ok])))
+    assert spread < 0.03  # (neighbours' light makes the tail)
+    # Completeness: the issue's criterion, unblended stars of S/N > 20 on the stack.
+    npix = np.pi * (1.5 * 2.355 * sigma) ** 2
+    signal = flux * share
+    snr_stack = signal * np.sqrt(frames - 2) / np.sqrt(signal + npix * (sky + 25.0))
+    neighbours = cKDTree(np.column_stack([true_x, true_y])).query(
+        np.column_stack([true_x, true_y]), k=2
+    )[0][:, 1]
+    wanted = np.flatnonzero((snr_stack > 20) & (neighbours > 2 * 2.355 * sigma))
+    assert wanted.size > 50
+    assert np.isin(wanted, list(found_ids)).mean() >= 0.95
     image = np.where(np.isfinite(stack.image), stack.image, 0.0)
     found = extract_sources(image, layout, mask=stack.count < 5, threshold=5.0)
     distance, nearest = cKDTree(np.column_stack([true_x, true_y])).query(
