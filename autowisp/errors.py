@@ -13,6 +13,7 @@ __all__ = [
     "AutowispError",
     "ConfigurationError",
     "IngestError",
+    "NotFoundError",
     "PermanentError",
     "StepDefinitionError",
     "TransientError",
@@ -33,6 +34,10 @@ class StepDefinitionError(AutowispError):
 
 class IngestError(AutowispError):
     """A file cannot be ingested; the message is recorded as the rejection reason."""
+
+
+class NotFoundError(AutowispError, LookupError):
+    """Something named by id or name (a field, a night) is not in the database."""
 
 
 class TransientError(AutowispError):

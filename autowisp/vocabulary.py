@@ -1,15 +1,25 @@
-"""The words every layer shares: kinds of frames, task scopes and states, error kinds.
+"""The words every layer shares: kinds of frames, task scopes and states, error kinds,
+star flags.
 
-Plain string enums, below the database, the steps and the pipeline alike: the ORM models
-(:mod:`autowisp.db.models`) store their values, steps declare them, the pipeline moves
-tasks through them. This module imports nothing from ``autowisp``.
+Plain string enums (and one integer bit flag), below the database, the steps and the
+pipeline alike: the ORM models (:mod:`autowisp.db.models`) store their values, steps
+declare them, the pipeline moves tasks through them. This module imports nothing from
+``autowisp``.
 """
 
 from __future__ import annotations
 
 import enum
 
-__all__ = ["ErrorKind", "ImageState", "ImageType", "NightState", "Scope", "TaskState"]
+__all__ = [
+    "ErrorKind",
+    "ImageState",
+    "ImageType",
+    "NightState",
+    "Scope",
+    "StarFlag",
+    "TaskState",
+]
 
 
 class ImageType(enum.StrEnum):
@@ -75,3 +85,20 @@ class NightState(enum.StrEnum):
 
     OPEN = "open"
     CLOSED = "closed"
+
+
+class StarFlag(enum.IntFlag):
+    """Bits of ``star.flags`` (:mod:`autowisp.db.stars`), set by the star-list step.
+
+    A registration ORs the bits of its candidates into a known star's, except
+    ``CATALOGUE_ONLY``, which stays set only while no registration has detected the star.
+    """
+
+    #: Blended with a neighbour on the reference stack.
+    BLENDED = 1
+    #: Near a much brighter star.
+    NEAR_BRIGHT = 2
+    #: Suspected variable.
+    VARIABLE_SUSPECT = 4
+    #: In the catalogue, not detected on a stack yet.
+    CATALOGUE_ONLY = 8

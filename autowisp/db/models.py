@@ -15,6 +15,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     Date,
     DateTime,
     Enum,
@@ -33,7 +34,15 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from autowisp.vocabulary import ErrorKind, ImageState, ImageType, NightState, Scope, TaskState
+from autowisp.vocabulary import (
+    ErrorKind,
+    ImageState,
+    ImageType,
+    NightState,
+    Scope,
+    StarFlag,
+    TaskState,
+)
 
 __all__ = [
     "Base",
@@ -43,6 +52,7 @@ __all__ = [
     "Configuration",
     "ErrorKind",
     "Field",
+    "FieldStar",
     "Image",
     "ImageState",
     "ImageType",
@@ -53,6 +63,9 @@ __all__ = [
     "Observatory",
     "Scope",
     "ShardNight",
+    "Star",
+    "StarFlag",
+    "StarRegistry",
     "Step",
     "Task",
     "TaskState",
@@ -380,6 +393,90 @@ class ShardNight(Base):
     shard_generation: Mapped[int] = mapped_column(Integer)
     field_generation: Mapped[int] = mapped_column(Integer)
     placed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Star(Base):
+    """A star of the sky, one identity across frames, nights, fields and cameras.
+
+    Registered by :func:`autowisp.db.stars.register_stars`; its id and position never
+    change once registered (later registrations only fill in what it lacked: a Gaia id,
+    magnitudes, instrumental magnitudes, flags). Overlapping fields share its row.
+    """
+
+    __tablename__ = "star"
+    __table_args__ = (Index("ix_star_dec_ra", "dec", "ra"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    gaia_source_id: Mapped[int | None] = mapped_column(
+        BigInteger, unique=True, doc="Gaia DR3 source_id (None: not in the catalogue)."
+    )
+    ra: Mapped[float] = mapped_column(Float, doc="RA at ``epoch`` (ICRS), deg, in [0, 360).")
+    dec: Mapped[float] = mapped_column(Float, doc="Dec at ``epoch`` (ICRS), deg.")
+    epoch: Mapped[float] = mapped_column(Float, doc="Julian year of the position.")
+    g: Mapped[float | None] = mapped_column(Float, doc="Gaia G, mag (None: unknown).")
+    bp: Mapped[float | None] = mapped_column(Float, doc="Gaia BP, mag (None: unknown).")
+    rp: Mapped[float | None] = mapped_column(Float, doc="Gaia RP, mag (None: unknown).")
+    instrumental: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON(none_as_null=True),  # None is SQL NULL, not the JSON text 'null'
+        doc="Channel name (R, G1, G2, B or L) -> instrumental magnitude on a reference "
+        "stack, mag; each channel is filled in once, by the first registration that "
+        "measures it.",
+    )
+    first_night_id: Mapped[int | None] = mapped_column(
+        ForeignKey("night.id"), doc="The night whose registration created it."
+    )
+    first_field_id: Mapped[int] = mapped_column(
+        ForeignKey("field.id"), doc="The field whose registration created it."
+    )
+    flags: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0", doc="StarFlag bits (autowisp.vocabulary)."
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class FieldStar(Base):
+    """Star ``star_id`` is star ``star_index`` of field ``field_id``.
+
+    Indices are 0, 1, 2... in order of registration and append-only: the field's
+    light-curve shards (:func:`autowisp.db.fields.define_shards`) split its stars by
+    index, so an index never changes and is never reused.
+    """
+
+    __tablename__ = "field_star"
+    __table_args__ = (
+        UniqueConstraint("field_id", "star_index"),
+        UniqueConstraint("field_id", "star_id"),
+        Index("ix_field_star_star", "star_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    field_id: Mapped[int] = mapped_column(ForeignKey("field.id"))
+    star_index: Mapped[int] = mapped_column(Integer, doc="0, 1, 2... within the field.")
+    star_id: Mapped[int] = mapped_column(ForeignKey("star.id"))
+    added_night_id: Mapped[int | None] = mapped_column(
+        ForeignKey("night.id"), doc="The night whose registration added it to the field."
+    )
+
+
+class StarRegistry(Base):
+    """The single row (id 1) that serialises star registrations.
+
+    A registration begins with ``UPDATE star_registry SET version = version + 1 WHERE
+    id = 1``: the row lock on PostgreSQL, the database's write lock on SQLite, held until
+    the registration commits. Two registrations of overlapping fields therefore never
+    both create the same star. The migration inserts the row.
+    """
+
+    __tablename__ = "star_registry"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(
+        Integer,
+        default=0,
+        server_default="0",
+        doc="Registrations so far: an export at version v holds those up to v.",
+    )
 
 
 class Task(Base):

@@ -17,17 +17,29 @@ def _tables(url):
         engine.dispose()
 
 
+def _registry_rows(url):
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [tuple(r) for r in connection.execute(text("SELECT * FROM star_registry"))]
+    finally:
+        engine.dispose()
+
+
 def test_upgrade_downgrade_upgrade(empty_db):
     upgrade(empty_db)
     assert current_revision(empty_db) == head_revision()
     tables, views = _tables(empty_db)
     assert {"task", "image", "night", "camera", "configuration", "step"} <= tables
+    assert {"field", "star", "field_star", "star_registry"} <= tables
     assert views == {"v_night_progress", "v_failures", "v_waiting"}
+    assert _registry_rows(empty_db) == [(1, 0)]
     downgrade(empty_db, "base")
     tables, views = _tables(empty_db)
     assert tables == {"alembic_version"} and not views
     upgrade(empty_db)
     assert current_revision(empty_db) == head_revision()
+    assert _registry_rows(empty_db) == [(1, 0)]  # the one row star registrations lock
 
 
 def test_models_and_migrations_agree(db_url):
