@@ -29,7 +29,7 @@ mean.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import sep
@@ -142,12 +142,17 @@ def resample_channel(plane: np.ndarray, coordinates: tuple[np.ndarray, np.ndarra
 
 @dataclass(frozen=True)
 class Stack:
-    """A combined stack: the mosaic (image units of the reference, background removed)
-    and the number of frames that contributed to each pixel."""
+    """A combined stack: the mosaic (image units of the reference, background removed),
+    the number of frames that contributed to each pixel, and per channel the noise of
+    one stacked pixel before resampling (the frames' robust pixel scatter combined as
+    the min/max-rejected mean combines them): a sum over ``n`` pixels of the stack has
+    the noise ``noise * sqrt(n)``, which a stack pixel's own scatter would understate
+    (resampling correlates neighbours)."""
 
     image: np.ndarray
     count: np.ndarray
     frames: int
+    noise: dict[str, float] = field(default_factory=dict)
 
 
 class MinMaxStack:
@@ -188,7 +193,12 @@ class MinMaxStack:
         return combined.astype(np.float32), count.copy()
 
 
-def combine_mosaic(parts: dict[str, MinMaxStack], layout: str, shape: tuple[int, int]) -> Stack:
+def combine_mosaic(
+    parts: dict[str, MinMaxStack],
+    layout: str,
+    shape: tuple[int, int],
+    noise: dict[str, float] | None = None,
+) -> Stack:
     """Interleave the channels' stacks back into a mosaic of ``shape``."""
     image = np.full(shape, np.nan, np.float32)
     count = np.zeros(shape, np.int32)
@@ -198,7 +208,7 @@ def combine_mosaic(parts: dict[str, MinMaxStack], layout: str, shape: tuple[int,
         channel.view(image)[...] = plane
         channel.view(count)[...] = used
         frames = max(frames, parts[channel.name].frames)
-    return Stack(image, count, frames)
+    return Stack(image, count, frames, dict(noise or {}))
 
 
 class StackBuilder:
@@ -228,6 +238,7 @@ class StackBuilder:
             channel.name: MinMaxStack(channel.view(np.empty(self.shape, np.bool_)).shape)
             for channel in self._channels
         }
+        self._weight = {channel.name: 0.0 for channel in self._channels}
 
     @property
     def frames(self) -> int:
@@ -244,12 +255,26 @@ class StackBuilder:
             )
         mapping = frame_mapping(self.reference, solution, self.shape, grid_step=self.grid_step)
         for channel in self._channels:
+            plane = channel.view(image)
             coordinates = channel_mapping(mapping, self.shape, channel, grid_step=self.grid_step)
-            self._parts[channel.name].add(resample_channel(channel.view(image), coordinates))
+            self._parts[channel.name].add(resample_channel(plane, coordinates))
+            sample = plane[::3, ::3]
+            sample = sample[np.isfinite(sample)]
+            if sample.size:
+                scatter = 1.4826 * float(np.median(np.abs(sample - np.median(sample))))
+                if scatter > 0:
+                    self._weight[channel.name] += 1.0 / scatter**2
 
     def result(self) -> Stack:
-        """The combined mosaic and its per-pixel frame count."""
-        return combine_mosaic(self._parts, self.layout, self.shape)
+        """The combined mosaic, its per-pixel frame count and per-channel noise."""
+        frames = self.frames
+        # The min/max-rejected mean of n frames: about the mean of n - 2 of them.
+        loss = frames / (frames - 2) if frames >= 3 else 1.0
+        noise = {
+            name: float(np.sqrt(loss / weight)) if weight > 0 else float("nan")
+            for name, weight in self._weight.items()
+        }
+        return combine_mosaic(self._parts, self.layout, self.shape, noise)
 
 
 class SkyPositions:
@@ -348,7 +373,8 @@ class DeepSources:
         Sum within ``radius`` of the position over the channel's pixels of the stack
         (image units of the reference; the background taken out).
     flux_err : dict channel name -> (n,) ndarray
-        Its error from the stack's own background scatter.
+        Its error: the stack's pixel noise (:attr:`Stack.noise`) over the aperture and
+        the source's shot noise.
     fwhm : (n,) ndarray
         FWHM from the second moments, px.
     blended : (n,) bool ndarray
@@ -379,6 +405,7 @@ def detect_on_stack(
     threshold: float = 5.0,
     min_frames: int | None = None,
     max_sources: int = 500_000,
+    deblend_contrast: float = 0.005,
 ) -> DeepSources:
     """Detect sources ``threshold`` σ above the stack's background where at least
     ``min_frames`` frames (default: half of them) contributed, and measure each
@@ -389,7 +416,7 @@ def detect_on_stack(
     image = np.where(np.isfinite(stack.image) & ~thin, stack.image, np.float32(0.0))
     found = extract_sources(
         image, layout, mask=thin, threshold=threshold, max_sources=max_sources,
-        max_windowed=max_sources,
+        max_windowed=max_sources, deblend_contrast=deblend_contrast,
     )  # fmt: skip
     ra, dec = reference.pixel_to_sky(found.x, found.y)
     radius = 1.5 * float(np.median(found.fwhm)) if len(found) else 3.0
@@ -397,19 +424,25 @@ def detect_on_stack(
     flux_err: dict[str, np.ndarray] = {}
     variance = np.zeros(len(found))
     total = np.zeros(len(found))
+    # The noise of a sum over the aperture: the stack's pixel noise (from the frames'
+    # own, unresampled pixels) over the aperture's pixels, and the source's shot noise,
+    # that of a mean over the frames.
+    effective = frames - 2 if frames >= 3 else frames
     for channel in channels(layout):
         plane = np.ascontiguousarray(channel.view(image), dtype=np.float64)
         plane_mask = np.ascontiguousarray(channel.view(thin))
-        noise = float(sep.Background(plane, mask=plane_mask).globalrms) if plane.size else 0.0
         cx = (found.x - channel.x0) / channel.step
         cy = (found.y - channel.y0) / channel.step
-        summed, error, _ = sep.sum_circle(
-            plane, cx, cy, radius / channel.step, err=noise, mask=plane_mask
-        )
+        r = radius / channel.step
+        summed, _, _ = sep.sum_circle(plane, cx, cy, r, mask=plane_mask)
+        pixel_noise = stack.noise.get(channel.name, float("nan"))
+        if not np.isfinite(pixel_noise):
+            pixel_noise = float(sep.Background(plane, mask=plane_mask).globalrms)
+        error = np.sqrt(np.pi * r**2 * pixel_noise**2 + np.maximum(summed, 0.0) / effective)
         flux[channel.name] = np.asarray(summed, float)
         flux_err[channel.name] = np.asarray(error, float)
         total += summed
-        variance += np.asarray(error, float) ** 2
+        variance += error**2
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.where(variance > 0, total / np.sqrt(variance), 0.0)
     return DeepSources(

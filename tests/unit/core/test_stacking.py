@@ -249,9 +249,12 @@ def test_colour_normalised_centroids_remove_the_pull_of_the_channel_responses():
         assert not flags.any()
         assert np.median(np.hypot(plain_x - x, plain_y - y)) > 0.015  # sep's pull
         assert np.max(np.hypot(cx - x, cy - y)) < 0.006
-    # At the edge: flagged, the position kept.
-    cx, cy, flags = colour_normalised_centroids(image, "GBRG", [2.0], [100.0], sigma)
-    assert flags[0] == 1 and cx[0] == 2.0
+    # Near the edge the window uses what is on the frame; off it, flagged and kept.
+    edge = _render(shape, np.array([2.3, -3.0]), np.array([100.4, 50.0]), np.full(2, 2e4),
+                   sigma, "GBRG", response)  # fmt: skip
+    cx, cy, flags = colour_normalised_centroids(edge, "GBRG", [2.0, -3.0], [100.0, 50.0], sigma)
+    assert flags.tolist() == [0, 1] and cx[1] == -3.0
+    assert abs(cx[0] - 2.3) < 0.02 and abs(cy[0] - 100.4) < 0.02
 
 
 def test_resampling_agrees_with_scipy_bilinear_interpolation():
