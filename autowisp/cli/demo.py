@@ -52,6 +52,11 @@ def demo(
         typer.echo(f"  {step}: {path}")
         if qc and qc.get("plot"):
             typer.echo(f"  {step} plot: {qc['plot']}")
+        if step == "star_list" and qc:
+            typer.echo(
+                f"  star list: {qc.get('stars', 0)} stars, {qc.get('deep_only', 0)} of them "
+                "beyond the catalogue (`autowisp stars export` writes a field's list)"
+            )
     calibrated = sorted(settings.storage_root.glob("calibrate/*/*"))
     if calibrated:
         typer.echo(f"  calibrated frames (e-, compressed IMAGE and MASK HDUs): {calibrated[-1]}")

@@ -73,6 +73,12 @@ __all__ = [
 ]
 
 
+#: How much fainter (mag) a neighbour must be for a star to shape the PSF map: a
+#: neighbour whose core falls in the star's fit box (5: 1 % of the star's flux), one
+#: within twice the fit radius whose wings alone reach it (2.5: 10 %).
+NEIGHBOUR_DMAG = (5.0, 2.5)
+
+
 class Flag(enum.IntFlag):
     """Why a star's measurement should be used with care (bits of ``flags``)."""
 
@@ -480,7 +486,19 @@ def prepare_channel(
     fit_radius = max(3.0, 2.0 * fwhm_guess) + step
     margin = fit_radius + 1
     isolated = np.ones(n, bool)
-    isolated[tree.query_pairs(2 * fit_radius, output_type="ndarray").ravel()] = False
+    # A neighbour spoils a star's shape fit when it is not much fainter: one whose core
+    # is in the fit box unless NEIGHBOUR_DMAG[0] magnitudes fainter, one beyond it (within
+    # twice the fit radius, only its wings reach the box) unless NEIGHBOUR_DMAG[1]. With
+    # the deep star list every star has faint neighbours: a plain distance cut left 8 to
+    # 18 shape stars on a 640x512 frame, and the G2 map 11 % too wide.
+    near_pairs = tree.query_pairs(2 * fit_radius, output_type="ndarray")
+    if near_pairs.size:
+        brightness = np.nan_to_num(np.asarray(mag, float), nan=-np.inf)  # unknown: bright
+        a, b = near_pairs[:, 0], near_pairs[:, 1]
+        core = np.hypot(x[a] - x[b], y[a] - y[b]) < fit_radius + fwhm_guess
+        fainter = np.where(core, NEIGHBOUR_DMAG[0], NEIGHBOUR_DMAG[1])
+        isolated[a[brightness[b] < brightness[a] + fainter]] = False
+        isolated[b[brightness[a] < brightness[b] + fainter]] = False
     if other_x.size:  # a detection near a star that is not the star itself
         near = cKDTree(np.column_stack([other_x, other_y])).query_ball_point(
             positions, fit_radius + 1.0
@@ -499,7 +517,6 @@ def prepare_channel(
         lo_x, hi_x = int(x[i] - fit_radius), int(x[i] + fit_radius) + 2
         clean[i] = not np.any(bad[max(lo_y, 0) : hi_y, max(lo_x, 0) : hi_x])
     chosen = usable[clean[usable]]
-    chosen = chosen[np.argsort(mag[chosen], kind="stable")][: config.shape_stars]
     shape_map = None
     qc: dict[str, float | str] = {"stars": float(on.sum()), "shape_stars": float(chosen.size)}
     # the map is fitted in plain mode too: its FWHM and ellipticity are QC figures

@@ -7,16 +7,21 @@ Layout (written once, atomically, by the photometry step):
     ``raw_file``, ``date_obs`` (UTC, ISO), ``exptime`` (s), ``apertures`` (px, the
     radii of the ``flux`` columns), ``mode`` (``prf`` or ``plain``), ``layout``,
     ``channels`` (comma-separated group names), ``qc`` (JSON), ``flag_bits`` (JSON:
-    name → bit of :class:`autowisp.core.photometry.Flag`).
+    name → bit of :class:`autowisp.core.photometry.Flag`), ``field_id`` (the frame's
+    field, -1 for none).
 ``/<channel>`` for each channel ``R``, ``G1``, ``G2``, ``B`` (or ``MONO``), datasets over
     the stars measured (rows in the same order in every channel):
-    ``source_id`` (int64, Gaia DR3 id), ``x``, ``y`` (px, 0-based full-frame
-    coordinates, pixel centres at integers: where the channel measured the star, the
-    WCS-projected position plus the channel's smooth position correction), ``dx``,
-    ``dy`` (px, that correction; the projected position is ``x − dx``), ``flux``,
-    ``flux_err`` (stars × apertures,
-    e⁻: the flux an evenly sensitive detector would collect within each radius, in
-    the channel's share, so a well-sampled star's channel pixels sum to it),
+    ``source_id`` (int64, Gaia DR3 id, -1 for a star beyond the catalogue), ``ra``,
+    ``dec`` (deg, the star's position in the night's star list or the catalogue),
+    ``list_row`` (the star's row in the field's table of the night's star list, the
+    ``STARLIST`` product; -1 for a catalogue star the list does not hold),
+    ``star_flags`` (the list's :class:`autowisp.vocabulary.StarFlag` bits), ``x``,
+    ``y`` (px, 0-based full-frame coordinates, pixel centres at integers: where the
+    channel measured the star, the WCS-projected position plus the channel's smooth
+    position correction), ``dx``, ``dy`` (px, that correction; the projected position
+    is ``x − dx``), ``flux``, ``flux_err`` (stars × apertures, e⁻: the flux an evenly
+    sensitive detector would collect within each radius, in the channel's share, so a
+    well-sampled star's channel pixels sum to it),
     ``psf_flux``, ``psf_flux_err`` (e⁻, the whole PRF), ``psf_chi2`` (per degree of
     freedom), ``background``, ``background_err`` (e⁻ per channel pixel), ``flags``
     (uint16), ``psf_s``, ``psf_d``, ``psf_k`` (the PSF shape at each star, px⁻²);
@@ -71,6 +76,11 @@ class FramePhotometry:
     exptime: float
     qc: Mapping[str, Any]
     provenance: Provenance
+    ra: np.ndarray | None = None
+    dec: np.ndarray | None = None
+    list_row: np.ndarray | None = None
+    star_flags: np.ndarray | None = None
+    field_id: int | None = None
 
 
 def _json(value: Any) -> str:
@@ -90,11 +100,22 @@ def write_frame_photometry(path: Path, product: FramePhotometry) -> None:
         out.attrs["layout"] = product.layout
         out.attrs["qc"] = _json(product.qc)
         out.attrs["flag_bits"] = _json({flag.name: int(flag.value) for flag in Flag})
+        out.attrs["field_id"] = -1 if product.field_id is None else int(product.field_id)
+        size = np.asarray(product.source_id).size
+        star_columns = {
+            "ra": (product.ra, np.float64, np.nan),
+            "dec": (product.dec, np.float64, np.nan),
+            "list_row": (product.list_row, np.int64, -1),
+            "star_flags": (product.star_flags, np.int64, 0),
+        }
         for name, channel in product.channels.items():
             group_name = GROUP_OF.get(name, name)
             names.append(group_name)
             group = out.create_group(group_name)
             group["source_id"] = np.asarray(product.source_id, np.int64)
+            for key, (values, dtype, missing) in star_columns.items():
+                column = np.full(size, missing, dtype) if values is None else values
+                group[key] = np.asarray(column, dtype)
             x = channel.x if channel.x is not None else product.x
             y = channel.y if channel.y is not None else product.y
             group["x"] = np.asarray(x, float)
@@ -204,6 +225,11 @@ def read_frame_photometry(path: Path) -> FramePhotometry:
                 dy=_offsets(group, "dy"),
             )
         empty = np.zeros(0)
+
+        def star_column(key: str) -> np.ndarray | None:  # none in files of step version < 5
+            return np.asarray(first[key]) if first is not None and key in first else None
+
+        field_id = int(attrs.get("field_id", -1))
         return FramePhotometry(
             source_id=np.asarray(first["source_id"])
             if first is not None
@@ -219,4 +245,9 @@ def read_frame_photometry(path: Path) -> FramePhotometry:
             exptime=float(attrs["exptime"]),
             qc=json.loads(str(attrs["qc"])),
             provenance=Provenance.read(dict(attrs)),
+            ra=star_column("ra"),
+            dec=star_column("dec"),
+            list_row=star_column("list_row"),
+            star_flags=star_column("star_flags"),
+            field_id=None if field_id < 0 else field_id,
         )

@@ -20,6 +20,8 @@ primary header keywords, in HDF5 root attributes, under the same names:
     for products made from a calibrated frame, that frame, in the same form.
 ``ASTROM``
     for products made with an astrometric solution, that solution, in the same form.
+``STARLIST``
+    for products made with the night's star list, that list, in the same form.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class Provenance:
         masters: Mapping[str, Any] | None = None,
         calibrated: Any = None,
         astrometry: Any = None,
+        star_list: Any = None,
     ) -> Provenance:
         """The provenance of what a step writes for ``context`` (a StepContext).
 
@@ -98,6 +101,8 @@ class Provenance:
             references["CALFRAME"] = product_reference(calibrated, context.storage_root)
         if astrometry is not None:
             references["ASTROM"] = product_reference(astrometry, context.storage_root)
+        if star_list is not None:
+            references["STARLIST"] = product_reference(star_list, context.storage_root)
         image = context.image
         return cls(
             step=context.step,
@@ -137,7 +142,7 @@ class Provenance:
         uncalibrated = source.get("UNCALIB")
         references = {
             key: text(key)
-            for key in (*MASTER_KEYWORDS.values(), "CALFRAME", "ASTROM")
+            for key in (*MASTER_KEYWORDS.values(), "CALFRAME", "ASTROM", "STARLIST")
             if key in source
         }
         return cls(

@@ -381,6 +381,8 @@ def evaluate(
                                            upstream_id, facts)  # fmt: skip
             elif edge.kind is Kind.SAME:
                 outcome = _same(task, edge.step, upstream_id, generation, registry, facts)
+            elif edge.kind is Kind.AFTER:
+                outcome = _after(task, edge.step, upstream_id, generation, facts)
             elif edge.kind is Kind.BARRIER:
                 outcome = _barrier(task, step, edge.step, upstream_id, registry, facts)
             else:
@@ -412,6 +414,20 @@ def _same(
         return "exclude", f"input {name} has no task for {target}", ()
     if found.state in UNUSABLE:
         return "exclude", f"input {name} ({target}) is {found.state.value}", ()
+    if found.state is not TaskState.DONE:
+        return "wait", f"waiting for {name} of {target} ({found.state.value})", ()
+    return "ready", "", (found.id,)
+
+
+def _after(task: Task, name: str, upstream_id: int, generation: int, facts: _Facts) -> Outcome:
+    """The frame's own night's task, once it ended: read when done, left out (ready on
+    nothing) when it died or was excluded."""
+    target = f"night:{task.night_id}"
+    found = facts.upstream_of_nights(upstream_id).get((target, generation))
+    if found is None:
+        return "wait", f"waiting for {name} of {target} to be planned", ()
+    if found.state in UNUSABLE:
+        return "ready", "", ()
     if found.state is not TaskState.DONE:
         return "wait", f"waiting for {name} of {target} ({found.state.value})", ()
     return "ready", "", (found.id,)

@@ -41,6 +41,7 @@ from autowisp.errors import PermanentError, TransientError
 from autowisp.ingest.headers import sha256_of
 from autowisp.pipeline import state
 from autowisp.pipeline.dependencies import input_products
+from autowisp.pipeline.recorders import record
 from autowisp.pipeline.retention import pruned_inputs
 from autowisp.steps.base import (
     FieldInfo,
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 DEFAULT_POLICY = RunPolicy()
 
 
-def _image_info(image: Image, layout: str, serial: str) -> ImageInfo:
+def _image_info(image: Image, layout: str, serial: str, field_name: str = "") -> ImageInfo:
     if image.image_type is None or image.date_obs is None:
         raise PermanentError(f"image {image.id} ({image.path}) has no type or DATE-OBS")
     return ImageInfo(
@@ -83,6 +84,8 @@ def _image_info(image: Image, layout: str, serial: str) -> ImageInfo:
         camera_serial=serial,
         header=image.header,
         sha256=image.sha256,
+        field_id=image.field_id,
+        field_name=field_name,
     )
 
 
@@ -104,12 +107,20 @@ def _night_info(
     if generation is not None:
         query = query.where(Image.generation <= generation)
     images = session.scalars(query.order_by(Image.jd)).all()
+    field_ids = sorted({i.field_id for i in images if i.field_id is not None})
+    names: dict[int, str] = {}
+    if field_ids:
+        query_names = select(Field.id, Field.name).where(Field.id.in_(field_ids))
+        names = {field_id: name for field_id, name in session.execute(query_names)}
     return NightInfo(
         night.id,
         night.local_date,
         serial,
         layout,
-        tuple(_image_info(i, layout, serial) for i in images),
+        tuple(
+            _image_info(i, layout, serial, names.get(i.field_id, "") if i.field_id else "")
+            for i in images
+        ),
     )
 
 
@@ -384,12 +395,19 @@ def run_task(
         checksum = sha256_of(result.output_path) if result.output_path is not None else None
     except Exception as error:  # the task boundary: classified, recorded, never lost
         return _record_failure(database_url, task_id, token, error, policy)
-    finished = _in_session(
-        database_url,
-        lambda s: state.finish(
-            s, task_id, token, output_path=output, qc=result.qc, output_sha256=checksum
-        ),
-    )
+
+    def finish(session: Session) -> bool:
+        done = state.finish(
+            session, task_id, token, output_path=output, qc=result.qc, output_sha256=checksum
+        )
+        if done:  # the step's facts, in the same transaction (recorders.py)
+            record(session, step_class.recorder, task_id, output, dict(result.qc))
+        return done
+
+    try:
+        finished = _in_session(database_url, finish)
+    except Exception as error:  # the recorder's: the completion was rolled back with it
+        return _record_failure(database_url, task_id, token, error, policy)
     if not finished:
         log.warning("task %d finished after its lease was lost: result not recorded", task_id)
         return None

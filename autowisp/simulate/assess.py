@@ -10,17 +10,47 @@ over the brightest unflagged stars and what the photometry's own errors predict.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from autowisp.core.bayer import channels, colour_of_channels
-from autowisp.io.photometry import GROUP_OF, read_frame_photometry
-from autowisp.simulate.truth import read_truth
+from autowisp.io.photometry import GROUP_OF, FramePhotometry, read_frame_photometry
+from autowisp.simulate.truth import Truth, read_truth
 
-__all__ = ["Precision", "night_precision"]
+__all__ = ["Precision", "night_precision", "truth_rows"]
+
+#: A measured star beyond the catalogue is the truth's star nearest it within this (px).
+TRUTH_RADIUS_PX = 1.0
+
+
+def truth_rows(product: FramePhotometry, truth: Truth, frame: int) -> np.ndarray:
+    """The truth's star (row of ``truth.stars``) each star of ``product`` is, -1 for
+    none: by Gaia id where the truth has it, else the truth's star nearest the
+    WCS-projected position on ``frame`` (within ``TRUTH_RADIUS_PX``; the truth's
+    synthetic stars beyond the catalogue have negative ids the pipeline never sees)."""
+    ids = np.asarray(truth.stars["star_id"], np.int64)
+    order = np.argsort(ids, kind="stable")
+    source = np.asarray(product.source_id, np.int64)
+    where = np.clip(np.searchsorted(ids[order], source), 0, ids.size - 1)
+    by_id = np.where((source >= 0) & (ids[order][where] == source), order[where], -1)
+    rows = by_id.copy()
+    unknown = np.flatnonzero(rows < 0)
+    if unknown.size:
+        tx = np.asarray(truth.object["x"][frame], float)
+        ty = np.asarray(truth.object["y"][frame], float)
+        finite = np.flatnonzero(np.isfinite(tx) & np.isfinite(ty))
+        distance, nearest = cKDTree(np.column_stack([tx[finite], ty[finite]])).query(
+            np.column_stack([product.x[unknown], product.y[unknown]]),
+            distance_upper_bound=TRUTH_RADIUS_PX,
+        )
+        hit = np.isfinite(distance)
+        rows[unknown[hit]] = finite[nearest[hit]]
+    return rows
 
 
 @dataclass(frozen=True)
@@ -42,36 +72,41 @@ def night_precision(
     """One :class:`Precision` per channel (middle aperture) of a simulated night."""
     truth = read_truth(truth_path)
     frame_of = {str(name): i for i, name in enumerate(truth.object["filename"])}
-    star_of = {int(s): i for i, s in enumerate(truth.stars["star_id"])}
     products = [read_frame_photometry(Path(p)) for p in photometry_files]
     products = [p for p in products if p.raw_file in frame_of]
     if not products:
         return []
     layout = products[0].layout
     colours = colour_of_channels(layout)
+    frames = [frame_of[p.raw_file] for p in products]
+    stars_of = [truth_rows(p, truth, f) for p, f in zip(products, frames, strict=True)]
+    # The truth's stars measured once on every frame, and where each frame has them.
+    once = []
+    for rows in stars_of:
+        unique, counts = np.unique(rows[rows >= 0], return_counts=True)
+        once.append(unique[counts == 1])
+    common = functools.reduce(np.intersect1d, once)
+    indices = []
+    for rows in stars_of:
+        order = np.argsort(rows, kind="stable")
+        indices.append(order[np.searchsorted(rows[order], common)])
     results = []
     for index, channel in enumerate(channels(layout)):
         name = GROUP_OF.get(channel.name, channel.name)
         aperture = len(products[0].apertures) // 2
-        ids = products[0].source_id
-        known = np.array([int(s) in star_of for s in ids])
-        rows = np.array([star_of.get(int(s), 0) for s in ids])
         measured, psf, expected = [], [], []
-        for product in products:
-            if not np.array_equal(product.source_id, ids):
-                continue  # another star list: not comparable star by star
-            frame = frame_of[product.raw_file]
+        known = np.ones(common.size, bool)
+        for product, frame, take in zip(products, frames, indices, strict=True):
             phot = product.channels[name]
-            true = truth.object["flux"][frame, rows, colours[index]] * np.nan_to_num(
-                truth.object["scintillation_factor"][frame, rows], nan=1.0
+            true = truth.object["flux"][frame, common, colours[index]] * np.nan_to_num(
+                truth.object["scintillation_factor"][frame, common], nan=1.0
             )
-            flux = phot.flux[:, aperture]
+            flux = phot.flux[take, aperture]
             with np.errstate(invalid="ignore", divide="ignore"):  # negative fluxes: NaN
                 measured.append(-2.5 * np.log10(flux / true))
-                psf.append(-2.5 * np.log10(phot.psf_flux / true))
-            expected.append(1.0857 * phot.flux_err[:, aperture] / flux)
-            good = (phot.flags == 0) & known
-            known = good
+                psf.append(-2.5 * np.log10(phot.psf_flux[take] / true))
+            expected.append(1.0857 * phot.flux_err[take, aperture] / flux)
+            known &= phot.flags[take] == 0
         if len(measured) < 2:
             continue
         m, p, e = (np.array(v) for v in (measured, psf, expected))

@@ -45,6 +45,10 @@ class Kind(enum.StrEnum):
     generation; it runs once they are all done, dead or excluded, on the done ones.
     ``master``: a night step's product, the task's own night's when that night has frames
     for it, else (its master dead or absent) the nearest valid night's of the same camera.
+    ``after``: an image step on a night step that improves it but is not needed — the
+    frame's own night's task: the image task waits for it to end, then runs with its
+    product when it is done and without it when it died or was excluded (a failed star
+    list must not stop a night's photometry of the catalogue's stars).
 
     Shards and fields (a shard's or field's task works on one of its generations):
 
@@ -66,6 +70,7 @@ class Kind(enum.StrEnum):
     SAME = "same"
     BARRIER = "barrier"
     MASTER = "master"
+    AFTER = "after"
     NIGHTS = "nights"
     SHARDS = "shards"
     FIELD_SHARDS = "field_shards"
@@ -104,6 +109,8 @@ class ImageInfo:
     camera_serial: str
     header: Mapping[str, Any]
     sha256: str = ""
+    field_id: int | None = None
+    field_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -290,6 +297,9 @@ class Step(abc.ABC):
         least one such frame.
     queue : "light" for per-frame work, "heavy" for night-level work.
     time_limit : seconds a task may run (0: the ``[pipeline] time_limit_seconds``).
+    recorder : what the runner records in the database from the step's output, in the
+        transaction that marks the task done ("" for nothing; "stars": the star list's
+        identities, :mod:`autowisp.pipeline.recorders`).
     """
 
     name: ClassVar[str]
@@ -302,6 +312,7 @@ class Step(abc.ABC):
     image_types: ClassVar[frozenset[ImageType]] = frozenset(ImageType)
     queue: ClassVar[str] = "light"
     time_limit: ClassVar[float] = 0.0
+    recorder: ClassVar[str] = ""
 
     @abc.abstractmethod
     def run(self, context: StepContext) -> StepResult:

@@ -20,6 +20,7 @@ from autowisp.steps.frame_qc import FrameQC
 from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
 from autowisp.steps.night_qc import NightQC
 from autowisp.steps.photometry import Photometry
+from autowisp.steps.star_list import StarList
 from autowisp.vocabulary import Scope
 
 __all__ = ["PIPELINE", "Registry", "default_registry", "load_registry"]
@@ -33,6 +34,7 @@ PIPELINE: tuple[type[Step], ...] = (
     MasterFlat,
     Calibrate,
     Astrometry,
+    StarList,
     Photometry,
 )
 
@@ -123,6 +125,7 @@ class Registry:
                         (Scope.FIELD, Scope.FIELD), (Scope.SHARD, Scope.FIELD)},
             Kind.BARRIER: {(Scope.NIGHT, Scope.IMAGE)},
             Kind.MASTER: {(Scope.IMAGE, Scope.NIGHT), (Scope.NIGHT, Scope.NIGHT)},
+            Kind.AFTER: {(Scope.IMAGE, Scope.NIGHT)},
             Kind.NIGHTS: {(Scope.SHARD, Scope.NIGHT)},
             Kind.SHARDS: {(Scope.NIGHT, Scope.SHARD)},
             Kind.FIELD_SHARDS: {(Scope.FIELD, Scope.SHARD)},

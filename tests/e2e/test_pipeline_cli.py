@@ -30,6 +30,7 @@ DONE = {
     "master_flat": 1,
     "calibrate": 4,
     "astrometry": 4,
+    "star_list": 1,
     "photometry": 4,
 }
 
@@ -38,8 +39,9 @@ def test_demo_processes_a_night_end_to_end(demo_home):
     home, result = demo_home
     out = result.stdout
     assert "ingested 36 files into 1 night(s)" in out  # 4 objects, 10+10+12 calibration
-    # frame_qc 36, night_qc 1, three masters, calibrate 4, astrometry 4, photometry 4
-    assert "ran 52 tasks" in out and "52 done" in out
+    # frame_qc 36, night_qc 1, three masters, calibrate 4, astrometry 4, star_list 1,
+    # photometry 4
+    assert "ran 53 tasks" in out and "53 done" in out
     assert "frame_qc" in out and "night_qc" in out and "calibrate" in out
     plot = Path(out.split("night_qc plot: ")[1].split()[0])
     summary = Path(out.split("night_qc: ")[1].split()[0])
@@ -58,7 +60,7 @@ def test_status_json_and_rerun_does_nothing(demo_home):
     steps = {row["step"]: row for row in status["progress"]}
     assert {name: row["done"] for name, row in steps.items()} == DONE
     assert status["failures"] == [] and status["images"] == {"ingested": 36}
-    assert status["throughput"]["tasks_done"] == 52
+    assert status["throughput"]["tasks_done"] == 53
     again = _cli(home, "run").stdout
     assert "ran 0 tasks" in again and "nothing to do" in again
 
@@ -79,7 +81,8 @@ def test_config_change_reruns_only_downstream(demo_home, tmp_path):
         "[steps.night_qc]\noutlier_sigma = 4.0\n[steps.master_flat]\nmax_structure = 0.03\n"
     )
     result = _cli(home, "run", extra_env=env).stdout
-    assert "ran 13 tasks" in result and "13 done" in result  # flat, 4 x 3 frame steps
+    # the flat, 4 x 3 frame steps and the night's star_list
+    assert "ran 14 tasks" in result and "14 done" in result
 
 
 def test_ingest_command_reports_rejections(tmp_path):

@@ -14,13 +14,14 @@ from autowisp.ingest.ingest import ingest_paths
 from autowisp.pipeline.local import run_local
 
 
-def process_upload(home: Path, upload: Path, registry, parameters=None) -> list:
-    """Ingest ``upload`` into a new SQLite database under ``home``, run ``registry`` on
-    it with the local executor, and return the active tasks' rows (step name, target,
-    state, output path, QC, last error), in the order of the frames' file names."""
+def process_upload(home: Path, upload: Path, registry, parameters=None, rules=None) -> list:
+    """Ingest ``upload`` (with the ingest ``rules``) into a new SQLite database under
+    ``home``, run ``registry`` on it with the local executor, and return the active tasks'
+    rows (step name, target, state, output path, QC, last error), in the order of the
+    frames' file names."""
     url = f"sqlite:///{home / 'db.sqlite'}"
     upgrade(url)
-    ingest_paths(url, [upload], close=True)
+    ingest_paths(url, [upload], close=True, rules=rules)
     run_local(url, home / "storage", registry, jobs=2, step_parameters=parameters or {})
     with session_scope(url) as session:
         return session.execute(

@@ -24,7 +24,7 @@ from autowisp.pipeline import state
 from autowisp.pipeline.cycle import triage
 from autowisp.pipeline.local import apply_configuration, run_local
 from autowisp.pipeline.runner import classify_error, run_task
-from autowisp.steps.base import Parameter, Step, StepResult
+from autowisp.steps.base import Input, Kind, Parameter, Step, StepResult
 from autowisp.steps.calibrate import Calibrate
 from autowisp.steps.frame_qc import FrameQC
 from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
@@ -360,3 +360,61 @@ def test_a_master_finishing_wakes_the_nights_of_its_camera(small_night, tmp_path
     for task in later:
         [bias] = task.inputs["master_bias"]
         assert _night_of_task(url, bias).isoformat() == "2024-09-10"
+
+
+class _Each(Step):
+    name = "each"
+    scope = Scope.IMAGE
+    image_types = frozenset({ImageType.OBJECT})
+
+    def run(self, context):
+        return StepResult(None, {"frame": context.require_image().path.name})
+
+
+class _NightList(Step):
+    """A night step over the frames that improves the frames' next step, or fails."""
+
+    name = "night_list"
+    scope = Scope.NIGHT
+    inputs = ("each",)
+    image_types = frozenset({ImageType.OBJECT})
+    parameters = (Parameter("fail", False),)
+
+    def run(self, context):
+        if context.parameters["fail"]:
+            raise PermanentError("no frame to stack")
+        return StepResult(None, {"frames": len(context.inputs["each"])})
+
+
+class _Measure(Step):
+    name = "measure"
+    scope = Scope.IMAGE
+    inputs = ("each", Input("night_list", Kind.AFTER))
+    image_types = frozenset({ImageType.OBJECT})
+
+    def run(self, context):
+        listed = context.inputs.get("night_list", ())
+        return StepResult(None, {"with_list": [p.qc.get("frames") for p in listed]})
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_an_after_input_is_read_when_done_and_left_out_when_it_died(small_night, tmp_path, fail):
+    """A frame step's optional night input (``after``): it waits for the night's task,
+    reads its product when done, and runs without it when it died (a failed star list
+    must not stop the night's photometry)."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    ingest_paths(url, [_camera(small_night)], close=True)
+    registry = Registry([_Each, _NightList, _Measure])
+    assert {e.step: e.kind for e in registry.edges("measure")} == {
+        "each": Kind.SAME, "night_list": Kind.AFTER}  # fmt: skip
+    run_local(url, tmp_path, registry, jobs=2, step_parameters={"night_list": {"fail": fail}})
+    ((night_list, _),) = _rows(url, "night_list")
+    measured = [task for task, _ in _rows(url, "measure")]
+    assert night_list.state is (TaskState.DEAD if fail else TaskState.DONE)
+    assert len(measured) == len(_rows(url, "each")) > 0
+    assert all(task.state is TaskState.DONE for task in measured), [t.last_error for t in measured]
+    expected = [] if fail else [len(measured)]
+    assert all(task.qc["with_list"] == expected for task in measured)
+    assert all(task.inputs.get("night_list", []) == ([] if fail else [night_list.id])
+               for task in measured)  # fmt: skip

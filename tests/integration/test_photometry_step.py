@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from autowisp.core.bayer import channels, colour_of_channels
+from autowisp.core.psf import fwhm_of
 from autowisp.io.photometry import read_frame_photometry
+from autowisp.simulate.assess import truth_rows
 from autowisp.simulate.night import NightConfig, simulate_night
 from autowisp.simulate.truth import read_truth
 from autowisp.steps.astrometry import Astrometry
@@ -16,12 +18,13 @@ from autowisp.steps.frame_qc import FrameQC
 from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
 from autowisp.steps.photometry import Photometry
 from autowisp.steps.registry import Registry
+from autowisp.steps.star_list import StarList
 from autowisp.vocabulary import TaskState
 from tests.integration.conftest import process_upload
 from tests.unit.core.synthetic import enclosed
 
 REGISTRY = Registry([FrameQC, MasterBias, MasterDark, MasterFlat, Calibrate, Astrometry,
-                     Photometry])  # fmt: skip
+                     StarList, Photometry])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +44,14 @@ def test_every_frame_is_measured_and_the_file_is_as_documented(measured_night):
         assert f.attrs["channels"] == "R,G1,G2,B"
         assert list(f.attrs["apertures"]) == [2.0, 3.0, 4.0, 5.0]
         assert f.attrs["STEP"] == "photometry" and "ASTROM" in f.attrs and "CALFRAME" in f.attrs
+        assert "STARLIST" in f.attrs and f.attrs["field_id"] >= 0
         for name in ("R", "G1", "G2", "B"):
             group = f[name]
             n = group["source_id"].shape[0]
             assert group["source_id"].dtype == np.int64 and n > 20
             assert group["flux"].shape == group["flux_err"].shape == (n, 4)
             for key in ("x", "y", "psf_flux", "psf_flux_err", "background", "background_err",
-                        "flags"):  # fmt: skip
+                        "flags", "ra", "dec", "list_row", "star_flags"):  # fmt: skip
                 assert group[key].shape == (n,)
             assert "psf_coefficients" in group
     for row in rows:
@@ -86,7 +90,6 @@ def _unblended_figures(rows, truth):
 
 def _measure_unblended(rows, truth):
     names = list(truth.object["filename"])
-    star_of = {int(s): i for i, s in enumerate(truth.stars["star_id"])}
     layout = "RGGB"
     colours = colour_of_channels(layout)
     flat = truth.calibration["flat"]
@@ -95,14 +98,14 @@ def _measure_unblended(rows, truth):
     for row in rows:
         product = read_frame_photometry(row.output_path)
         frame = names.index(product.raw_file)
-        stars = np.array([star_of[int(s)] for s in product.source_id])
+        stars = truth_rows(product, truth, frame)
         for c, channel in enumerate(channels(layout)):
             phot = product.channels[channel.name]
             scale = np.median(channel.view(flat)) / 4  # calibration normalises the flat
             clean = np.flatnonzero(
                 (phot.flags == 0) & (phot.flux[:, 1] / phot.flux_err[:, 1] > 50)
             )
-            for i in clean:
+            for i in clean[stars[clean] >= 0]:
                 s = stars[i]
                 if _contamination(truth, frame, s, colours[c], 3.0) > 0.002:
                     continue
@@ -113,8 +116,9 @@ def _measure_unblended(rows, truth):
                                     truth.object["fwhm_minor"][frame, s],
                                     truth.object["theta"][frame, s], 3.0)  # fmt: skip
                 ratios[channel.name].append(phot.flux[i, 1] / (true * scale * fraction))
-                major, _, _ = phot.shape_map.fwhm(product.x[i : i + 1], product.y[i : i + 1],
-                                                  np.array([phot.shape_map.mag_zero]))  # fmt: skip
+                # The map's shape at the star (its position and magnitude), as measured.
+                major, _, _ = fwhm_of(*phot.shapes[i : i + 1].T, kind=phot.shape_map.kind,
+                                      beta=phot.shape_map.beta)  # fmt: skip
                 widths[channel.name].append(float(major[0]) / truth.object["fwhm_major"][frame, s])
     return {name: (len(v), float(np.median(v)), float(np.median(widths[name])))
             for name, v in ratios.items()}  # fmt: skip

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from astropy.io import fits
 from sqlalchemy import select
 
 from autowisp.db.models import Configuration, Image, Task, TaskState
@@ -21,7 +20,7 @@ from autowisp.ingest.ingest import ingest_paths
 from autowisp.pipeline.local import run_local
 from autowisp.steps.registry import default_registry
 from tests.service.conftest import wait_for
-from tests.service.soak import same_datasets
+from tests.service.soak import same_datasets, same_hdus
 from tests.service.steps import read_events
 
 STEPS = "tests.service.steps:REGISTRY"
@@ -88,11 +87,11 @@ def test_night_through_scheduler_and_two_workers_matches_local_executor(
     service.worker("w1")
     service.worker("w2")
     service.scheduler()
-    # frame_qc on 38 frames, night_qc, three masters, calibrate, astrometry and photometry
-    # on 6 frames
-    service.wait_finished(38 + 1 + 3 + 6 + 6 + 6, timeout=300)
+    # frame_qc on 38 frames, night_qc, three masters, calibrate and astrometry on 6
+    # frames, the night's star list and photometry on 6 frames
+    service.wait_finished(38 + 1 + 3 + 6 + 6 + 1 + 6, timeout=300)
     served, local = _outputs(pg_url), _outputs(local_url)
-    assert served.keys() == local.keys() and len(served) == 60
+    assert served.keys() == local.keys() and len(served) == 61
     hosts = set()
     for key, (path, qc, state) in served.items():
         local_path, local_qc, local_state = local[key]
@@ -110,10 +109,7 @@ def test_night_through_scheduler_and_two_workers_matches_local_executor(
                     np.testing.assert_array_equal(a[name][()], b[name][()])
         elif path.endswith(".fits"):  # masters and calibrated frames
             assert qc == local_qc
-            with fits.open(path) as a, fits.open(local_path) as b:
-                assert [h.name for h in a] == [h.name for h in b]
-                for ours, theirs in zip(a, b, strict=True):
-                    np.testing.assert_array_equal(ours.data, theirs.data)
+            same_hdus(path, local_path)
         else:
             ours, theirs = (
                 json.loads(Path(path).read_text()),

@@ -70,5 +70,6 @@ def test_default_pipeline_is_declared():
         "master_flat",
         "calibrate",
         "astrometry",
+        "star_list",
         "photometry",
     ]

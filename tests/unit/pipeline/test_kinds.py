@@ -61,6 +61,9 @@ def test_a_shard_parameter_changes_the_shard_chain_only():
          "as a shards input"),
         ([PHOT, MAGFIT, _step("s", Scope.SHARD, (Input("magfit", Kind.PREVIOUS),))],
          "as a previous input"),
+        ([PHOT, MAGFIT, _step("n", Scope.NIGHT, (Input("magfit", Kind.AFTER),))],
+         "as a after input"),
+        ([PHOT, _step("i", Scope.IMAGE, (Input("phot", Kind.AFTER),))], "as a after input"),
     ],
 )  # fmt: skip
 def test_edges_no_kind_allows_are_refused(steps, message):
