@@ -5,7 +5,8 @@ the measured and the true channel flux (truth with the realised scintillation, s
 is left is the measurement's own error) is taken about each frame's median difference
 (a per-frame zero point, as magnitude fitting will do); the star's precision is the RMS
 of what remains over the night. :func:`night_precision` reports the median of that RMS
-over the brightest unflagged stars and what the photometry's own errors predict.
+over the brightest stars no flag spoils on any frame (``SPOILING``: a crowded star
+counts, its neighbours are fitted with it) and what the photometry's own errors predict.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from autowisp.core.bayer import channels, colour_of_channels
+from autowisp.core.photometry import SPOILING
 from autowisp.io.photometry import GROUP_OF, FramePhotometry, read_frame_photometry
 from autowisp.simulate.truth import Truth, read_truth
 
@@ -106,7 +108,7 @@ def night_precision(
                 measured.append(-2.5 * np.log10(flux / true))
                 psf.append(-2.5 * np.log10(phot.psf_flux[take] / true))
             expected.append(1.0857 * phot.flux_err[take, aperture] / flux)
-            known &= phot.flags[take] == 0
+            known &= (phot.flags[take] & SPOILING) == 0
         if len(measured) < 2:
             continue
         m, p, e = (np.array(v) for v in (measured, psf, expected))

@@ -343,12 +343,9 @@ def test_two_cameras_overlapping_share_stars_when_registered_concurrently(tmp_pa
 def test_unlike_cameras_get_their_star_list_and_its_photometry(tmp_path, camera):
     """Cameras unlike the default: the list reaches the same purity and completeness,
     and the photometry measures its stars beyond the catalogue."""
-    from autowisp.core.photometry import Flag
+    from autowisp.core.photometry import SPOILING
     from autowisp.io.photometry import read_frame_photometry
     from autowisp.steps.photometry import Photometry
-
-    unusable = (Flag.SATURATED | Flag.MASKED | Flag.EDGE | Flag.OFF_FRAME
-                | Flag.NO_BACKGROUND | Flag.PSF_FAILED | Flag.LOST_WEIGHT)  # fmt: skip
 
     registry = Registry([*REGISTRY, Photometry])
     upload = _simulate(tmp_path / "upload", frames=6, cloudy_fraction=0.0, **camera)
@@ -379,7 +376,7 @@ def test_unlike_cameras_get_their_star_list_and_its_photometry(tmp_path, camera)
         deep = np.asarray(product.source_id) < 0
         ready = np.ones(deep.size, bool)
         for channel in product.channels.values():
-            ready &= (channel.flags & unusable) == 0
+            ready &= (channel.flags & SPOILING) == 0
             ready &= np.all(np.isfinite(channel.flux), axis=1)
             ready &= np.all(channel.flux_err > 0, axis=1)
         for kind, which in enumerate((~deep, deep)):
