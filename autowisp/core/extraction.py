@@ -353,6 +353,8 @@ def _colour_centroids_kernel(data, excluded, has_mask, lookup, x, y, stars, sigm
     valid = np.zeros((size, size))
     which = np.zeros((size, size), np.int64)
     window = np.zeros((size, size))
+    gx = np.zeros(size)
+    gy = np.zeros(size)
     level = np.zeros(n_channels)
     top = np.zeros(n_channels)
     bottom = np.zeros(n_channels)
@@ -380,13 +382,17 @@ def _colour_centroids_kernel(data, excluded, has_mask, lookup, x, y, stars, sigm
             for c in range(n_channels):
                 top[c] = 0.0
                 bottom[c] = 0.0
+            # the Gaussian window is separable: exp(-(dx² + dy²)/2σ²) = gx[b] gy[a]
             for a in range(size):
                 dy = (r0 - half + a) - cy
+                gy[a] = np.exp(-(dy * dy) / (2 * sigma * sigma))
+                dx = (c0 - half + a) - cx
+                gx[a] = np.exp(-(dx * dx) / (2 * sigma * sigma))
+            for a in range(size):
                 for b in range(size):
                     if valid[a, b] == 0.0:
                         continue
-                    dx = (c0 - half + b) - cx
-                    w = np.exp(-(dx * dx + dy * dy) / (2 * sigma * sigma))
+                    w = gx[b] * gy[a]
                     window[a, b] = w
                     c = which[a, b]
                     top[c] += w * stamp[a, b]
