@@ -93,8 +93,9 @@ def test_main_command_in_a_fresh_venv(tmp_path):
 
 def test_test_command_installs_and_runs_pytest_in_a_fresh_venv(tmp_path):
     clone = _fresh_clone(tmp_path / "clone")
-    # The exact command; the inner run is limited to the unit tests so it does not recurse.
-    result = _run(
-        _command("test-command"), clone, {"PYTEST_ADDOPTS": "-q -p no:cacheprovider tests/unit"}
-    )
+    # The exact command; the inner run is limited to the fast unit tests of the pipeline's
+    # configuration and of the file formats, so it neither recurses nor runs the
+    # numerical tests a second time (the outer run has them).
+    inner = "-q -p no:cacheprovider tests/unit/pipeline tests/unit/io"
+    result = _run(_command("test-command"), clone, {"PYTEST_ADDOPTS": inner})
     assert re.search(r"\d+ passed", result.stdout), result.stdout[-2000:]
