@@ -40,22 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.bench_frame import _reset_peak, _status_mb
+
 TARGET_SECONDS = 60.0
 MASTER_FRAMES = 5
 BINS = (6.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0)
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
 
 
 def _registry():  # type: ignore[no-untyped-def]

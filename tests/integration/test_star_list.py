@@ -366,6 +366,33 @@ def test_unlike_cameras_get_their_star_list_and_its_photometry(tmp_path, camera)
     assert [r.state for r in photometry] == [TaskState.DONE] * 6, [
         r.last_error for r in photometry
     ]
+    # The magnitudes photometry gives the stars beyond the catalogue (the stack's
+    # instrumental ones moved to G by the catalogue stars'): they order the PSF map's
+    # shape stars and are its magnitude term, so they must follow the truth's G.
+    from astropy.io import fits
+
+    from autowisp.io.solution import read_astrometric_solution
+    from autowisp.steps.photometry import frame_stars
+
+    solved = next(r for r in rows if r.name == "astrometry" and r.output_path)
+    solution = read_astrometric_solution(Path(solved.output_path))
+    stars = frame_stars(solution, (camera["height"], camera["width"]), Path(task.output_path),
+                        field.field_id)  # fmt: skip
+    k = _reference_truth(truth, str(fits.getheader(solved.output_path)["RAWFILE"]))
+    tx, ty = truth.object["x"][k], truth.object["y"][k]
+    distance, nearest = cKDTree(np.column_stack([tx, ty])).query(
+        np.column_stack([stars.x, stars.y])
+    )
+    deep = (stars.source_id < 0) & (distance < 0.5)
+    offset = stars.mag[deep] - np.asarray(truth.stars["gmag"])[nearest[deep]]
+    print(f"{camera['layout']}: estimated G of {deep.sum()} stars beyond the catalogue minus "
+          f"the truth's: median {np.median(offset):+.2f}, 10-90 % "
+          f"{np.percentile(offset, 10):+.2f} .. {np.percentile(offset, 90):+.2f}")  # fmt: skip
+    assert deep.sum() > 50
+    assert abs(np.median(offset)) < 0.3
+    # The spread is the one band's colour term and blends' joined light (measured: 90 %
+    # within 0.82 mag on the mono night, 0.52 on the BGGR one): it only orders the stars.
+    assert np.percentile(np.abs(offset), 90) < 1.0
     # Light-curve ready: finite fluxes and errors in every channel and aperture, no flag
     # that spoils them (crowded stars are measured too). Stars beyond the catalogue must
     # be as ready as the catalogue's (their own flags: saturation, edges, masked pixels).
