@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from sqlalchemy import select
@@ -73,6 +73,9 @@ def demo(
     typer.echo(f"ground truth of the simulated night: {truth}")
     if photometry:
         _print_precision(sorted(photometry[-1].glob("*.h5")), truth)
+    magfit = sorted(settings.storage_root.glob("magfit/*/*/*.h5"))
+    if magfit:
+        _print_magfit_precision(magfit[-1], truth)
 
 
 def _print_precision(files: list[Path], truth: Path) -> None:
@@ -92,4 +95,26 @@ def _print_precision(files: list[Path], truth: Path) -> None:
             f"  {r.channel:>4}: aperture {r.aperture:g} px {r.measured_mmag:.1f} mmag, "
             f"PSF fit {r.psf_mmag:.1f} mmag, expected from errors {r.expected_mmag:.1f} mmag "
             f"({r.stars} stars, {r.frames} frames)"
+        )
+
+
+def _print_magfit_precision(path: Path, truth: Path) -> None:
+    """The light curves' scatter after magnitude fitting against the theoretical noise."""
+    from autowisp.simulate.assess import magfit_precision
+
+    best: dict[str, Any] = {}
+    for row in magfit_precision(path, truth, min_fraction=0.75):
+        if row.channel not in best or row.ratio < best[row.channel].ratio:
+            best[row.channel] = row
+    if not best:
+        typer.echo("after magnitude fitting: no unsaturated G 7-11 star on 3/4 of the frames")
+        return
+    typer.echo(
+        f"after magnitude fitting ({path}), unsaturated G 7-11 stars, the best aperture: "
+        "median RMS / theoretical noise (photons, sky, read noise, scintillation)"
+    )
+    for channel, r in best.items():
+        typer.echo(
+            f"  {channel:>4}: {r.photometry} {r.ratio:.2f} ({r.rms_mmag:.1f} mmag against "
+            f"{r.theory_mmag:.1f}; {r.stars} stars)"
         )

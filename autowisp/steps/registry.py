@@ -17,6 +17,7 @@ from autowisp.steps.astrometry import Astrometry
 from autowisp.steps.base import Input, Kind, Step
 from autowisp.steps.calibrate import Calibrate
 from autowisp.steps.frame_qc import FrameQC
+from autowisp.steps.magfit import Magfit
 from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
 from autowisp.steps.night_qc import NightQC
 from autowisp.steps.photometry import Photometry
@@ -36,6 +37,7 @@ PIPELINE: tuple[type[Step], ...] = (
     Astrometry,
     StarList,
     Photometry,
+    Magfit,
 )
 
 

@@ -61,8 +61,8 @@ def test_run_exits_non_zero_and_lists_what_waits(small_night, tmp_path):
         shutil.copy(frame, upload / frame.name)
     result = _cli(home, "run", str(upload), check=False)
     assert result.returncode == 3, result.stdout + result.stderr
-    # calibrate, astrometry, photometry of 2 frames and the night's star_list
-    assert "7 task(s) still waiting" in result.stdout
+    # calibrate, astrometry, photometry of 2 frames, the night's star_list and magfit
+    assert "8 task(s) still waiting" in result.stdout
     assert "waiting for a master_bias of camera" in result.stdout
     status = _cli(home, "status").stdout
     assert "waiting tasks and why" in status and "master_bias" in status

@@ -32,6 +32,7 @@ DONE = {
     "astrometry": 4,
     "star_list": 1,
     "photometry": 4,
+    "magfit": 1,
 }
 
 
@@ -40,8 +41,9 @@ def test_demo_processes_a_night_end_to_end(demo_home):
     out = result.stdout
     assert "ingested 36 files into 1 night(s)" in out  # 4 objects, 10+10+12 calibration
     # frame_qc 36, night_qc 1, three masters, calibrate 4, astrometry 4, star_list 1,
-    # photometry 4
-    assert "ran 53 tasks" in out and "53 done" in out
+    # photometry 4, magfit 1
+    assert "ran 54 tasks" in out and "54 done" in out
+    assert "after magnitude fitting" in out
     assert "frame_qc" in out and "night_qc" in out and "calibrate" in out
     plot = Path(out.split("night_qc plot: ")[1].split()[0])
     summary = Path(out.split("night_qc: ")[1].split()[0])

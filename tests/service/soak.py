@@ -52,7 +52,7 @@ from tests.service.conftest import OwnPostgres, OwnRedis, Service
 
 REGISTRY = "autowisp.steps.registry:default_registry"
 TERMINAL = (TaskState.DONE, TaskState.DEAD, TaskState.EXCLUDED)
-NIGHT_STEPS = ("night_qc", "master_bias", "master_dark", "master_flat", "star_list")
+NIGHT_STEPS = ("night_qc", "master_bias", "master_dark", "master_flat", "star_list", "magfit")
 #: Held back from the first night and ingested after its barriers ran.
 LATE = ("object_0002.fits", "bias_0010.fits", "bias_0011.fits")
 

@@ -88,8 +88,8 @@ def test_night_through_scheduler_and_two_workers_matches_local_executor(
     service.worker("w2")
     service.scheduler()
     # frame_qc on 38 frames, night_qc, three masters, calibrate and astrometry on 6
-    # frames, the night's star list and photometry on 6 frames
-    service.wait_finished(38 + 1 + 3 + 6 + 6 + 1 + 6, timeout=300)
+    # frames, the night's star list, photometry on 6 frames and the night's magfit
+    service.wait_finished(38 + 1 + 3 + 6 + 6 + 1 + 6 + 1, timeout=300)
     served, local = _outputs(pg_url), _outputs(local_url)
     assert served.keys() == local.keys() and len(served) == 61
     hosts = set()

@@ -20,6 +20,8 @@ ALLOWED = {
     "enum",
     "itertools",
     "abc",
+    "re",  # the magnitude-fit expression's parser
+    "erfa",  # astropy's IAU routines (precession, sidereal time)
 }
 
 

@@ -72,4 +72,5 @@ def test_default_pipeline_is_declared():
         "astrometry",
         "star_list",
         "photometry",
+        "magfit",
     ]
