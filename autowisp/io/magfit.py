@@ -12,9 +12,9 @@ temporary file, so the night never has to fit in memory). Layout:
     then ``psf``), ``terms`` (comma-separated, each term as ``mag^2*x``: the expression's,
     then ``extra_terms`` finer spatial ones tried per frame), ``iterations``,
     ``changes`` (mean-square master change per iteration, mag²), ``notes`` (JSON list:
-    terms left out and why). Datasets over the frames (in time order): ``raw_file``,
-    ``image_id``, ``jd_mid`` (UTC), ``exptime`` (s), ``photometry_file`` (the frame's
-    photometry product, ``'<night> cfg=<version> <path>'``); over the stars (the union
+    terms left out and why), ``photometry_files`` (JSON list: each frame's photometry
+    product, ``'<night> cfg=<version> <path>'``). Datasets over the frames (in time
+    order): ``raw_file``, ``jd_mid`` (UTC), ``exptime`` (s); over the stars (the union
     of the frames' stars): ``source_id`` (Gaia DR3, -1 beyond the catalogue),
     ``list_row`` (row in the night's star list, -1 for none), ``ra``, ``dec`` (deg).
 ``/FIELD<id>/<channel>`` (``R``, ``G1``, ``G2``, ``B`` or ``MONO``): frames × stars
@@ -81,9 +81,11 @@ def create_field(
     """The group of a field with its frame and star tables (see the module docstring)."""
     group = out.create_group(f"FIELD{field_id}")
     group.attrs["field_id"] = int(field_id)
-    for key in ("raw_file", "photometry_file"):
-        group.create_dataset(key, data=np.asarray(frames[key], object), dtype=_STRING)
-    group["image_id"] = np.asarray(frames["image_id"], np.int64)
+    group.create_dataset("raw_file", data=np.asarray(frames["raw_file"], object), dtype=_STRING)
+    # Where each frame's photometry came from (its path holds a database id, so it is
+    # provenance, an attribute, not data: the same night in another database gives the
+    # same datasets).
+    group.attrs["photometry_files"] = json.dumps([str(p) for p in frames["photometry_file"]])
     group["jd_mid"] = np.asarray(frames["jd_mid"], np.float64)
     group["exptime"] = np.asarray(frames["exptime"], np.float64)
     group["source_id"] = np.asarray(stars["source_id"], np.int64)
@@ -140,7 +142,7 @@ class FieldMagfit:
     changes: tuple[float, ...]
     notes: tuple[str, ...]
     raw_file: tuple[str, ...]
-    image_id: np.ndarray
+    photometry_files: tuple[str, ...]
     jd_mid: np.ndarray
     exptime: np.ndarray
     source_id: np.ndarray
@@ -180,7 +182,7 @@ def read_magfit(path: Path) -> tuple[dict[str, Any], list[FieldMagfit]]:
                     changes=tuple(float(v) for v in json.loads(_text(a["changes"]))),
                     notes=tuple(json.loads(_text(a["notes"]))),
                     raw_file=tuple(_text(v) for v in g["raw_file"][()]),
-                    image_id=np.asarray(g["image_id"]),
+                    photometry_files=tuple(json.loads(_text(a["photometry_files"]))),
                     jd_mid=np.asarray(g["jd_mid"]),
                     exptime=np.asarray(g["exptime"]),
                     source_id=np.asarray(g["source_id"]),

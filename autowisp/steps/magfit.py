@@ -295,7 +295,6 @@ def _fit_field(
             "photometry_file": [
                 product_reference(f.product, context.storage_root) for f in frames
             ],
-            "image_id": [f.image.id for f in frames],
             "jd_mid": [f.image.jd for f in frames],
             "exptime": [f.image.exptime for f in frames],
         },

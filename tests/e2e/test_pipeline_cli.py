@@ -62,7 +62,7 @@ def test_status_json_and_rerun_does_nothing(demo_home):
     steps = {row["step"]: row for row in status["progress"]}
     assert {name: row["done"] for name, row in steps.items()} == DONE
     assert status["failures"] == [] and status["images"] == {"ingested": 36}
-    assert status["throughput"]["tasks_done"] == 53
+    assert status["throughput"]["tasks_done"] == 54
     again = _cli(home, "run").stdout
     assert "ran 0 tasks" in again and "nothing to do" in again
 
@@ -83,8 +83,8 @@ def test_config_change_reruns_only_downstream(demo_home, tmp_path):
         "[steps.night_qc]\noutlier_sigma = 4.0\n[steps.master_flat]\nmax_structure = 0.03\n"
     )
     result = _cli(home, "run", extra_env=env).stdout
-    # the flat, 4 x 3 frame steps and the night's star_list
-    assert "ran 14 tasks" in result and "14 done" in result
+    # the flat, 4 x 3 frame steps, the night's star_list and magfit
+    assert "ran 15 tasks" in result and "15 done" in result
 
 
 def test_ingest_command_reports_rejections(tmp_path):
