@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import erfa
 import numpy as np
 import scipy.linalg
+import scipy.stats
 
 __all__ = [
     "Expression",
@@ -452,9 +453,9 @@ def reference_merit(
     for name, values in criteria.items():
         v = np.asarray(values, float)
         v = np.where(np.isfinite(v), v, np.inf)
-        order = np.argsort(v, kind="stable")
-        q = np.empty(size)
-        q[order] = np.arange(size) / max(size - 1, 1)
+        # Average ranks: frames that tie share a quantile (a criterion equal on every
+        # frame favours none).
+        q = (scipy.stats.rankdata(v, method="average") - 1) / max(size - 1, 1)
         quantiles[name] = q
         total += q**2
     return 1.0 / (total + 0.01), quantiles

@@ -45,8 +45,8 @@ class PhotometryNight:
     height: int = 1500
     exptime: float = 60.0
     cadence_s: float = 90.0
-    jd_start: float = 2460563.80  # about 7 pm at the site's longitude, 2024-09-10
-    ra: float = 300.0  # field centre, deg; at the jd_start it rises in the east
+    jd_start: float = 2460563.65  # 2024-09-10 17:36 at the site; the field transits
+    ra: float = 300.0  # field centre, deg; 3.5 h later, a 300-frame night's middle
     dec: float = 20.0
     radius: float = 6.0  # deg
     bright: float = 7.0  # magnitude range of the stars

@@ -324,7 +324,8 @@ def _fit_field(
             airmass[index] = star_airmass(
                 star_ra[index], star_dec[index], frame.image.jd, latitude, longitude
             )
-            airmass_centre[i] = float(np.nanmedian(airmass[index]))
+            up = np.isfinite(airmass[index])
+            airmass_centre[i] = float(np.median(airmass[index][up])) if up.any() else np.nan
         widths, skies = [], []
         for name, g in zip(channel_names, groups, strict=True):
             phot = product.channels[name]
@@ -351,8 +352,10 @@ def _fit_field(
             d["flags"][i] = flags
             if airmass is not None:
                 d["airmass"][i] = airmass
-            qc = frame.product.qc.get(g, {}) if isinstance(frame.product.qc, dict) else {}
-            widths.append(float(qc.get("fwhm", np.nan) or np.nan))
+            # The channel's FWHM: the file's figures, else the task's.
+            task_qc = frame.product.qc.get(g, {}) if isinstance(frame.product.qc, dict) else {}
+            width = phot.qc.get("fwhm", task_qc.get("fwhm", np.nan))
+            widths.append(float(width) if isinstance(width, (int, float)) else np.nan)
             skies.append(
                 float(np.nanmedian(phot.background)) / exptime if len(phot.background) else np.nan
             )
