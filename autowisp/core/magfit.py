@@ -54,6 +54,7 @@ __all__ = [
     "master_block",
     "parse_expression",
     "reference_merit",
+    "residual_pattern",
     "solve_least_squares",
     "variable_stars",
 ]
@@ -230,6 +231,53 @@ def solve_least_squares(design: np.ndarray, target: np.ndarray) -> np.ndarray:
     return beta
 
 
+class _NormalEquations:
+    """The weighted normal equations of a frame's fit, kept as points are rejected or
+    taken back: built once over the candidates, then down- and updated by the rows that
+    change (a rejection pass costs those rows, not the frame), solved by Cholesky on the
+    column-equilibrated system with one step of refinement; the SVD where singular."""
+
+    def __init__(self, design: np.ndarray, target: np.ndarray, weight: np.ndarray,
+                 rows: np.ndarray) -> None:  # fmt: skip
+        self.design, self.target, self.weight = design, target, weight
+        root = np.sqrt(weight[rows])
+        self.norms = np.sqrt(np.einsum("ij,ij->j", design[rows] * root[:, None],
+                                       design[rows] * root[:, None]))  # fmt: skip
+        self.ok = bool(np.all(self.norms > 0))
+        if self.ok:
+            scaled = design[rows] / self.norms
+            self.a = (scaled * weight[rows, None]).T @ scaled
+            self.b = scaled.T @ (weight[rows] * target[rows])
+
+    def update(self, before: np.ndarray, after: np.ndarray) -> None:
+        """From the rows ``before`` to the rows ``after``."""
+        if not self.ok:
+            return
+        for rows, sign in ((before & ~after, -1.0), (after & ~before, 1.0)):
+            if rows.any():
+                scaled = self.design[rows] / self.norms
+                w = self.weight[rows]
+                self.a += sign * ((scaled * w[:, None]).T @ scaled)
+                self.b += sign * (scaled.T @ (w * self.target[rows]))
+
+    def solve(self, rows: np.ndarray) -> np.ndarray:
+        root = np.sqrt(self.weight[rows])
+        if self.ok:
+            try:
+                factor = scipy.linalg.cho_factor(self.a, check_finite=False)
+            except np.linalg.LinAlgError:
+                pass
+            else:
+                beta = scipy.linalg.cho_solve(factor, self.b, check_finite=False)
+                scaled = self.design[rows] / self.norms
+                residual = self.weight[rows] * (self.target[rows] - scaled @ beta)
+                beta = beta + scipy.linalg.cho_solve(factor, scaled.T @ residual,
+                                                     check_finite=False)  # fmt: skip
+                if np.all(np.isfinite(beta)):
+                    return beta / self.norms
+        return solve_least_squares(self.design[rows] * root[:, None], self.target[rows] * root)
+
+
 def fit_frame(
     target: np.ndarray,
     error: np.ndarray,
@@ -262,9 +310,9 @@ def fit_frame(
     weight = 1.0 / (error + config.error_floor) ** 2
     used = candidate.copy()
     coefficients = nan
+    normal = _NormalEquations(design, target, weight, used)
     for _ in range(config.max_rejection_iterations + 1):
-        root = np.sqrt(weight[used])
-        coefficients = solve_least_squares(design[used] * root[:, None], target[used] * root)
+        coefficients = normal.solve(used)
         residual = target - design @ coefficients
         scale = np.sqrt(np.sum(weight[used] * residual[used] ** 2) / np.sum(weight[used]))
         # A point's allowed residual grows with its own error: the weighted RMS is that
@@ -275,6 +323,7 @@ def fit_frame(
             break
         if keep.sum() < n_terms + 1:
             break
+        normal.update(used, keep)
         used = keep
     residual = target - design @ coefficients
     rms = float(np.sqrt(np.mean(residual[used] ** 2)))
@@ -295,6 +344,7 @@ def fit_frame_adaptive(
     levels: Sequence[int] = (),
     allowed: np.ndarray | None = None,
     magnitude: np.ndarray | None = None,
+    positions: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[FrameFit, int]:
     """:func:`fit_frame` with ``design``, then with more and more of the ``extra``
     columns (finer spatial terms, for a frame with a pattern the smooth terms cannot
@@ -303,12 +353,20 @@ def fit_frame_adaptive(
     (χ² in units of the weighted residual variance of the fit it is compared with, over
     the points either fit kept), and the ladder stops at the first level that does not.
 
+    With ``positions`` (the stars' x, y scaled to [−1, 1]) the ladder is tried only
+    when the first fit's residuals show a pattern (:func:`residual_pattern`): a clear
+    frame then costs one fit, not two.
+
     Returns the fit (coefficients over ``design`` then all of ``extra``, those not used
     0) and how many extra columns it used."""
     n_extra = extra.shape[1]
     base = fit_frame(target, error, design, config, allowed=allowed, magnitude=magnitude)
     best, best_design, used_extra = base, design, 0
     weight = 1.0 / (np.asarray(error, float) + config.error_floor) ** 2
+    if base.ok and positions is not None and levels:
+        residual = target - design @ base.coefficients
+        if not residual_pattern(residual, weight, base.used, *positions):
+            levels = ()
     for level in levels if base.ok else ():
         level = min(int(level), n_extra)
         if level <= used_extra:
@@ -345,6 +403,40 @@ def fit_frame_adaptive(
         FrameFit(padded, best.used, best.candidates, best.rms, best.mag_range, best.reason),
         used_extra,
     )
+
+
+def residual_pattern(
+    residual: np.ndarray,
+    weight: np.ndarray,
+    used: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    cells: int = 6,
+    threshold: float = 3.0,
+) -> bool:
+    """Whether a fit's residuals hold a pattern over the frame: the weighted mean
+    residual in each of ``cells`` × ``cells`` cells of x, y in [−1, 1] (cells of 5
+    points or more) against its error from the residuals' own scatter; a pattern when
+    their χ² exceeds its count by ``threshold`` standard deviations (√(2 dof))."""
+    r, w = residual[used], weight[used]
+    if r.size < 10:
+        return False
+    scale2 = float(np.sum(w * r**2) / r.size)
+    if not scale2 > 0:
+        return False
+    ix = np.clip(((x[used] + 1) / 2 * cells).astype(int), 0, cells - 1)
+    iy = np.clip(((y[used] + 1) / 2 * cells).astype(int), 0, cells - 1)
+    cell = iy * cells + ix
+    total_w = np.bincount(cell, w, cells * cells)
+    total_wr = np.bincount(cell, w * r, cells * cells)
+    count = np.bincount(cell, minlength=cells * cells)
+    full = count >= 5
+    if full.sum() < 4:
+        return False
+    chi2 = float(np.sum(total_wr[full] ** 2 / total_w[full]) / scale2)
+    dof = int(full.sum())
+    return chi2 > dof + threshold * np.sqrt(2 * dof)
 
 
 def apply_correction(magnitude: np.ndarray, design: np.ndarray, fit: FrameFit) -> np.ndarray:

@@ -24,9 +24,10 @@ channel and per photometry (each aperture, and the PSF fluxes), with
    airmass are left out and the product says so), and ``cx``, ``sx``, ``cy``, ``sy``
    (cos and sin of 2π times the star's place within its channel's cell, for sub-pixel
    terms such as ``O1{cx, sx, cy, sy}``: on the simulated 60-frame night they moved the
-   scatter by ≤ 0.03 of the noise, so the default leaves them out). On each frame the
-   finer spatial terms ``O6{x, y}``, ``O9{x, y}``, ``O12{x, y}`` are tried in turn
-   (``cloud_order``) and kept while the information criterion drops: a partial cloud.
+   scatter by ≤ 0.03 of the noise, so the default leaves them out). On a frame whose
+   residuals show a pattern over a 6 × 6 grid, the finer spatial terms ``O6{x, y}``,
+   ``O9{x, y}``, ``O12{x, y}`` are tried in turn (``cloud_order``) and kept while the
+   information criterion drops: a partial cloud.
 4. **Master.** The corrected magnitudes' rejected median per star, variables and stars
    seen on fewer than half the frames left out, and the fits repeated against it until it
    changes by less than ``convergence`` mag² or ``max_iterations`` masters are built.
@@ -618,7 +619,7 @@ def _fit_frames(
             design = expression.design(variables)
             fit, extended = fit_frame_adaptive(
                 reference[:, p] - magnitude[:, p], error[:, p], design, finer, config,
-                levels=levels, magnitude=variables["mag"],
+                levels=levels, magnitude=variables["mag"], positions=(x, y),
             )  # fmt: skip
             stars[p], extended_terms[p] = int(fit.used.sum()), extended
             reasons.append(fit.reason)
