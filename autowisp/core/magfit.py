@@ -208,27 +208,14 @@ class FrameFit:
 
 
 def solve_least_squares(design: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """The least-squares solution of ``design @ β ≈ target``: the normal equations of
-    the column-equilibrated design by Cholesky, with one step of iterative refinement
+    """The least-squares solution of ``design @ β ≈ target`` by
+    :class:`_NormalEquations` with unit weights: the normal equations of the
+    column-equilibrated design by Cholesky, with one step of iterative refinement
     (3–20× faster than an SVD for the sizes of a frame's fit; predictions agree with
     ``numpy.linalg.lstsq`` to 1e-13 mag for 103 terms of condition 4e5), the SVD where
     they are singular."""
-    norms = np.sqrt(np.einsum("ij,ij->j", design, design))
-    if np.all(norms > 0):
-        scaled = design / norms
-        try:
-            factor = scipy.linalg.cho_factor(scaled.T @ scaled, check_finite=False)
-        except np.linalg.LinAlgError:
-            pass
-        else:
-            beta = scipy.linalg.cho_solve(factor, scaled.T @ target, check_finite=False)
-            beta = beta + scipy.linalg.cho_solve(
-                factor, scaled.T @ (target - scaled @ beta), check_finite=False
-            )
-            if np.all(np.isfinite(beta)):
-                return beta / norms
-    beta, *_ = np.linalg.lstsq(design, target, rcond=None)
-    return beta
+    rows = np.ones(len(target), bool)
+    return _NormalEquations(design, target, np.ones(len(target)), rows).solve(rows)
 
 
 class _NormalEquations:
@@ -275,7 +262,10 @@ class _NormalEquations:
                                                      check_finite=False)  # fmt: skip
                 if np.all(np.isfinite(beta)):
                     return beta / self.norms
-        return solve_least_squares(self.design[rows] * root[:, None], self.target[rows] * root)
+        beta, *_ = np.linalg.lstsq(
+            self.design[rows] * root[:, None], self.target[rows] * root, rcond=None
+        )
+        return np.asarray(beta)
 
 
 def fit_frame(

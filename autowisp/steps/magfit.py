@@ -425,9 +425,10 @@ def _fit_field(
     changes: list[float] = []
     fit_figures: dict[str, Any] = {}
     variable_masks = {g: np.zeros((n_stars, n_phot), bool) for g in groups}
+    # The magnitude variables are fixed through the iterations, and so is the colour.
+    colour = _colour(known) if "colour" in expression.variables else None
     iterations = 0
     for iterations in range(1, config.max_iterations + 1):
-        colour = _colour(known) if "colour" in expression.variables else None
         for g in groups:
             _fit_frames(datasets[g], reference[g], known[g], colour, expression, extra,
                         levels, config, (cx, hx, cy, hy), n_frames,
