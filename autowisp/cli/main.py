@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from autowisp import __version__
-from autowisp.cli import pipeline, service, stars
+from autowisp.cli import lightcurves, pipeline, service, stars
 from autowisp.cli.demo import demo
 from autowisp.cli.simulate import simulate
 
@@ -30,6 +30,7 @@ app.command(name="worker")(service.worker)
 app.command(name="watch")(service.watch)
 app.add_typer(pipeline.config_app, name="config")
 app.add_typer(stars.stars_app, name="stars")
+app.add_typer(lightcurves.lc_app, name="lc")
 
 
 @app.callback(invoke_without_command=True)

@@ -38,10 +38,11 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import erfa
 import numpy as np
 import scipy.linalg
 import scipy.stats
+
+from autowisp.core.timing import hour_angle_airmass
 
 __all__ = [
     "Expression",
@@ -550,18 +551,8 @@ def star_airmass(
     ``latitude``, ``longitude`` (deg, east positive): the ICRS position taken to the
     true equator and equinox of date (IAU 2006/2000A, erfa) and the apparent sidereal
     time, with UT1 and TT taken as UTC (a minute of time moves the precession by 0.01″),
-    aberration and refraction left out. NaN below the horizon."""
-    ra_r, dec_r = np.radians(np.asarray(ra, float)), np.radians(np.asarray(dec, float))
-    vector = np.stack([np.cos(dec_r) * np.cos(ra_r), np.cos(dec_r) * np.sin(ra_r),
-                       np.sin(dec_r)], axis=-1)  # fmt: skip
-    of_date = vector @ erfa.pnm06a(jd_utc, 0.0).T
-    ra_t = np.arctan2(of_date[..., 1], of_date[..., 0])
-    dec_t = np.arcsin(np.clip(of_date[..., 2], -1.0, 1.0))
-    sidereal = erfa.gst06a(jd_utc, 0.0, jd_utc, 0.0)
-    hour_angle = sidereal + np.radians(longitude) - ra_t
-    phi = np.radians(latitude)
-    sin_alt = np.sin(phi) * np.sin(dec_t) + np.cos(phi) * np.cos(dec_t) * np.cos(hour_angle)
-    altitude = np.degrees(np.arcsin(np.clip(sin_alt, -1.0, 1.0)))
-    with np.errstate(invalid="ignore"):
-        mass = 1.0 / (np.sin(np.radians(altitude)) + 0.50572 * (altitude + 6.07995) ** -1.6364)
-    return np.where(altitude > 0, mass, np.nan)
+    aberration and refraction left out (:func:`autowisp.core.timing.hour_angle_airmass`).
+    NaN below the horizon."""
+    shape = np.shape(ra)
+    _, mass = hour_angle_airmass(np.array([jd_utc]), ra, dec, latitude, longitude)
+    return mass[0].reshape(shape)

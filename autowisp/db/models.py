@@ -458,6 +458,23 @@ class FieldStar(Base):
     )
 
 
+class StarListRow(Base):
+    """Row ``list_row`` of field ``field_id`` in the product of star-list task ``task_id``
+    is the field's star ``star_index`` (recorded with the task's completion)."""
+
+    __tablename__ = "star_list_row"
+    __table_args__ = (
+        UniqueConstraint("task_id", "field_id", "list_row"),
+        Index("ix_star_list_row_field_index", "field_id", "star_index"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("task.id"))
+    field_id: Mapped[int] = mapped_column(ForeignKey("field.id"))
+    list_row: Mapped[int] = mapped_column(Integer, doc="Row in the star list's field table.")
+    star_index: Mapped[int] = mapped_column(Integer, doc="The star's index in the field.")
+
+
 class StarRegistry(Base):
     """The single row (id 1) that serialises star registrations.
 

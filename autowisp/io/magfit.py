@@ -13,12 +13,16 @@ temporary file, so the night never has to fit in memory). Layout:
     then ``extra_terms`` finer spatial ones tried per frame), ``iterations``,
     ``changes`` (mean-square master change per iteration, mag²), ``notes`` (JSON list:
     terms left out and why), ``photometry_files`` (JSON list: each frame's photometry
-    product, ``'<night> cfg=<version> <path>'``). Datasets over the frames (in time
+    product, ``'<night> cfg=<version> <path>'``), ``star_list`` (the star list the frames
+    were measured with, the same reference: ``list_row`` are its rows), ``site`` (JSON:
+    ``latitude``, ``longitude`` (deg, east positive), ``height`` (m); null where the
+    headers give none). Datasets over the frames (in time
     order): ``raw_file``, ``jd_mid`` (UTC), ``exptime`` (s); over the stars (the union
     of the frames' stars): ``source_id`` (Gaia DR3, -1 beyond the catalogue),
     ``list_row`` (row in the night's star list, -1 for none), ``ra``, ``dec`` (deg).
 ``/FIELD<id>/<channel>`` (``R``, ``G1``, ``G2``, ``B`` or ``MONO``): frames × stars
-    datasets ``x``, ``y`` (px), ``flags`` (the photometry's flag bits), ``airmass``;
+    datasets ``x``, ``y`` (px), ``flags`` (the photometry's flag bits), ``airmass``,
+    ``background`` (e⁻/px), ``psf_s``, ``psf_d``, ``psf_k`` (the PSF's shape at the star);
     frames × stars × photometries ``magnitude`` (raw, ``−2.5 log10(e⁻/s)``),
     ``magnitude_err``, ``fitted`` (the magnitude after the correction, on the master's
     scale; NaN where the frame's fit failed or the point is unusable); stars ×
@@ -103,7 +107,7 @@ def create_channel(
     chunk2 = (max(1, min(CHUNK_FRAMES, n_frames)), max(1, min(CHUNK_STARS, n_stars)))
     chunk3 = (*chunk2, n_phot)
     shape2, shape3 = (n_frames, n_stars), (n_frames, n_stars, n_phot)
-    for key in ("x", "y", "airmass"):
+    for key in ("x", "y", "airmass", "background", "psf_s", "psf_d", "psf_k"):
         channel_group.create_dataset(
             key, shape2, np.float32, chunks=chunk2, fillvalue=np.nan, compression="lzf"
         )
@@ -149,6 +153,8 @@ class FieldMagfit:
     list_row: np.ndarray
     ra: np.ndarray
     dec: np.ndarray
+    star_list: str = ""
+    site: Mapping[str, float | None] | None = None
 
 
 def _text(value: Any) -> str:
@@ -189,6 +195,8 @@ def read_magfit(path: Path) -> tuple[dict[str, Any], list[FieldMagfit]]:
                     list_row=np.asarray(g["list_row"]),
                     ra=np.asarray(g["ra"]),
                     dec=np.asarray(g["dec"]),
+                    star_list=_text(a.get("star_list", "")),
+                    site=json.loads(_text(a["site"])) if "site" in a else None,
                 )
             )
     return root, fields

@@ -35,13 +35,37 @@ from astropy.io import fits
 
 import autowisp
 
-__all__ = ["MASTER_KEYWORDS", "Provenance", "product_reference", "stamp"]
+__all__ = [
+    "MASTER_KEYWORDS",
+    "Provenance",
+    "product_reference",
+    "reference_path",
+    "shown_path",
+    "stamp",
+]
 
 #: Characters of value and comment that fit on one card (80 minus keyword and quoting).
 CARD_ROOM = 60
 
 #: Header keyword naming the master of each master step.
 MASTER_KEYWORDS = {"master_bias": "MBIAS", "master_dark": "MDARK", "master_flat": "MFLAT"}
+
+
+def shown_path(path: Path, storage_root: Path | None) -> str:
+    """``path`` as a product reference shows it: relative to ``storage_root`` when it
+    lies under it."""
+    if storage_root is not None:
+        try:
+            return str(Path(path).relative_to(storage_root))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def reference_path(reference: str) -> str:
+    """The path part of a :func:`product_reference` (``''`` for an empty reference)."""
+    parts = reference.split(" ", 2)
+    return parts[2] if len(parts) == 3 else ""
 
 
 def product_reference(product: Any, storage_root: Path | None) -> str:
@@ -51,14 +75,7 @@ def product_reference(product: Any, storage_root: Path | None) -> str:
     relative to ``storage_root`` when it lies under it.
     """
     path = Path(product.output_path) if product.output_path is not None else None
-    shown = ""
-    if path is not None:
-        shown = str(path)
-        if storage_root is not None:
-            try:
-                shown = str(path.relative_to(storage_root))
-            except ValueError:
-                pass
+    shown = "" if path is None else shown_path(path, storage_root)
     night = product.night_date.isoformat() if product.night_date else "unknown-night"
     return f"{night} cfg={product.config_version or 'unknown'} {shown}"
 

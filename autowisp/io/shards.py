@@ -21,7 +21,8 @@ each member file is a generation of the same shard holding that night generation
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ class ShardGeneration:
     star_hi: int
     generation: int
     previous: str
-    nights: Mapping[int, NightBlock] = field(default_factory=dict)
+    nights: Mapping[int, NightBlock] = dataclass_field(default_factory=dict)
     provenance: Provenance | None = None
 
 
@@ -138,9 +139,16 @@ def write_shard_generation(
                 night.create_dataset(name, data=np.asarray(values))
 
 
-def read_shard_generation(path: Path, *, columns: bool = True) -> ShardGeneration:
+def read_shard_generation(
+    path: Path, *, columns: bool = True, stars: np.ndarray | None = None
+) -> ShardGeneration:
     """Read a shard generation and the nights it holds (their data from the member
-    files; only the member table with ``columns=False``)."""
+    files; only the member table with ``columns=False``). With ``stars`` (positions in
+    the shard, ``star − star_lo``, increasing), columns of two or more dimensions are
+    read at those positions of their second axis only (frames × stars ...)."""
+    wanted = None if stars is None else np.asarray(stars, np.int64)
+    if wanted is not None and wanted.size > 1 and np.any(np.diff(wanted) <= 0):
+        raise ValueError("stars must be increasing positions in the shard")
     with h5py.File(path, "r") as source:
         _check(source, path)
         attrs: dict[str, Any] = {k: _text(v) for k, v in source.attrs.items()}
@@ -166,7 +174,7 @@ def read_shard_generation(path: Path, *, columns: bool = True) -> ShardGeneratio
                         f"{path}: {name} does not hold generation {night_generation} of "
                         f"night {night_id} of shard {shard}"
                     )
-                data = {key: group[key][()] for key in group}
+                data = {key: _read(group[key], wanted) for key in group}
                 source_text = _text(group.attrs.get("source", ""))
         else:
             source_text = ""
@@ -183,6 +191,14 @@ def read_shard_generation(path: Path, *, columns: bool = True) -> ShardGeneratio
         nights=nights,
         provenance=Provenance.read(attrs),
     )
+
+
+def _read(dataset: Any, stars: np.ndarray | None) -> np.ndarray:
+    if stars is None or dataset.ndim < 2:
+        return np.asarray(dataset[()])
+    if stars.size == 0:
+        return np.zeros((dataset.shape[0], 0, *dataset.shape[2:]), dataset.dtype)
+    return np.asarray(dataset[:, stars])
 
 
 def _text(value: Any) -> Any:

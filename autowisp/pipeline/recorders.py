@@ -9,7 +9,10 @@ fails with the recorder's error (and is retried like any other).
 ``stars``
     the ``star_list`` step's candidates (:mod:`autowisp.io.night_star_list`), registered
     per field (:func:`autowisp.db.stars.register_stars`): known stars keep their ids, new
-    ones get theirs. The task's QC gains, per field, how many stars were new.
+    ones get theirs; each row of the list is recorded as its field star
+    (:class:`~autowisp.db.models.StarListRow`), and the field's light-curve shards are
+    extended over its new stars (:func:`autowisp.db.fields.define_shards`, the step's
+    ``stars_per_shard``). The task's QC gains, per field, how many stars were new.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from autowisp.db.models import Task
+from autowisp.db._bulk import insert_columns
+from autowisp.db.fields import define_shards
+from autowisp.db.models import FieldStar, StarListRow, Task
 from autowisp.db.stars import Candidates, register_stars
 from autowisp.errors import PermanentError
 from autowisp.io.night_star_list import read_star_list
@@ -34,6 +39,9 @@ def _record_stars(session: Session, task: Task, output: Path, qc: dict[str, Any]
     star_list = read_star_list(output)
     figures = dict(qc)
     fields = dict(figures.get("fields") or {})
+    per_shard = int(dict(task.configuration.parameters).get("stars_per_shard", 1000))
+    # A task run again (reprocessing) records its rows anew.
+    session.execute(delete(StarListRow).where(StarListRow.task_id == task.id))
     for candidates in star_list.fields:
         columns = candidates.columns
         registered = register_stars(
@@ -53,9 +61,29 @@ def _record_stars(session: Session, task: Task, output: Path, qc: dict[str, Any]
             ),
             match_radius_deg=candidates.match_radius_deg,
         )
+        if len(candidates):
+            insert_columns(
+                session,
+                StarListRow.__table__,
+                {
+                    "list_row": list(range(len(candidates))),
+                    "star_index": registered.star_index.tolist(),
+                },
+                constants={"task_id": task.id, "field_id": candidates.field_id},
+            )
+        count = session.scalar(
+            select(func.max(FieldStar.star_index)).where(FieldStar.field_id == candidates.field_id)
+        )
+        shards = define_shards(
+            session,
+            candidates.field_id,
+            0 if count is None else int(count) + 1,
+            stars_per_shard=per_shard,
+        )
         entry = dict(fields.get(str(candidates.field_id)) or {})
         entry["new_stars"] = registered.new_stars
         entry["new_in_field"] = registered.new_in_field
+        entry["new_shards"] = len(shards)
         fields[str(candidates.field_id)] = entry
     figures["fields"] = fields
     figures["new_stars"] = int(sum(int(f.get("new_stars", 0)) for f in fields.values()))

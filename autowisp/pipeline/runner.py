@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -29,16 +30,20 @@ from autowisp.db.models import (
     CameraType,
     ErrorKind,
     Field,
+    FieldStar,
     Image,
     ImageState,
     LightCurveShard,
     Night,
+    Star,
+    StarListRow,
     Task,
     TaskState,
 )
 from autowisp.db.session import session_scope
 from autowisp.errors import PermanentError, TransientError
 from autowisp.ingest.headers import sha256_of
+from autowisp.io.provenance import shown_path
 from autowisp.pipeline import state
 from autowisp.pipeline.dependencies import input_products
 from autowisp.pipeline.recorders import record
@@ -50,6 +55,7 @@ from autowisp.steps.base import (
     NightInfo,
     PlacedNight,
     ShardInfo,
+    ShardStars,
     StepContext,
 )
 from autowisp.steps.registry import Registry
@@ -180,6 +186,59 @@ def _shard_info(
     )
 
 
+def _shard_stars(session: Session, shard: ShardInfo, storage_root: Path) -> ShardStars:
+    """The shard's stars, and the rows of the appended nights' star lists that are its
+    stars (:class:`ShardStars`)."""
+    rows = session.execute(
+        select(FieldStar.star_index, FieldStar.star_id, Star.gaia_source_id, Star.ra, Star.dec,
+               Star.g, Star.bp, Star.rp)
+        .join(Star, Star.id == FieldStar.star_id)
+        .where(
+            FieldStar.field_id == shard.field_id,
+            FieldStar.star_index >= shard.star_lo,
+            FieldStar.star_index < shard.star_hi,
+        )
+        .order_by(FieldStar.star_index)
+    ).all()  # fmt: skip
+    columns = list(zip(*rows, strict=True)) if rows else [()] * 8
+
+    def ints(values: tuple[object, ...]) -> np.ndarray:
+        return np.array([-1 if v is None else v for v in values], np.int64)
+
+    def floats(values: tuple[object, ...]) -> np.ndarray:
+        return np.array(values, dtype=np.float64).reshape(len(rows))  # None becomes NaN
+
+    nights = sorted({placed.night_id for placed in shard.appended})
+    list_rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if nights:
+        found = session.execute(
+            select(Task.output_path, StarListRow.list_row, StarListRow.star_index)
+            .join(StarListRow, StarListRow.task_id == Task.id)
+            .where(
+                Task.night_id.in_(nights),
+                StarListRow.field_id == shard.field_id,
+                StarListRow.star_index >= shard.star_lo,
+                StarListRow.star_index < shard.star_hi,
+                Task.output_path.is_not(None),
+            )
+            .order_by(Task.id, StarListRow.list_row)
+        ).all()
+        gathered: dict[str, tuple[list[int], list[int]]] = {}
+        for path, list_row, star_index in found:
+            key = shown_path(Path(str(path)), storage_root)
+            entry = gathered.setdefault(key, ([], []))
+            entry[0].append(int(list_row))
+            entry[1].append(int(star_index))
+        list_rows = {
+            key: (np.array(r, np.int64), np.array(i, np.int64)) for key, (r, i) in gathered.items()
+        }
+    return ShardStars(
+        star_index=ints(columns[0]), star_id=ints(columns[1]), gaia_source_id=ints(columns[2]),
+        ra=floats(columns[3]), dec=floats(columns[4]), g=floats(columns[5]),
+        bp=floats(columns[6]), rp=floats(columns[7]), list_rows=list_rows,
+    )  # fmt: skip
+
+
 def _field_with_shards(session: Session, field_id: int, generation: int) -> FieldInfo:
     """The field at ``generation``, with each shard at its generation in it."""
     field = _field_info(session, field_id, generation)
@@ -244,6 +303,8 @@ def build_context(
             )
         field = _field_info(session, task.field_id or -1, 0)
         shard = _shard_info(session, task.shard_id, task.generation, previous, field.name)
+        if step.shard_stars:
+            shard = replace(shard, stars=_shard_stars(session, shard, storage_root))
         field = replace(field, generation=shard.field_generation)
     elif task.field_id is not None:
         field = _field_with_shards(session, task.field_id, task.generation)

@@ -58,6 +58,8 @@ class PhotometryNight:
     cloudy: tuple[int, ...] = ()  # frames with a blob of cloud
     field_id: int = 1
     pattern: float = 0.02  # mag amplitude of the smooth pattern over the frame
+    star_seed: int | None = None  # the stars' own seed (the same stars on several nights)
+    star_list: str = ""  # the STARLIST reference the files name (list_row are its rows)
 
 
 @dataclass
@@ -76,9 +78,10 @@ class SyntheticPhotometry:
     header: dict = field(default_factory=dict)
 
 
-def _provenance(name: str) -> Provenance:
+def _provenance(name: str, star_list: str = "") -> Provenance:
     return Provenance(step="photometry", step_version="synthetic", config_version="synthetic",
-                      raw_file=name)  # fmt: skip
+                      raw_file=name,
+                      references={"STARLIST": star_list} if star_list else {})  # fmt: skip
 
 
 def write_photometry_night(directory: Path, night: PhotometryNight) -> SyntheticPhotometry:
@@ -87,9 +90,10 @@ def write_photometry_night(directory: Path, night: PhotometryNight) -> Synthetic
     directory.mkdir(parents=True, exist_ok=True)
     n = night.stars
     # Stars: magnitudes with more faint than bright ones, colours, positions.
-    u = rng.uniform(0, 1, n)
+    stars_rng = rng if night.star_seed is None else np.random.default_rng(night.star_seed)
+    u = stars_rng.uniform(0, 1, n)
     base = night.bright + (night.faint - night.bright) * u ** (1 / 2.2)
-    colour = rng.normal(0.8, 0.4, n)
+    colour = stars_rng.normal(0.8, 0.4, n)
     true_mag = {
         "R": base - 0.3 * colour,
         "G1": base,
@@ -97,8 +101,8 @@ def write_photometry_night(directory: Path, night: PhotometryNight) -> Synthetic
         "B": base + 0.7 * colour,
         "L": base,
     }
-    x0 = rng.uniform(10, night.width - 10, n)
-    y0 = rng.uniform(10, night.height - 10, n)
+    x0 = stars_rng.uniform(10, night.width - 10, n)
+    y0 = stars_rng.uniform(10, night.height - 10, n)
     scale = 2 * night.radius / np.hypot(night.width, night.height)  # deg / px
     dec = night.dec + (y0 - night.height / 2) * scale
     ra = night.ra + (x0 - night.width / 2) * scale / np.cos(np.radians(dec))
@@ -171,8 +175,8 @@ def write_photometry_night(directory: Path, night: PhotometryNight) -> Synthetic
             source_id=source_id, x=x, y=y, channels=channels, apertures=night.apertures,
             mode="prf", layout="RGGB" if "R" in night.channels else "MONO", raw_file=name,
             date_obs=(start + dt.timedelta(seconds=float(i * night.cadence_s))).isoformat(),
-            exptime=night.exptime, qc={}, provenance=_provenance(name), ra=ra, dec=dec,
-            list_row=list_row, star_flags=np.zeros(n, np.int64), field_id=night.field_id,
+            exptime=night.exptime, qc={}, provenance=_provenance(name, night.star_list), ra=ra,
+            dec=dec, list_row=list_row, star_flags=np.zeros(n, np.int64), field_id=night.field_id,
         )  # fmt: skip
         path = directory / f"{name[:-5]}.h5"
         write_frame_photometry(path, product)

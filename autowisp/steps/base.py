@@ -30,6 +30,7 @@ __all__ = [
     "Parameter",
     "PlacedNight",
     "ShardInfo",
+    "ShardStars",
     "Step",
     "StepContext",
     "StepResult",
@@ -137,6 +138,26 @@ class PlacedNight:
 
 
 @dataclass(frozen=True)
+class ShardStars:
+    """A shard's stars as the database knows them, for a step that declares
+    ``shard_stars``: arrays over the stars ``star_lo .. star_hi`` in index order
+    (``gaia_source_id`` -1 where none, magnitudes NaN where unknown), and ``list_rows``:
+    per star list of the nights the task writes (its product's path as
+    :func:`autowisp.io.provenance.product_reference` shows it), its rows that are stars of
+    this shard and their star indices, ``(list_row, star_index)``."""
+
+    star_index: Any
+    star_id: Any
+    gaia_source_id: Any
+    ra: Any
+    dec: Any
+    g: Any
+    bp: Any
+    rp: Any
+    list_rows: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ShardInfo:
     """A light-curve shard at one generation: its field's stars ``star_lo .. star_hi``
     (exclusive), every night it holds at this generation (each night once, at its newest
@@ -156,6 +177,7 @@ class ShardInfo:
     nights: tuple[PlacedNight, ...]
     appended: tuple[PlacedNight, ...]
     previous_generation: int = 0
+    stars: ShardStars | None = None
 
 
 @dataclass(frozen=True)
@@ -300,6 +322,8 @@ class Step(abc.ABC):
     recorder : what the runner records in the database from the step's output, in the
         transaction that marks the task done ("" for nothing; "stars": the star list's
         identities, :mod:`autowisp.pipeline.recorders`).
+    shard_stars : a shard step that needs its stars' identities gets them in
+        ``ShardInfo.stars`` (:class:`ShardStars`).
     """
 
     name: ClassVar[str]
@@ -313,6 +337,7 @@ class Step(abc.ABC):
     queue: ClassVar[str] = "light"
     time_limit: ClassVar[float] = 0.0
     recorder: ClassVar[str] = ""
+    shard_stars: ClassVar[bool] = False
 
     @abc.abstractmethod
     def run(self, context: StepContext) -> StepResult:

@@ -82,6 +82,7 @@ PHASES = frozenset({"cx", "sx", "cy", "sy"})
 #: Header keywords of the site (as ingest reads them).
 _LATITUDE = ("LAT-OBS", "SITELAT", "OBSGEO-B", "LATITUDE")
 _LONGITUDE = ("LONG-OBS", "SITELONG", "OBSGEO-L", "LONGITUD")
+_HEIGHT = ("ALT-OBS", "SITEELEV", "OBSGEO-H", "ELEVATIO")
 
 
 def star_keys(list_row: np.ndarray | None, source_id: np.ndarray) -> np.ndarray:
@@ -153,7 +154,7 @@ class Magfit(Step):
         ),
         Parameter("block_mb", 256, "MB", "Memory of one block of stars read over the night."),
     )
-    version = "1"
+    version = "2"
 
     def run(self, context: StepContext) -> StepResult:
         night = context.require_night()
@@ -229,7 +230,8 @@ def _fit_field(
     # The stars: the union of the frames' (read the small columns first).
     first = read_frame_photometry(frames[0].path)
     apertures, channel_names = first.apertures, list(first.channels)
-    kept = []
+    kept: list[_Frame] = []
+    star_list = ""  # the star list the frames were measured with (their rows are its)
     # The union so far, first occurrences kept: memory of the stars, not of the frames.
     union = {
         "key": np.zeros(0, np.int64), "ra": np.zeros(0), "dec": np.zeros(0),
@@ -245,6 +247,14 @@ def _fit_field(
                     "from the night's first frame's"
                 )
                 continue
+            listed = Provenance.read(source.attrs).references.get("STARLIST", "")
+            if kept and listed != star_list:
+                notes.append(
+                    f"{frame.image.path.name}: left out, measured with another star list "
+                    f"({listed or 'none'}) than the night's first frame ({star_list or 'none'})"
+                )
+                continue
+            star_list = listed
             group = source[names[0]]
             list_row = np.asarray(group["list_row"]) if "list_row" in group else None
             source_id = np.asarray(group["source_id"])
@@ -269,6 +279,7 @@ def _fit_field(
     # Site for the stars' airmass.
     header = frames[0].image.header
     latitude, longitude = _number(header, _LATITUDE), _number(header, _LONGITUDE)
+    height = _number(header, _HEIGHT)
     if "airmass" in expression.variables and (latitude is None or longitude is None):
         expression = expression.without(["airmass"])
         notes.append("no site in the headers (LAT-OBS/LONG-OBS): terms with airmass left out")
@@ -305,6 +316,10 @@ def _fit_field(
             "ra": star_ra,
             "dec": star_dec,
         },
+    )
+    group.attrs["star_list"] = star_list
+    group.attrs["site"] = json.dumps(
+        {"latitude": latitude, "longitude": longitude, "height": height}
     )
     datasets = {g: create_channel(group, g, n_frames, n_stars, n_phot, len(terms)) for g in groups}
     # Fill the frames × stars arrays, one frame at a time; gather the reference criteria.
@@ -347,6 +362,12 @@ def _fit_field(
             for key, values in (("x", phot.x), ("y", phot.y)):
                 line = np.full(n_stars, np.nan, np.float32)
                 line[index] = values if values is not None else getattr(product, key)
+                d[key][i] = line
+            shapes = np.asarray(phot.shapes, float)
+            for key, values in (("background", phot.background), ("psf_s", shapes[:, 0]),
+                                ("psf_d", shapes[:, 1]), ("psf_k", shapes[:, 2])):  # fmt: skip
+                line = np.full(n_stars, np.nan, np.float32)
+                line[index] = values
                 d[key][i] = line
             flags = np.zeros(n_stars, np.uint16)
             flags[index] = phot.flags

@@ -116,6 +116,13 @@ class StarList(Step):
             "A detection this close to a catalogue star, or to a star of the field's list, "
             "is that star.",
         ),
+        Parameter(
+            "stars_per_shard",
+            1000,
+            "",
+            "Stars per light-curve shard: the field's new stars are split into shards of "
+            "this many when the list is registered (existing shards never change).",
+        ),
     )
 
     def run(self, context: StepContext) -> StepResult:

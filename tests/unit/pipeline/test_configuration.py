@@ -73,4 +73,5 @@ def test_default_pipeline_is_declared():
         "star_list",
         "photometry",
         "magfit",
+        "lightcurves",
     ]
