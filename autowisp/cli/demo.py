@@ -69,6 +69,15 @@ def demo(
             "  photometry (HDF5, a group per channel: apertures, PSF fluxes, backgrounds, "
             f"flags, PSF map): {photometry[-1]}"
         )
+    shards = sorted(settings.storage_root.glob("lightcurves/*/*/*.h5"))
+    if shards:
+        typer.echo(
+            f"  light curves (every star of the field over every night, {len(shards)} shard "
+            f"file(s); `autowisp lc export --all` writes one FITS file per star): {shards[-1]}"
+        )
+    statistics = sorted(settings.storage_root.glob("lc_statistics/*/*/*.h5"))
+    if statistics:
+        typer.echo(f"  light-curve statistics per star (RMS, MAD, points): {statistics[-1]}")
     truth = next(Path(upload).rglob("truth.h5"))
     typer.echo(f"ground truth of the simulated night: {truth}")
     if photometry:

@@ -18,7 +18,9 @@ temporary file, so the night never has to fit in memory). Layout:
     ``latitude``, ``longitude`` (deg, east positive), ``height`` (m); null where the
     headers give none). Datasets over the frames (in time
     order): ``raw_file``, ``jd_mid`` (UTC), ``exptime`` (s); over the stars (the union
-    of the frames' stars): ``source_id`` (Gaia DR3, -1 beyond the catalogue),
+    of the frames' stars, in the field's star order where the database knows it, so a
+    light-curve shard's stars are neighbouring columns; the others after):
+    ``source_id`` (Gaia DR3, -1 beyond the catalogue),
     ``list_row`` (row in the night's star list, -1 for none), ``ra``, ``dec`` (deg).
 ``/FIELD<id>/<channel>`` (``R``, ``G1``, ``G2``, ``B`` or ``MONO``): frames × stars
     datasets ``x``, ``y`` (px), ``flags`` (the photometry's flag bits), ``airmass``,

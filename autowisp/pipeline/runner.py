@@ -239,6 +239,32 @@ def _shard_stars(session: Session, shard: ShardInfo, storage_root: Path) -> Shar
     )  # fmt: skip
 
 
+def _night_star_rows(
+    session: Session, night_id: int, storage_root: Path
+) -> dict[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per field, per star list of the night, its rows and their field stars."""
+    found = session.execute(
+        select(StarListRow.field_id, Task.output_path, StarListRow.list_row,
+               StarListRow.star_index)
+        .join(Task, Task.id == StarListRow.task_id)
+        .where(Task.night_id == night_id, Task.output_path.is_not(None))
+        .order_by(StarListRow.field_id, Task.id, StarListRow.list_row)
+    ).all()  # fmt: skip
+    gathered: dict[int, dict[str, tuple[list[int], list[int]]]] = {}
+    for field_id, path, list_row, star_index in found:
+        key = shown_path(Path(str(path)), storage_root)
+        entry = gathered.setdefault(int(field_id), {}).setdefault(key, ([], []))
+        entry[0].append(int(list_row))
+        entry[1].append(int(star_index))
+    return {
+        field_id: {
+            key: (np.array(rows, np.int64), np.array(indices, np.int64))
+            for key, (rows, indices) in lists.items()
+        }
+        for field_id, lists in gathered.items()
+    }
+
+
 def _field_with_shards(session: Session, field_id: int, generation: int) -> FieldInfo:
     """The field at ``generation``, with each shard at its generation in it."""
     field = _field_info(session, field_id, generation)
@@ -269,6 +295,8 @@ def build_context(
         night = _night_info(
             session, task.night_id, image_id=task.image_id, generation=task.generation or None
         )
+    if night is not None and step.night_star_rows:
+        night = replace(night, star_rows=_night_star_rows(session, night.id, storage_root))
     image = None
     if task.image_id is not None:
         found = [i for i in (night.images if night else ()) if i.id == task.image_id]

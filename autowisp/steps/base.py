@@ -117,13 +117,17 @@ class ImageInfo:
 @dataclass(frozen=True)
 class NightInfo:
     """A night: one camera's session, with its ingested frames (for an image task, only
-    the task's own frame)."""
+    the task's own frame). For a step that declares ``night_star_rows``, ``star_rows``:
+    per field, per star list of the night (its product's path as
+    :func:`autowisp.io.provenance.product_reference` shows it), its rows and the field
+    stars they are, ``(list_row, star_index)``."""
 
     id: int
     local_date: dt.date
     camera_serial: str
     layout: str
     images: tuple[ImageInfo, ...]
+    star_rows: Mapping[int, Mapping[str, tuple[Any, Any]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -324,6 +328,8 @@ class Step(abc.ABC):
         identities, :mod:`autowisp.pipeline.recorders`).
     shard_stars : a shard step that needs its stars' identities gets them in
         ``ShardInfo.stars`` (:class:`ShardStars`).
+    night_star_rows : a night step that needs the field star of each row of the night's
+        star lists gets them in ``NightInfo.star_rows``.
     """
 
     name: ClassVar[str]
@@ -338,6 +344,7 @@ class Step(abc.ABC):
     time_limit: ClassVar[float] = 0.0
     recorder: ClassVar[str] = ""
     shard_stars: ClassVar[bool] = False
+    night_star_rows: ClassVar[bool] = False
 
     @abc.abstractmethod
     def run(self, context: StepContext) -> StepResult:

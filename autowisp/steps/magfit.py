@@ -63,7 +63,7 @@ from autowisp.errors import PermanentError
 from autowisp.io.atomic import atomic_path
 from autowisp.io.magfit import CACHE_BYTES, create_channel, create_field, photometry_names
 from autowisp.io.photometry import GROUP_OF, read_frame_photometry
-from autowisp.io.provenance import Provenance, product_reference, stamp
+from autowisp.io.provenance import Provenance, product_reference, reference_path, stamp
 from autowisp.steps.base import ImageInfo, InputProduct, Parameter, Step, StepContext, StepResult
 from autowisp.vocabulary import ImageType, Scope
 
@@ -121,6 +121,7 @@ class Magfit(Step):
     outputs = ("magfit",)
     image_types = frozenset({ImageType.OBJECT})
     queue = "heavy"
+    night_star_rows = True
     parameters = (
         Parameter(
             "expression",
@@ -154,7 +155,7 @@ class Magfit(Step):
         ),
         Parameter("block_mb", 256, "MB", "Memory of one block of stars read over the night."),
     )
-    version = "2"
+    version = "3"
 
     def run(self, context: StepContext) -> StepResult:
         night = context.require_night()
@@ -272,7 +273,24 @@ def _fit_field(
     frames = kept
     if not frames:
         raise PermanentError(f"field {field_id}: no frame's photometry can be fitted")
-    keys = union["key"]
+    keys = union["key"]  # sorted: where each frame's stars go is found by bisection
+    # The columns in the field's star order where the database knows it (the light-curve
+    # shards then read runs of neighbouring columns), the stars it does not know after.
+    column_of = np.arange(keys.size)
+    night_rows = context.night.star_rows.get(field_id, {}) if context.night else {}
+    rows = night_rows.get(reference_path(star_list)) if star_list else None
+    if rows is not None and rows[0].size and keys.size:
+        star_index = np.full(keys.size, np.iinfo(np.int64).max)
+        on_list = np.flatnonzero(union["list_row"] >= 0)
+        by_row = np.argsort(rows[0], kind="stable")
+        where = np.clip(np.searchsorted(rows[0][by_row], union["list_row"][on_list]), 0,
+                        rows[0].size - 1)  # fmt: skip
+        hit = rows[0][by_row][where] == union["list_row"][on_list]
+        star_index[on_list[hit]] = rows[1][by_row][where[hit]]
+        by_star = np.lexsort((keys, star_index))
+        union = {k: v[by_star] for k, v in union.items()}
+        column_of = np.empty(keys.size, np.int64)
+        column_of[by_star] = np.arange(keys.size)
     n_frames, n_stars = len(frames), keys.size
     photometries = photometry_names(apertures)
     n_phot = len(photometries)
@@ -332,7 +350,7 @@ def _fit_field(
     middle = len(apertures) // 2
     for i, frame in enumerate(frames):
         product = first if i == 0 else read_frame_photometry(frame.path)
-        index = np.searchsorted(keys, star_keys(product.list_row, product.source_id))
+        index = column_of[np.searchsorted(keys, star_keys(product.list_row, product.source_id))]
         exptime = max(float(frame.image.exptime), 1e-9)
         airmass = None
         if latitude is not None and longitude is not None:

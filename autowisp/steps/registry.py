@@ -17,6 +17,7 @@ from autowisp.steps.astrometry import Astrometry
 from autowisp.steps.base import Input, Kind, Step
 from autowisp.steps.calibrate import Calibrate
 from autowisp.steps.frame_qc import FrameQC
+from autowisp.steps.lc_statistics import LightCurveStatistics
 from autowisp.steps.lightcurves import LightCurves
 from autowisp.steps.magfit import Magfit
 from autowisp.steps.masters import MasterBias, MasterDark, MasterFlat
@@ -40,6 +41,7 @@ PIPELINE: tuple[type[Step], ...] = (
     Photometry,
     Magfit,
     LightCurves,
+    LightCurveStatistics,
 )
 
 

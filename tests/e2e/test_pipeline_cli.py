@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import TEST_DATA, run_cli
@@ -68,6 +69,73 @@ def test_status_json_and_rerun_does_nothing(demo_home):
     assert status["throughput"]["tasks_done"] == 55
     again = _cli(home, "run").stdout
     assert "ran 0 tasks" in again and "nothing to do" in again
+
+
+def test_light_curves_export_through_the_cli(demo_home, tmp_path):
+    import sqlite3
+
+    from astropy.io import fits
+
+    from autowisp.simulate.truth import read_truth
+
+    home, _ = demo_home
+    out = tmp_path / "lc"
+    result = _cli(home, "lc", "export", "--all", "--out", str(out))
+    files = sorted(out.rglob("*.fits"))
+    assert f"wrote {len(files)} light curves under {out}" in result.stdout
+    assert len(files) > 50
+    with sqlite3.connect(home / "autowisp.sqlite") as db:
+        frames = np.array(
+            [jd for (jd,) in db.execute("select jd from image where image_type = 'object'")]
+        )
+        stars = db.execute("select count(*) from field_star").fetchone()[0]
+    assert len(files) <= stars
+    truth = read_truth(next(home.rglob("truth.h5")))
+    names = [str(n) for n in truth.object["filename"]]
+    truth_id = np.asarray(truth.stars["star_id"], np.int64)
+    owners = {}
+    catalogue = None
+    for path in files:
+        with fits.open(path) as hdus:
+            header, data = hdus[0].header, hdus["LIGHTCURVE"].data
+            # Against the truth: every point of a light curve is one and the same
+            # simulated star (the nearest within 1 px on that frame), the Gaia star the
+            # header names, and no two light curves are one star.
+            stars_seen = set()
+            for raw, x, y in zip(data["RAWFILE"], data["X_G1"], data["Y_G1"], strict=True):
+                if not (np.isfinite(x) and np.isfinite(y)):
+                    continue
+                frame = names.index(str(raw))
+                distance = np.hypot(truth.object["x"][frame] - x, truth.object["y"][frame] - y)
+                nearest = int(np.nanargmin(distance))
+                if distance[nearest] < 1.0:
+                    stars_seen.add(nearest)
+            assert len(stars_seen) <= 1, (path.name, stars_seen)
+            if stars_seen:
+                owners[path.name] = star = stars_seen.pop()
+                if header["GAIAID"] >= 0:
+                    assert truth_id[star] == header["GAIAID"]
+            assert "lightcurve" in header["CREATOR"].lower()
+            # Each point is one of the night's frames, at its mid-exposure.
+            assert np.isin(data["JD_UTC"], frames).all() and 1 <= len(data) <= frames.size
+            # BTJD: TDB is 69.2 s ahead of UTC, and the light reaches the barycentre
+            # at most 499 s before or after the Earth.
+            offset = (data["TIME"] + 2457000.0 - data["JD_UTC"]) * 86400.0 - 69.184
+            assert np.all(np.abs(offset) < 500.0)
+            if header["GAIAID"] >= 0 and catalogue is None:
+                catalogue = (header["GAIAID"], data["MAG_MAGFIT_G1"].copy())
+    assert len(set(owners.values())) == len(owners) > 0.8 * len(files)
+    assert catalogue is not None
+    gaia, magnitudes = catalogue
+    csv_dir = tmp_path / "csv"
+    _cli(home, "lc", "export", f"gaia:{gaia}", "--format", "csv", "--out", str(csv_dir))
+    [written] = list(csv_dir.rglob("*.csv"))
+    lines = [line for line in written.read_text().splitlines() if not line.startswith("#")]
+    column = lines[0].split(",").index("MAG_MAGFIT_G1")
+    values = np.array([float(line.split(",")[column]) for line in lines[1:]])
+    np.testing.assert_array_equal(values, magnitudes)
+    missing = _cli(home, "lc", "export", "987654321", "--out", str(csv_dir), check=False)
+    assert missing.returncode == 1 and "987654321: no such star" in missing.stdout
 
 
 def test_config_change_reruns_only_downstream(demo_home, tmp_path):

@@ -5,6 +5,7 @@ files that lightkurve and astropy read with the right times."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ from autowisp.io.lightcurves import (
     star_light_curves,
     write_light_curve,
 )
-from autowisp.io.magfit import read_fitted_block
+from autowisp.io.magfit import read_fitted_block, read_magfit
 from autowisp.io.provenance import reference_path
 from autowisp.io.shards import read_shard_generation
 from autowisp.simulate.photometry_night import SITE, PhotometryNight, write_photometry_night
@@ -57,6 +58,12 @@ def nights(tmp_path_factory):
         directory = tmp_path_factory.mktemp(f"lc_night{night_id}")
         synthetic = write_photometry_night(directory / "photometry", night)
         context = magfit_context(directory, synthetic, night)
+        # The database's rows of the night's star list: the fit writes its columns in
+        # the field's star order.
+        rows = {1: {reference_path(night.star_list): (np.arange(STARS), INDEX)}}
+        context = dataclasses.replace(
+            context, night=dataclasses.replace(context.night, star_rows=rows)
+        )
         result = Magfit().run(context)
         made[night_id] = (Path(result.output_path), synthetic)
     return made
@@ -143,6 +150,12 @@ def appended(nights, tmp_path_factory):
     return root, first, second, read, qc1, qc2
 
 
+def test_the_fit_writes_its_stars_in_the_field_order(nights):
+    for path, _ in nights.values():
+        [field] = read_magfit(path)[1]
+        np.testing.assert_array_equal(INDEX[field.list_row], np.arange(STARS))
+
+
 def test_each_star_keeps_its_points_through_the_star_list_rows(nights, appended):
     _, _, second, _, qc1, _ = appended
     lo, hi = SHARDS[0]
@@ -152,15 +165,19 @@ def test_each_star_keeps_its_points_through_the_star_list_rows(nights, appended)
     checked = 0
     for path, synthetic in nights.values():
         fitted = read_fitted_block(path, 1, "G1", slice(None), ("fitted", "magnitude"))
+        [field] = read_magfit(path)[1]
         for position in (0, 17, 101, 199, _quiet(nights)):
             row = inverse[lo + position]  # the synthetic star at this field index
+            [column] = np.flatnonzero(field.list_row == row)  # its column in the fit
             curve = curves[position]
             mine = np.isin(curve["jd_utc"], synthetic.jd_mid)
             seen = np.isin(synthetic.jd_mid, curve["jd_utc"])
             checked += int(seen.sum())
             np.testing.assert_array_equal(curve["G1.magnitude"][mine],
-                                          fitted["magnitude"][seen, row, :])  # fmt: skip
-            np.testing.assert_array_equal(curve["G1.fitted"][mine], fitted["fitted"][seen, row, :])
+                                          fitted["magnitude"][seen, column, :])  # fmt: skip
+            np.testing.assert_array_equal(
+                curve["G1.fitted"][mine], fitted["fitted"][seen, column, :]
+            )
             # Its own times: BJD_TDB from its position, at each frame's mid-exposure.
             expected = barycentric_jd(synthetic.jd_mid[seen], synthetic.ra[row:row + 1],
                                       synthetic.dec[row:row + 1], latitude=SITE[0],
@@ -351,3 +368,61 @@ def test_stars_are_found_by_list_row_then_gaia_id_and_only_in_their_shard():
     # Another night's star list: its rows are not these.
     other = FieldMagfit(**{**fit.__dict__, "star_list": "2024-09-11 cfg=t other.fits"})
     np.testing.assert_array_equal(map_stars(other, stars, 10, 14), [-1, -1, -1, -1, -1, 2, -1])
+
+
+def test_statistics_per_star_stage_and_channel(nights, appended, tmp_path):
+    from autowisp.steps.base import FieldInfo
+    from autowisp.steps.lc_statistics import LightCurveStatistics
+
+    _, _, second, _, _, _ = appended
+    other, _ = _run(tmp_path / "s1", nights, 1, 1, (1, 2))
+    inputs = {
+        "lightcurves": tuple(
+            InputProduct(f"shard:{i + 1}", None, path, {}, task_id=i + 1, config_version="t")
+            for i, path in enumerate((second, other))
+        )
+    }
+    context = StepContext(
+        task_id=500, step="lc_statistics", target="field:1", config_version="t",
+        parameters={"block_mb": 1}, storage_root=tmp_path, inputs=inputs, generation=2,
+        field=FieldInfo(1, "f1", "X", 300.0, 20.0, 6.0, 2),
+    )  # fmt: skip
+    result = LightCurveStatistics().run(context)
+    with h5py.File(result.output_path, "r") as product:
+        np.testing.assert_array_equal(product["star_index"][()], np.arange(STARS))
+        assert product.attrs["stages"] == "RAW,MAGFIT"
+        mad, rms, points = (product[f"G1/{k}"][()] for k in ("mad", "rms", "points"))
+    curves = star_light_curves(second, range(200))
+    for position in (3, 50, _quiet(nights)):
+        fitted = curves[position]["G1.fitted"].astype(float)
+        for j in range(fitted.shape[1]):
+            values = fitted[:, j][np.isfinite(fitted[:, j])]
+            assert points[position, 1, j] == values.size
+            if values.size >= 2:
+                expected = np.median(np.abs(values - np.median(values)))
+                assert mad[position, 1, j] == pytest.approx(expected, rel=1e-5)
+                assert rms[position, 1, j] == pytest.approx(np.std(values, ddof=1), rel=1e-5)
+    assert result.qc["stars"] == STARS and result.qc["shards"] == 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="each night's magnitude fit is on its own reference frame's scale, zero point "
+    "and spatial pattern included: between the two nights the stars' fitted magnitudes "
+    "move by 8.4 mmag (median) with a star-to-star spread (MAD) of 12 mmag; a field "
+    "reference carried across nights is not built yet",
+)
+def test_fitted_magnitudes_share_one_scale_across_nights(appended):
+    _, _, second, _, _, _ = appended
+    curves = star_light_curves(second, range(200))
+    first_jd = 2460563.65 + NIGHTS[1].frames * NIGHTS[1].cadence_s / 86400.0
+    offsets = []
+    for curve in curves.values():
+        values = curve["G1.fitted"][:, 1].astype(float)
+        night1 = values[curve["jd_utc"] < first_jd + 0.01]
+        night2 = values[curve["jd_utc"] > first_jd + 0.5]
+        if np.isfinite(night1).sum() > 5 and np.isfinite(night2).sum() > 5:
+            offsets.append(np.nanmedian(night2) - np.nanmedian(night1))
+    assert len(offsets) > 100
+    spread = np.median(np.abs(offsets - np.median(offsets)))
+    assert abs(np.median(offsets)) < 0.002 and spread < 0.002

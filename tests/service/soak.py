@@ -45,6 +45,7 @@ from autowisp.db.models import Step as StepRow
 from autowisp.db.session import dispose_engine, session_scope
 from autowisp.ingest.headers import sha256_of
 from autowisp.ingest.ingest import ingest_paths
+from autowisp.io.shards import read_shard_generation
 from autowisp.pipeline.local import run_local
 from autowisp.simulate.night import NightConfig, simulate_night
 from autowisp.steps.registry import default_registry
@@ -432,7 +433,17 @@ def check_soak(url: str, nights: Nights, reference: dict, report: SoakReport) ->
         assert report.duplicates == 0, [k for k, n in keys.items() if n > 1]
         assert all(t.configuration_id in active for t in tasks), "tasks of an old configuration"
 
+        # A shard's or field's task works on a generation of its own: the current one
+        # is its target's latest.
+        latest: dict[tuple[int, str], int] = {}
+        for t in tasks:
+            if t.night_id is None:
+                key = (t.step_id, t.target)
+                latest[key] = max(latest.get(key, 0), t.generation)
+
         def current(task: Task) -> bool:
+            if task.night_id is None:
+                return task.generation == latest[(task.step_id, task.target)]
             return task.generation in (0, closed[task.night_id])
 
         now = [t for t in tasks if current(t)]
@@ -480,8 +491,17 @@ def check_soak(url: str, nights: Nights, reference: dict, report: SoakReport) ->
                 for upstream in map(rows.__getitem__, ids):
                     assert names[upstream.step_id] == step, where
                     assert upstream.state is TaskState.DONE, (where, upstream.id)
+                    if task.night_id is None:  # a shard's or field's: nights of its own
+                        continue
                     assert upstream.night_id == task.night_id, (where, upstream.id)
                     assert upstream.generation in (0, task.generation), (where, upstream.id)
+            if names[task.step_id] == "lightcurves":
+                # The shard's current file holds every night at its closed generation.
+                held = read_shard_generation(Path(task.output_path), columns=False).nights
+                assert {n: b.night_generation for n, b in held.items()} == {
+                    n: closed[n] for n in held
+                }, where
+                assert held, f"{where} holds no night"
             if names[task.step_id] == "night_qc":
                 night_frames = [f for f in by_night[task.night_id] if f.generation <= closed[
                     task.night_id]]  # fmt: skip

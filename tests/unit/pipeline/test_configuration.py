@@ -74,4 +74,5 @@ def test_default_pipeline_is_declared():
         "photometry",
         "magfit",
         "lightcurves",
+        "lc_statistics",
     ]
