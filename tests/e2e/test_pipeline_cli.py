@@ -42,8 +42,9 @@ def test_demo_processes_a_night_end_to_end(demo_home):
     out = result.stdout
     assert "ingested 36 files into 1 night(s)" in out  # 4 objects, 10+10+12 calibration
     # frame_qc 36, night_qc 1, three masters, calibrate 4, astrometry 4, star_list 1,
-    # photometry 4, magfit 1, and the light curves of the field's one shard
-    assert "ran 55 tasks" in out and "55 done" in out
+    # photometry 4, magfit 1, the light curves of the field's one shard and their
+    # statistics
+    assert "ran 56 tasks" in out and "56 done" in out
     assert "after magnitude fitting" in out
     assert "frame_qc" in out and "night_qc" in out and "calibrate" in out
     plot = Path(out.split("night_qc plot: ")[1].split()[0])
@@ -62,11 +63,11 @@ def test_status_json_and_rerun_does_nothing(demo_home):
     status = json.loads(_cli(home, "status", "--json").stdout)
     steps = {row["step"]: row for row in status["progress"]}
     assert {name: row["done"] for name, row in steps.items()} == DONE
-    # The field's stars in one shard, its light curves done.
+    # The field's stars in one shard, its light curves and their statistics done.
     [field] = status["fields"]
-    assert (field["shards"], field["nights_in_shards"], field["tasks"]) == (1, 1, {"done": 1})
+    assert (field["shards"], field["nights_in_shards"], field["tasks"]) == (1, 1, {"done": 2})
     assert status["failures"] == [] and status["images"] == {"ingested": 36}
-    assert status["throughput"]["tasks_done"] == 55
+    assert status["throughput"]["tasks_done"] == 56
     again = _cli(home, "run").stdout
     assert "ran 0 tasks" in again and "nothing to do" in again
 
@@ -155,8 +156,8 @@ def test_config_change_reruns_only_downstream(demo_home, tmp_path):
     )
     result = _cli(home, "run", extra_env=env).stdout
     # the flat, 4 x 3 frame steps, the night's star_list and magfit, the shard's light
-    # curves
-    assert "ran 16 tasks" in result and "16 done" in result
+    # curves and the field's statistics
+    assert "ran 17 tasks" in result and "17 done" in result
 
 
 def test_ingest_command_reports_rejections(tmp_path):

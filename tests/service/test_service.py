@@ -89,17 +89,18 @@ def test_night_through_scheduler_and_two_workers_matches_local_executor(
     service.scheduler()
     # frame_qc on 38 frames, night_qc, three masters, calibrate and astrometry on 6
     # frames, the night's star list, photometry on 6 frames, the night's magfit and the
-    # light curves of the field's one shard (fewer stars than a shard holds)
-    service.wait_finished(38 + 1 + 3 + 6 + 6 + 1 + 6 + 1 + 1, timeout=300)
+    # light curves of the field's one shard (fewer stars than a shard holds) and the
+    # field's statistics
+    service.wait_finished(38 + 1 + 3 + 6 + 6 + 1 + 6 + 1 + 1 + 1, timeout=300)
     served, local = _outputs(pg_url), _outputs(local_url)
-    assert served.keys() == local.keys() and len(served) == 63
+    assert served.keys() == local.keys() and len(served) == 64
     hosts = set()
     for key, (path, qc, state) in served.items():
         local_path, local_qc, local_state = local[key]
         assert state == local_state, key
         if path is None:
             continue
-        if key[0] in ("photometry", "magfit", "lightcurves"):
+        if key[0] in ("photometry", "magfit", "lightcurves", "lc_statistics"):
             assert qc == local_qc
             with h5py.File(path) as a, h5py.File(local_path) as b:
                 same_datasets(a, b, path)
