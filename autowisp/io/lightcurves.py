@@ -327,46 +327,100 @@ def _header_facts(curve: LightCurve) -> list[tuple[str, Any, str]]:
     return facts
 
 
+#: The ``LIGHTCURVE`` table's header text (without the per-star cards) per column layout:
+#: astropy builds it once per layout; each star's file then costs its rows, not the
+#: header machinery (70 ms a star before).
+_TABLE_HEADERS: dict[tuple[tuple[str, str, str], ...], str] = {}
+
+#: The table's fixed keywords.
+_TIME_CARDS = (
+    ("TIMESYS", "TDB", "time scale of TIME"),
+    ("TIMEREF", "SOLARSYSTEM", "TIME is at the Solar System's barycentre"),
+    ("TREFPOS", "BARYCENTER", "reference position of TIME"),
+    ("TIMEUNIT", "d", "unit of TIME"),
+    ("BJDREFI", int(BTJD_REFERENCE), "integer part of BTJD's zero (BJD_TDB)"),
+    ("BJDREFF", 0.0, "fraction of BTJD's zero"),
+    ("JDREF", BTJD_REFERENCE, "zero of TIME, JD (FITS time standard)"),
+    ("NUM_FRM", 1, "frames per point"),
+)
+
+
+def _padded(data: bytes, fill: bytes) -> bytes:
+    return data + fill * (-len(data) % 2880)
+
+
+def _fits_bytes(curve: LightCurve) -> bytes:
+    """The FITS file of ``curve``: primary header and the ``LIGHTCURVE`` binary table."""
+    primary = fits.Header()
+    primary["SIMPLE"] = (True, "conforms to FITS standard")
+    primary["BITPIX"] = (8, "array data type")
+    primary["NAXIS"] = (0, "number of array dimensions")
+    primary["EXTEND"] = True
+    for key, value, comment in _header_facts(curve):
+        primary[key] = (value, comment)
+    fields: list[tuple[str, str]] = []
+    layout: list[tuple[str, str, str]] = []
+    arrays = []
+    for key, values in curve.columns.items():
+        array = np.asarray(values)
+        if array.dtype.kind in "US":
+            width = max(1, max((len(str(v)) for v in array), default=1))
+            fields.append((key, f"S{width}"))
+            layout.append((key, f"{width}A", ""))
+            array = np.char.encode(array.astype(str), "ascii", "replace")
+        elif array.dtype.kind in "iub":
+            fields.append((key, ">i4"))
+            layout.append((key, "J", ""))
+        else:
+            unit = {"TIME": "d", "JD_UTC": "d", "EXPTIME": "s", "HA": "deg"}.get(key, "")
+            if key.startswith(("MAG_", "MAGERR_")):
+                unit = "mag"
+            fields.append((key, ">f8"))
+            layout.append((key, "D", unit))
+        arrays.append(array)
+    rows = np.zeros(len(curve), dtype=fields)
+    for (key, _), array in zip(fields, arrays, strict=True):
+        rows[key] = array
+    key_layout = tuple(layout)
+    template = _TABLE_HEADERS.get(key_layout)
+    if template is None:
+        columns = [
+            fits.Column(name, form, unit=unit or None, array=np.zeros(0, dtype))
+            for (name, form, unit), (_, dtype) in zip(layout, fields, strict=True)
+        ]
+        header = fits.BinTableHDU.from_columns(columns, name="LIGHTCURVE").header
+        for key, value, comment in _TIME_CARDS:
+            header[key] = (value, comment)
+        template = header.tostring(endcard=False, padding=False)
+        if template[320:328] != "NAXIS2  " or int(header["NAXIS1"]) != rows.dtype.itemsize:
+            raise RuntimeError("astropy's binary-table header is not laid out as expected")
+        _TABLE_HEADERS[key_layout] = template
+    time = np.asarray(curve.columns["TIME"], float)
+    finite = time[np.isfinite(time)]
+    cards = [
+        fits.Card("NAXIS2", len(curve), "number of table rows").image,
+        *(
+            fits.Card(key, value, comment).image
+            for key, value, comment in (
+                ("TSTART", float(finite.min()) if finite.size else 0.0, "[d] first TIME"),
+                ("TSTOP", float(finite.max()) if finite.size else 0.0, "[d] last TIME"),
+                ("FRAMETIM", float(curve.frame_time), "[s] median exposure of a frame"),
+            )
+        ),
+    ]
+    table = template[:320] + cards[0] + template[400:] + "".join(cards[1:]) + "END".ljust(80)
+    return (
+        primary.tostring().encode("ascii")
+        + _padded(table.encode("ascii"), b" ")
+        + _padded(rows.tobytes(), b"\0")
+    )
+
+
 def write_light_curve(path: Path, curve: LightCurve, *, file_format: str = "fits") -> Path:
     """Write ``curve`` to ``path`` atomically as ``fits`` or ``csv``; returns the path."""
     if file_format == "fits":
-        primary = fits.PrimaryHDU()
-        for key, value, comment in _header_facts(curve):
-            primary.header[key] = (value, comment)
-        table_columns = []
-        for key, values in curve.columns.items():
-            array = np.asarray(values)
-            if array.dtype.kind in "US":
-                width = max(1, max((len(v) for v in array), default=1))
-                table_columns.append(
-                    fits.Column(key, f"{width}A", array=array.astype(f"S{width}"))
-                )
-            elif array.dtype.kind in "iu":
-                table_columns.append(fits.Column(key, "J", array=array.astype(np.int32)))
-            else:
-                unit = {"TIME": "d", "JD_UTC": "d", "EXPTIME": "s", "HA": "deg"}.get(key)
-                if key.startswith(("MAG_", "MAGERR_")):
-                    unit = "mag"
-                table_columns.append(fits.Column(key, "D", array=array.astype(float), unit=unit))
-        table = fits.BinTableHDU.from_columns(table_columns, name="LIGHTCURVE")
-        time = np.asarray(curve.columns["TIME"], float)
-        finite = time[np.isfinite(time)]
-        for key, value, comment in (
-            ("TIMESYS", "TDB", "time scale of TIME"),
-            ("TIMEREF", "SOLARSYSTEM", "TIME is at the Solar System's barycentre"),
-            ("TREFPOS", "BARYCENTER", "reference position of TIME"),
-            ("TIMEUNIT", "d", "unit of TIME"),
-            ("BJDREFI", int(BTJD_REFERENCE), "integer part of BTJD's zero (BJD_TDB)"),
-            ("BJDREFF", 0.0, "fraction of BTJD's zero"),
-            ("JDREF", BTJD_REFERENCE, "zero of TIME, JD (FITS time standard)"),
-            ("TSTART", float(finite.min()) if finite.size else 0.0, "[d] first TIME"),
-            ("TSTOP", float(finite.max()) if finite.size else 0.0, "[d] last TIME"),
-            ("FRAMETIM", curve.frame_time, "[s] median exposure of a frame"),
-            ("NUM_FRM", 1, "frames per point"),
-        ):
-            table.header[key] = (value, comment)
         with atomic_path(path) as temporary:
-            fits.HDUList([primary, table]).writeto(temporary)
+            Path(temporary).write_bytes(_fits_bytes(curve))
         return path
     if file_format == "csv":
         text = io.StringIO()

@@ -317,7 +317,11 @@ def test_exported_fits_loads_as_an_astropy_time_series(exported):
     series = TimeSeries.read(path, hdu="LIGHTCURVE", astropy_native=True, time_column="TIME")
     np.testing.assert_allclose(series.time.tdb.jd, points["bjd_tdb"], rtol=0, atol=1e-8)
     with fits.open(path) as hdus:
+        hdus.verify("exception")  # the file is written by hand from astropy's header
         header, table = hdus[0].header, hdus["LIGHTCURVE"].header
+        assert table["NAXIS2"] == len(points["jd_utc"])
+        np.testing.assert_array_equal(hdus["LIGHTCURVE"].data["RAWFILE"],
+                                      [v.decode() for v in points["raw_file"]])  # fmt: skip
         assert "lightcurve" in header["CREATOR"].lower()
         assert header["ORIGIN"] == "AutoWISP" and header["TELESCOP"] == "X"
         assert (table["BJDREFI"], table["BJDREFF"], table["TIMESYS"]) == (2457000, 0.0, "TDB")
