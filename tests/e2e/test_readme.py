@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -81,9 +82,30 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in extracted
 
 
-def test_main_command_in_a_fresh_venv(tmp_path):
-    clone = _fresh_clone(tmp_path / "clone")
-    result = _run(_command("main-command"), clone)
+@pytest.fixture(scope="module")
+def fresh_runs(tmp_path_factory):
+    """Both README commands, each in a fresh clone and venv, run at the same time (each
+    takes a minute or more, most of it pip's): name -> (clone, future of the result)."""
+    inner = "-q -p no:cacheprovider tests/unit/pipeline tests/unit/io"
+    jobs = {
+        # The exact command; the inner run is limited to the fast unit tests of the
+        # pipeline's configuration and of the file formats, so it neither recurses nor
+        # runs the numerical tests a second time (the outer run has them).
+        "test-command": {"PYTEST_ADDOPTS": inner},
+        "main-command": {},
+    }
+    clones = {name: _fresh_clone(tmp_path_factory.mktemp(name) / "clone") for name in jobs}
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = {
+            name: pool.submit(_run, _command(name), clones[name], extra)
+            for name, extra in jobs.items()
+        }
+    return {name: (clones[name], futures[name]) for name in jobs}
+
+
+def test_main_command_in_a_fresh_venv(fresh_runs):
+    clone, future = fresh_runs["main-command"]
+    result = future.result()
     assert "night_qc" in result.stdout and "truth" in result.stdout
     home = clone / "autowisp-data"
     assert (home / "autowisp.sqlite").is_file()
@@ -91,11 +113,7 @@ def test_main_command_in_a_fresh_venv(tmp_path):
     assert len(list(home.rglob("object_*.fits"))) == 8
 
 
-def test_test_command_installs_and_runs_pytest_in_a_fresh_venv(tmp_path):
-    clone = _fresh_clone(tmp_path / "clone")
-    # The exact command; the inner run is limited to the fast unit tests of the pipeline's
-    # configuration and of the file formats, so it neither recurses nor runs the
-    # numerical tests a second time (the outer run has them).
-    inner = "-q -p no:cacheprovider tests/unit/pipeline tests/unit/io"
-    result = _run(_command("test-command"), clone, {"PYTEST_ADDOPTS": inner})
+def test_test_command_installs_and_runs_pytest_in_a_fresh_venv(fresh_runs):
+    _, future = fresh_runs["test-command"]
+    result = future.result()
     assert re.search(r"\d+ passed", result.stdout), result.stdout[-2000:]
