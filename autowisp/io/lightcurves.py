@@ -63,6 +63,7 @@ __all__ = [
     "STAGES",
     "LightCurve",
     "StarIdentity",
+    "column_names",
     "light_curve_table",
     "star_light_curves",
     "write_light_curve",
@@ -134,10 +135,10 @@ def star_light_curves(path: Path, positions: Sequence[int]) -> dict[int, dict[st
     channels: list[str] = []
     photometries: list[str] = []
     for block in blocks:
-        for name in _names(block.columns.get("channels")):
+        for name in column_names(block.columns.get("channels")):
             if name not in channels:
                 channels.append(name)
-        for name in _names(block.columns.get("photometries")):
+        for name in column_names(block.columns.get("photometries")):
             if name not in photometries:
                 photometries.append(name)
     result: dict[int, dict[str, np.ndarray]] = {}
@@ -145,8 +146,8 @@ def star_light_curves(path: Path, positions: Sequence[int]) -> dict[int, dict[st
         parts: dict[str, list[np.ndarray]] = {}
         for block in blocks:
             c = block.columns
-            night_channels = _names(c.get("channels"))
-            night_phot = _names(c.get("photometries"))
+            night_channels = column_names(c.get("channels"))
+            night_phot = column_names(c.get("photometries"))
             n = int(np.asarray(c["jd_utc"]).size)
             seen = np.zeros(n, bool)
             for channel in night_channels:
@@ -168,7 +169,7 @@ def star_light_curves(path: Path, positions: Sequence[int]) -> dict[int, dict[st
                         pieces[name] = np.asarray(c[name])[keep, column]
                     else:
                         pieces[name] = np.full(keep.size, 0 if key == "flags" else np.nan)
-                for key in STAGES.values():
+                for key in (*STAGES.values(), "magnitude_err"):
                     name = f"{channel}.{key}"
                     values = np.full((keep.size, len(photometries)), np.nan, np.float32)
                     if present and name in c:
@@ -176,13 +177,6 @@ def star_light_curves(path: Path, positions: Sequence[int]) -> dict[int, dict[st
                         for j, phot in enumerate(night_phot):
                             values[:, photometries.index(phot)] = got[:, j]
                     pieces[name] = values
-                err = f"{channel}.magnitude_err"
-                values = np.full((keep.size, len(photometries)), np.nan, np.float32)
-                if present and err in c:
-                    got = np.asarray(c[err])[keep, column]
-                    for j, phot in enumerate(night_phot):
-                        values[:, photometries.index(phot)] = got[:, j]
-                pieces[err] = values
             for key, value in pieces.items():
                 parts.setdefault(key, []).append(value)
         joined = {key: np.concatenate(values) for key, values in parts.items()}
@@ -195,7 +189,8 @@ def star_light_curves(path: Path, positions: Sequence[int]) -> dict[int, dict[st
     return result
 
 
-def _names(values: Any) -> list[str]:
+def column_names(values: Any) -> list[str]:
+    """The names a shard's night block lists (``channels``, ``photometries``)."""
     if values is None:
         return []
     return [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(values)]

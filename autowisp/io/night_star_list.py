@@ -48,7 +48,13 @@ from astropy.io import fits
 from autowisp.io.atomic import atomic_path
 from autowisp.io.provenance import Provenance, stamp
 
-__all__ = ["FieldCandidates", "NightStarList", "read_star_list", "write_star_list"]
+__all__ = [
+    "FieldCandidates",
+    "NightStarList",
+    "field_star_indices",
+    "read_star_list",
+    "write_star_list",
+]
 
 COLUMNS = (
     ("ra", "D"),
@@ -154,3 +160,22 @@ def read_star_list(path: Path) -> NightStarList:
             qc=json.loads(primary["QCJSON"]),
             provenance=Provenance.read(primary),
         )
+
+
+def field_star_indices(
+    list_row: np.ndarray, rows: tuple[np.ndarray, np.ndarray] | None
+) -> np.ndarray:
+    """The field star index of each ``list_row`` (-1 for rows below 0 and rows the
+    registration ``rows`` = (list rows, their star indices) does not name)."""
+    wanted = np.asarray(list_row, np.int64)
+    found = np.full(wanted.size, -1, np.int64)
+    if rows is None or not np.asarray(rows[0]).size:
+        return found
+    order = np.argsort(rows[0], kind="stable")
+    known_rows = np.asarray(rows[0], np.int64)[order]
+    known_index = np.asarray(rows[1], np.int64)[order]
+    listed = np.flatnonzero(wanted >= 0)
+    where = np.clip(np.searchsorted(known_rows, wanted[listed]), 0, known_rows.size - 1)
+    hit = known_rows[where] == wanted[listed]
+    found[listed[hit]] = known_index[where[hit]]
+    return found

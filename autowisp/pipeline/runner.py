@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -209,29 +209,15 @@ def _shard_stars(session: Session, shard: ShardInfo, storage_root: Path) -> Shar
         return np.array(values, dtype=np.float64).reshape(len(rows))  # None becomes NaN
 
     nights = sorted({placed.night_id for placed in shard.appended})
-    list_rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if nights:
-        found = session.execute(
-            select(Task.output_path, StarListRow.list_row, StarListRow.star_index)
-            .join(StarListRow, StarListRow.task_id == Task.id)
-            .where(
-                Task.night_id.in_(nights),
-                StarListRow.field_id == shard.field_id,
-                StarListRow.star_index >= shard.star_lo,
-                StarListRow.star_index < shard.star_hi,
-                Task.output_path.is_not(None),
-            )
-            .order_by(Task.id, StarListRow.list_row)
-        ).all()
-        gathered: dict[str, tuple[list[int], list[int]]] = {}
-        for path, list_row, star_index in found:
-            key = shown_path(Path(str(path)), storage_root)
-            entry = gathered.setdefault(key, ([], []))
-            entry[0].append(int(list_row))
-            entry[1].append(int(star_index))
-        list_rows = {
-            key: (np.array(r, np.int64), np.array(i, np.int64)) for key, (r, i) in gathered.items()
-        }
+    list_rows = (
+        _star_list_rows(
+            session, storage_root, Task.night_id.in_(nights),
+            StarListRow.field_id == shard.field_id, StarListRow.star_index >= shard.star_lo,
+            StarListRow.star_index < shard.star_hi,
+        ).get(shard.field_id, {})
+        if nights
+        else {}
+    )  # fmt: skip
     return ShardStars(
         star_index=ints(columns[0]), star_id=ints(columns[1]), gaia_source_id=ints(columns[2]),
         ra=floats(columns[3]), dec=floats(columns[4]), g=floats(columns[5]),
@@ -239,15 +225,16 @@ def _shard_stars(session: Session, shard: ShardInfo, storage_root: Path) -> Shar
     )  # fmt: skip
 
 
-def _night_star_rows(
-    session: Session, night_id: int, storage_root: Path
+def _star_list_rows(
+    session: Session, storage_root: Path, *conditions: ColumnElement[bool]
 ) -> dict[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Per field, per star list of the night, its rows and their field stars."""
+    """Per field, per star list (its product's path as a reference shows it), the
+    recorded rows matching ``conditions`` and their field stars, ``(list_row, index)``."""
     found = session.execute(
         select(StarListRow.field_id, Task.output_path, StarListRow.list_row,
                StarListRow.star_index)
         .join(Task, Task.id == StarListRow.task_id)
-        .where(Task.night_id == night_id, Task.output_path.is_not(None))
+        .where(Task.output_path.is_not(None), *conditions)
         .order_by(StarListRow.field_id, Task.id, StarListRow.list_row)
     ).all()  # fmt: skip
     gathered: dict[int, dict[str, tuple[list[int], list[int]]]] = {}
@@ -296,7 +283,9 @@ def build_context(
             session, task.night_id, image_id=task.image_id, generation=task.generation or None
         )
     if night is not None and step.night_star_rows:
-        night = replace(night, star_rows=_night_star_rows(session, night.id, storage_root))
+        night = replace(
+            night, star_rows=_star_list_rows(session, storage_root, Task.night_id == night.id)
+        )
     image = None
     if task.image_id is not None:
         found = [i for i in (night.images if night else ()) if i.id == task.image_id]

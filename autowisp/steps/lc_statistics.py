@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from autowisp.io.atomic import atomic_path
-from autowisp.io.lightcurves import STAGES
+from autowisp.io.lightcurves import STAGES, column_names
 from autowisp.io.provenance import Provenance, product_reference, stamp
 from autowisp.io.shards import read_shard_generation
 from autowisp.steps.base import Parameter, Step, StepContext, StepResult
@@ -35,10 +35,6 @@ __all__ = ["LightCurveStatistics", "shard_statistics"]
 
 #: Fewest points of a star for the QC's median MAD.
 QC_POINTS = 10
-
-
-def _names(values: Any) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(values)]
 
 
 def shard_statistics(path: Path, *, block_bytes: int) -> dict[str, Any]:
@@ -52,10 +48,10 @@ def shard_statistics(path: Path, *, block_bytes: int) -> dict[str, Any]:
     frames = 0
     for block in first.nights.values():
         frames += int(np.asarray(block.columns["jd_utc"]).size)
-        for name in _names(block.columns.get("channels", [])):
+        for name in column_names(block.columns.get("channels", [])):
             if name not in channels:
                 channels.append(name)
-        for name in _names(block.columns.get("photometries", [])):
+        for name in column_names(block.columns.get("photometries", [])):
             if name not in photometries:
                 photometries.append(name)
     shape = (n_stars, len(STAGES), len(photometries))
@@ -85,7 +81,7 @@ def shard_statistics(path: Path, *, block_bytes: int) -> dict[str, Any]:
                     n = int(np.asarray(c["jd_utc"]).size)
                     name = f"{channel}.{key}"
                     if name in c:
-                        for j, phot in enumerate(_names(c["photometries"])):
+                        for j, phot in enumerate(column_names(c["photometries"])):
                             values[row : row + n, :, photometries.index(phot)] = c[name][:, :, j]
                     row += n
                 out = result[channel]

@@ -40,6 +40,7 @@ import numpy as np
 from autowisp.core.timing import barycentric_jd, hour_angle_airmass
 from autowisp.errors import PermanentError
 from autowisp.io.magfit import CACHE_BYTES, CHUNK_STARS, FieldMagfit, read_magfit
+from autowisp.io.night_star_list import field_star_indices
 from autowisp.io.provenance import Provenance, product_reference, reference_path
 from autowisp.io.shards import NightBlock, write_shard_generation
 from autowisp.steps.base import (
@@ -70,17 +71,8 @@ def map_stars(field: FieldMagfit, stars: ShardStars, star_lo: int, star_hi: int)
     """Each of the magnitude fit's stars' position in the shard (``star index − star_lo``;
     -1: not a star of this shard): by its row in the star list the night was measured
     with, else (a catalogue star the list does not hold) by its Gaia id."""
-    target = np.full(field.list_row.size, -1, np.int64)
     rows = stars.list_rows.get(reference_path(field.star_list)) if field.star_list else None
-    listed = np.flatnonzero(field.list_row >= 0)
-    if rows is not None and rows[0].size and listed.size:
-        order = np.argsort(rows[0], kind="stable")
-        known_rows, known_index = rows[0][order], rows[1][order]
-        where = np.clip(
-            np.searchsorted(known_rows, field.list_row[listed]), 0, known_rows.size - 1
-        )
-        hit = known_rows[where] == field.list_row[listed]
-        target[listed[hit]] = known_index[where[hit]]
+    target = field_star_indices(field.list_row, rows)
     gaia = np.asarray(stars.gaia_source_id, np.int64)
     by_gaia = np.flatnonzero((target < 0) & (field.list_row < 0) & (field.source_id >= 0))
     has_gaia = np.flatnonzero(gaia >= 0)

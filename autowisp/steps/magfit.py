@@ -62,6 +62,7 @@ from autowisp.core.photometry import SPOILING
 from autowisp.errors import PermanentError
 from autowisp.io.atomic import atomic_path
 from autowisp.io.magfit import CACHE_BYTES, create_channel, create_field, photometry_names
+from autowisp.io.night_star_list import field_star_indices
 from autowisp.io.photometry import GROUP_OF, read_frame_photometry
 from autowisp.io.provenance import Provenance, product_reference, reference_path, stamp
 from autowisp.steps.base import ImageInfo, InputProduct, Parameter, Step, StepContext, StepResult
@@ -280,13 +281,8 @@ def _fit_field(
     night_rows = context.night.star_rows.get(field_id, {}) if context.night else {}
     rows = night_rows.get(reference_path(star_list)) if star_list else None
     if rows is not None and rows[0].size and keys.size:
-        star_index = np.full(keys.size, np.iinfo(np.int64).max)
-        on_list = np.flatnonzero(union["list_row"] >= 0)
-        by_row = np.argsort(rows[0], kind="stable")
-        where = np.clip(np.searchsorted(rows[0][by_row], union["list_row"][on_list]), 0,
-                        rows[0].size - 1)  # fmt: skip
-        hit = rows[0][by_row][where] == union["list_row"][on_list]
-        star_index[on_list[hit]] = rows[1][by_row][where[hit]]
+        star_index = field_star_indices(union["list_row"], rows)
+        star_index[star_index < 0] = np.iinfo(np.int64).max  # unknown stars last
         by_star = np.lexsort((keys, star_index))
         union = {k: v[by_star] for k, v in union.items()}
         column_of = np.empty(keys.size, np.int64)
