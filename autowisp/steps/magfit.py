@@ -467,7 +467,7 @@ def _fit_field(
         for g in groups:
             _fit_frames(datasets[g], reference[g], known[g], colour, expression, extra,
                         levels, config, (cx, hx, cy, hy), n_frames,
-                        1 if g == "MONO" else 2)  # fmt: skip
+                        1 if g == "MONO" else 2, column_of)  # fmt: skip
         change = 0.0
         for g in groups:
             d = datasets[g]
@@ -483,24 +483,28 @@ def _fit_field(
             # stars' own terms (magnitude, colour): every frame's correction absorbs it.
             # That part of the change is taken out, so the master keeps the reference
             # frame's zero point and scale and the iterations converge.
+            # (Every fit over the stars takes them in the union's key order, ``column_of``,
+            # whatever the columns' order: the night's figures do not depend on the order
+            # in which the field's stars were registered, to the last bit.)
+            c = column_of
             for p in range(n_phot):
-                master[:, p] = _anchored(
-                    master[:, p], reference[g][:, p], scatter[:, p], star_terms,
-                    known[g][:, p] - np.nanmedian(known[g][:, p]),
-                    None if colour is None else colour[:, p], config,
+                master[c, p] = _anchored(
+                    master[c, p], reference[g][c, p], scatter[c, p], star_terms,
+                    known[g][c, p] - np.nanmedian(known[g][:, p]),
+                    None if colour is None else colour[c, p], config,
                 )  # fmt: skip
             variable = np.zeros((n_stars, n_phot), bool)
             for p in range(n_phot):
-                variable[:, p], _ = variable_stars(
-                    master[:, p], scatter[:, p], threshold=config.variable_threshold
+                variable[c, p], _ = variable_stars(
+                    master[c, p], scatter[c, p], threshold=config.variable_threshold
                 )
             # The change over the stars that are fitted (a faint star's master matters
             # to nothing else, and its median moves with its noise).
-            both = np.isfinite(master) & np.isfinite(reference[g])
-            both &= scatter <= config.max_error
+            both = np.isfinite(master[c]) & np.isfinite(reference[g][c])
+            both &= scatter[c] <= config.max_error
             for p in range(n_phot):
                 if both[:, p].any():
-                    diff = master[both[:, p], p] - reference[g][both[:, p], p]
+                    diff = master[c][both[:, p], p] - reference[g][c][both[:, p], p]
                     change = max(change, float(np.mean(diff**2)))
             d["master"][...] = master
             d["master_scatter"][...] = scatter
@@ -619,19 +623,26 @@ def _fit_frames(
     scale: tuple[float, float, float, float],
     n_frames: int,
     cell: int,
+    order: np.ndarray,
 ) -> None:
-    """Fit every frame of a channel against ``reference`` and write its fitted row."""
+    """Fit every frame of a channel against ``reference`` and write its fitted row.
+
+    The stars are fitted in ``order`` (the columns of the union's sorted keys), so the
+    fits do not depend on the columns' order."""
     cx, hx, cy, hy = scale
     n_phot = reference.shape[1]
     zero = np.nanmedian(known, axis=0)
     uses_airmass = "airmass" in expression.variables
+    reference, known = reference[order], known[order]
+    colour = None if colour is None else colour[order]
     for i in range(n_frames):
-        magnitude = np.asarray(d["magnitude"][i], float)
-        error = np.asarray(d["magnitude_err"][i], float)
-        raw_x, raw_y = np.asarray(d["x"][i], float), np.asarray(d["y"][i], float)
+        magnitude = np.asarray(d["magnitude"][i], float)[order]
+        error = np.asarray(d["magnitude_err"][i], float)[order]
+        raw_x = np.asarray(d["x"][i], float)[order]
+        raw_y = np.asarray(d["y"][i], float)[order]
         x = (raw_x - cx) / hx
-        y = (np.asarray(d["y"][i], float) - cy) / hy
-        air = np.asarray(d["airmass"][i], float) if uses_airmass else None
+        y = (raw_y - cy) / hy
+        air = np.asarray(d["airmass"][i], float)[order] if uses_airmass else None
         fitted = np.full(magnitude.shape, np.nan, np.float32)
         stars, extended_terms = np.zeros(n_phot, np.int32), np.zeros(n_phot, np.int32)
         rms, rejected = np.full(n_phot, np.nan), np.full(n_phot, np.nan)
@@ -667,7 +678,9 @@ def _fit_frames(
                 fitted[:, p] = apply_correction(magnitude[:, p], full, fit)
                 rms[p], rejected[p] = fit.rms, fit.rejected_fraction
                 coefficients[p] = fit.coefficients
-        d["fitted"][i] = fitted
+        in_columns = np.empty_like(fitted)
+        in_columns[order] = fitted
+        d["fitted"][i] = in_columns
         d["fit_stars"][i], d["fit_extended"][i] = stars, extended_terms
         d["fit_rms"][i], d["fit_rejected"][i] = rms, rejected
         d["fit_coefficients"][i] = coefficients

@@ -3,6 +3,7 @@ simulated night through the whole pipeline."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from autowisp.errors import PermanentError
 from autowisp.io.magfit import read_fitted_block, read_magfit, read_master_reference
+from autowisp.io.provenance import reference_path
 from autowisp.simulate.assess import magfit_precision
 from autowisp.simulate.night import NightConfig, simulate_night
 from autowisp.simulate.photometry_night import PhotometryNight, write_photometry_night
@@ -20,6 +22,7 @@ from autowisp.steps.magfit import Magfit
 from autowisp.steps.registry import default_registry
 from autowisp.vocabulary import ImageType, TaskState
 from tests.integration.conftest import process_upload
+from tests.products import magfit_by_star
 
 DEFAULTS = {p.name: p.default for p in Magfit.parameters}
 
@@ -161,6 +164,38 @@ def test_small_blocks_give_the_same_night_and_reruns_are_identical(synthetic_nig
         a = read_fitted_block(result.output_path, 1, channel, slice(None))["fitted"]
         b = read_fitted_block(again.output_path, 1, channel, slice(None))["fitted"]
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_fit_does_not_depend_on_the_fields_star_order(tmp_path):
+    """The columns follow the field's star indices, which depend on the order in which
+    nights registered their stars (a reopened night, another night first): the fitted
+    night is the same, to the last bit, star by star."""
+    night = PhotometryNight(
+        frames=16,
+        stars=500,
+        cloudy=(5,),
+        seed=8,
+        variables=2,
+        star_list="2024-09-10 cfg=t star_list/t/2024-09-10/night-1.fits",
+    )
+    synthetic = write_photometry_night(tmp_path / "photometry", night)
+    plain = Magfit().run(_context(tmp_path / "plain", synthetic, night))
+    context = _context(tmp_path / "ordered", synthetic, night)
+    index = np.random.default_rng(5).permutation(night.stars)
+    rows = {1: {reference_path(night.star_list): (np.arange(night.stars), index)}}
+    ordered = Magfit().run(
+        dataclasses.replace(context, night=dataclasses.replace(context.night, star_rows=rows))
+    )
+    with h5py.File(ordered.output_path, "r") as hdf5:
+        list_row = hdf5["FIELD1/list_row"][()]
+    # The columns are in the field's star order ...
+    assert np.all(np.diff(index[list_row]) > 0)
+    # ... and hold what the fit in the list's order holds.
+    a, b = magfit_by_star(plain.output_path), magfit_by_star(ordered.output_path)
+    assert sorted(a) == sorted(b)
+    assert "FIELD1/R/fitted" in a and "FIELD1/G1/master" in a
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 def test_mono_camera_without_site(tmp_path):
