@@ -13,7 +13,12 @@ from autowisp.cli.pipeline import _settings, console, ensure_schema
 from autowisp.db.lightcurves import locate_light_curves
 from autowisp.db.session import session_scope
 from autowisp.errors import NotFoundError
-from autowisp.io.lightcurves import light_curve_table, star_light_curves, write_light_curve
+from autowisp.io.lightcurves import (
+    light_curve_table,
+    read_field_scale,
+    star_light_curves,
+    write_light_curve,
+)
 
 lc_app = typer.Typer(
     help="Light curves: every star of a field over every night processed.",
@@ -49,9 +54,19 @@ def export(
         task = progress.add_task("exporting light curves", total=total)
         for shard in located:
             items = list(shard.stars)
+            if shard.statistics is None:
+                problems.append(
+                    f"shard {shard.shard}: its field has no light-curve statistics yet, so "
+                    "each night's fitted magnitudes are on that night's own scale"
+                )
             for start in range(0, len(items), READ_STARS):
                 chunk = items[start : start + READ_STARS]
-                points = star_light_curves(Path(shard.path), [p for _, p in chunk])
+                scale = (
+                    read_field_scale(Path(shard.statistics), [i.star_index for i, _ in chunk])
+                    if shard.statistics is not None
+                    else None
+                )
+                points = star_light_curves(Path(shard.path), [p for _, p in chunk], scale)
                 for identity, position in chunk:
                     curve = light_curve_table(identity, points[position])
                     progress.advance(task)

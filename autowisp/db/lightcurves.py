@@ -4,7 +4,8 @@
 DR3 source ids written ``gaia:<id>``; or every star of the fields) to the current
 generation of their shard's ``lightcurves`` product — the latest done task's file
 (:func:`autowisp.db.fields.current_generations`), never a path of our own making — with
-the facts the exported file's header carries.
+the facts the exported file's header carries, and the field's current light-curve
+statistics (their night offsets put the nights on one scale).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ __all__ = ["LIGHT_CURVE_STEP", "Located", "ShardStarsToRead", "locate_light_curv
 
 #: The step whose shard products hold the light curves.
 LIGHT_CURVE_STEP = "lightcurves"
+#: The field step whose product holds the night offsets.
+STATISTICS_STEP = "lc_statistics"
 
 #: Stars per query of an IN list.
 _CHUNK = 2000
@@ -34,11 +37,13 @@ _CHUNK = 2000
 @dataclass(frozen=True)
 class ShardStarsToRead:
     """Stars of one shard to read from its current file (``path``), with their
-    positions in the shard (``star index − star_lo``)."""
+    positions in the shard (``star index − star_lo``), and the current file of its
+    field's light-curve statistics (``statistics``; None before the first is done)."""
 
     shard: str
     path: str
     stars: tuple[tuple[StarIdentity, int], ...]
+    statistics: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,8 +166,19 @@ def locate_light_curves(
         )  # fmt: skip
         gathered[holder.id].append((identity, int(index - holder.star_lo)))
     names = {s.id: s.name for s in shards}
+    field_of = {s.id: s.field_id for s in shards}
+    statistics = current_generations(session, STATISTICS_STEP)
     located = tuple(
-        ShardStarsToRead(names[shard_id], str(current[shard_id].path), tuple(items))
+        ShardStarsToRead(
+            names[shard_id],
+            str(current[shard_id].path),
+            tuple(items),
+            _path(statistics.get(field_of[shard_id])),
+        )
         for shard_id, items in sorted(gathered.items())
     )
     return Located(located, tuple(missing))
+
+
+def _path(generation: Any) -> str | None:
+    return None if generation is None or generation.path is None else str(generation.path)

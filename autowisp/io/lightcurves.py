@@ -3,8 +3,11 @@
 :func:`star_light_curves` reads the points of some of a shard's stars from the shard
 generation a reader was given (:mod:`autowisp.io.shards`: every night it holds, from
 the files that hold them), frames in time order, only the frames that measured the star
-in some channel. :func:`light_curve_table` turns one star's points into the exported
-columns, and :func:`write_light_curve` writes them.
+in some channel; given the field's scale (:func:`read_field_scale`: the night offsets of
+the field's light-curve statistics, :mod:`autowisp.steps.lc_statistics`), each night's
+fitted magnitudes are moved onto the field's reference night. :func:`light_curve_table`
+turns one star's points into the exported columns, and :func:`write_light_curve` writes
+them.
 
 **The exported file** (FITS, read by ``lightkurve.LightCurve.read(path, format="tess")``
 and, with astropy's FITS time support, by ``TimeSeries.read(path, hdu="LIGHTCURVE",
@@ -25,13 +28,15 @@ astropy_native=True, time_column="TIME")``):
   whose median absolute deviation is the smallest), ``QUALITY`` (bits: 128 the point is
   unusable, for one of the reasons 4096 the photometry's flags spoil it (saturated,
   masked, edge...), 8192 no fitted magnitude (the frame's fit failed), 32768 the channel
-  did not measure the star; 2048 the photometry warned (crowded, uncalibrated) —
+  did not measure the star; 2048 the photometry warned (crowded, uncalibrated), 16384
+  the night is not on the field's scale yet (its statistics do not hold it) —
   lightkurve's default quality mask drops the points with bit 128 and keeps the others),
   ``JD_UTC``,
   ``EXPTIME``, ``AIRMASS``, ``HA`` (deg), ``RAWFILE``, and per channel ``X_``, ``Y_`` (px),
   ``BKG_`` (e⁻/px), ``PSF_S_``, ``PSF_D_``, ``PSF_K_``, ``PHOTFLAG_``, and per stage and
   channel ``MAG_<STAGE>_<CHANNEL>`` and ``MAGERR_<STAGE>_<CHANNEL>`` (stages ``RAW`` and
-  ``MAGFIT``; a fitted magnitude's error is its measurement's).
+  ``MAGFIT``: the fitted magnitude less its night's offset onto the field's reference
+  night; a fitted magnitude's error is its measurement's).
 
 The CSV file has the same columns, headed by the primary header's facts as ``#`` lines.
 """
@@ -45,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 from astropy.io import fits
 
@@ -57,14 +63,17 @@ from autowisp.io.shards import read_shard_generation
 __all__ = [
     "QUALITY_NOT_FITTED",
     "QUALITY_NOT_MEASURED",
+    "QUALITY_NOT_ON_SCALE",
     "QUALITY_SPOILED",
     "QUALITY_UNUSABLE",
     "QUALITY_WARNED",
     "STAGES",
+    "FieldScale",
     "LightCurve",
     "StarIdentity",
     "column_names",
     "light_curve_table",
+    "read_field_scale",
     "star_light_curves",
     "write_light_curve",
 ]
@@ -76,6 +85,7 @@ QUALITY_UNUSABLE = 128
 QUALITY_WARNED = 2048
 QUALITY_SPOILED = 4096
 QUALITY_NOT_FITTED = 8192
+QUALITY_NOT_ON_SCALE = 16384
 QUALITY_NOT_MEASURED = 32768
 
 #: Stage name in the columns -> the shard's dataset of the magnitudes.
@@ -122,13 +132,70 @@ class LightCurve:
         return int(np.asarray(self.columns["TIME"]).size)
 
 
-def star_light_curves(path: Path, positions: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
+@dataclass(frozen=True)
+class FieldScale:
+    """Night offsets onto a field's reference night for some of its stars (from its
+    light-curve statistics): ``offsets`` per channel, stars (``star_index``, increasing)
+    × ``nights`` (ids) × ``photometries``, mag to subtract from the fitted magnitudes."""
+
+    nights: tuple[int, ...]
+    photometries: tuple[str, ...]
+    star_index: np.ndarray
+    offsets: Mapping[str, np.ndarray]
+
+    def offset(
+        self, star_index: int, channel: str, night_id: int, photometries: Sequence[str]
+    ) -> np.ndarray:
+        """The star's offsets in one night and channel, per photometry (NaN where the
+        scale does not hold the star, night, channel or photometry)."""
+        found = np.full(len(photometries), np.nan)
+        where = int(np.searchsorted(self.star_index, star_index))
+        values = self.offsets.get(channel)
+        if (
+            values is None
+            or night_id not in self.nights
+            or where >= self.star_index.size
+            or self.star_index[where] != star_index
+        ):
+            return found
+        k = self.nights.index(night_id)
+        for j, name in enumerate(photometries):
+            if name in self.photometries:
+                found[j] = values[where, k, self.photometries.index(name)]
+        return found
+
+
+def read_field_scale(path: Path, star_index: Sequence[int]) -> FieldScale:
+    """The night offsets of stars ``star_index`` from a field's light-curve statistics
+    product (:mod:`autowisp.steps.lc_statistics`)."""
+    wanted = np.unique(np.asarray(star_index, np.int64))
+    with h5py.File(path, "r") as product:
+        held = np.asarray(product["star_index"][()], np.int64)
+        rows = np.searchsorted(held, wanted)
+        rows = rows[(rows < held.size) & (held[np.minimum(rows, held.size - 1)] == wanted)]
+        nights = tuple(int(n) for n in product["nights"][()]) if "nights" in product else ()
+        photometries = tuple(n for n in str(product.attrs["photometries"]).split(",") if n)
+        channels = [n for n in str(product.attrs["channels"]).split(",") if n]
+        offsets = {}
+        for channel in channels:
+            name = f"{channel}/night_offset"
+            if name in product and rows.size:
+                offsets[channel] = np.asarray(product[name][np.sort(rows)], float)
+    return FieldScale(nights, photometries, held[np.sort(rows)], offsets)
+
+
+def star_light_curves(
+    path: Path, positions: Sequence[int], scale: FieldScale | None = None
+) -> dict[int, dict[str, np.ndarray]]:
     """Per position in the shard (``star index − star_lo``), the star's points over every
     night the generation at ``path`` holds: frame columns (``jd_utc``, ``exptime``,
     ``raw_file``), the star's (``bjd_tdb``, ``hour_angle``, ``airmass``), and per channel
     ``<channel>.<dataset>`` (magnitudes: points × photometries), with the attributes
     ``channels`` and ``photometries`` (the names, as a 1-element object array each) —
-    frames in time order, those that measured it in no channel left out."""
+    frames in time order, those that measured it in no channel left out. With the
+    field's ``scale``, the fitted magnitudes less their night's offsets, and per channel
+    ``<channel>.on_scale`` (per point: its night's offset was known; the others are left
+    as fitted)."""
     wanted = np.unique(np.asarray(positions, np.int64))
     generation = read_shard_generation(path, stars=wanted)
     blocks = sorted(generation.nights.values(), key=lambda b: (b.local_date, b.night_id))
@@ -176,6 +243,15 @@ def star_light_curves(path: Path, positions: Sequence[int]) -> dict[int, dict[st
                         got = np.asarray(c[name])[keep, column]
                         for j, phot in enumerate(night_phot):
                             values[:, photometries.index(phot)] = got[:, j]
+                    if key == "fitted" and scale is not None:
+                        offset = scale.offset(
+                            generation.star_lo + int(position), channel, block.night_id,
+                            photometries,
+                        )  # fmt: skip
+                        known = np.isfinite(offset)
+                        values[:, known] -= offset[known].astype(np.float32)
+                        measured = np.isfinite(values).any(axis=1)
+                        pieces[f"{channel}.on_scale"] = ~measured | bool(known.all())
                     pieces[name] = values
             for key, value in pieces.items():
                 parts.setdefault(key, []).append(value)
@@ -245,6 +321,13 @@ def light_curve_table(identity: StarIdentity, points: Mapping[str, np.ndarray]) 
             flux = 10.0 ** (-0.4 * (fitted - np.median(fitted[finite])))
             flux_err = flux * error * np.log(10.0) / 2.5
         flags = np.nan_to_num(np.asarray(points[f"{source}.flags"], float), nan=0).astype(int)
+        if f"{source}.on_scale" in points:
+            off_scale = ~np.asarray(points[f"{source}.on_scale"], bool)
+            quality |= np.where(off_scale, QUALITY_NOT_ON_SCALE, 0).astype(np.int32)
+            if off_scale.any():
+                notes.append(
+                    f"{int(off_scale.sum())} points of nights not yet on the field's scale"
+                )
         spoiled = (flags & int(SPOILING)) != 0
         warned = (flags & ~int(SPOILING)) != 0
         unusable = spoiled | ~finite | ~np.isfinite(raw)

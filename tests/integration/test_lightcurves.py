@@ -20,9 +20,12 @@ from astropy.utils import iers
 
 from autowisp.core.timing import barycentric_jd
 from autowisp.io.lightcurves import (
+    QUALITY_NOT_ON_SCALE,
     QUALITY_UNUSABLE,
+    FieldScale,
     StarIdentity,
     light_curve_table,
+    read_field_scale,
     star_light_curves,
     write_light_curve,
 )
@@ -374,12 +377,15 @@ def test_stars_are_found_by_list_row_then_gaia_id_and_only_in_their_shard():
     np.testing.assert_array_equal(map_stars(other, stars, 10, 14), [-1, -1, -1, -1, -1, 2, -1])
 
 
-def test_statistics_per_star_stage_and_channel(nights, appended, tmp_path):
+@pytest.fixture(scope="module")
+def statistics(nights, appended, tmp_path_factory):
+    """The field's statistics over both shards holding both nights: its product."""
     from autowisp.steps.base import FieldInfo
     from autowisp.steps.lc_statistics import LightCurveStatistics
 
+    root = tmp_path_factory.mktemp("lc_statistics")
     _, _, second, _, _, _ = appended
-    other, _ = _run(tmp_path / "s1", nights, 1, 1, (1, 2))
+    other, _ = _run(root / "s1", nights, 1, 1, (1, 2))
     inputs = {
         "lightcurves": tuple(
             InputProduct(f"shard:{i + 1}", None, path, {}, task_id=i + 1, config_version="t")
@@ -388,45 +394,114 @@ def test_statistics_per_star_stage_and_channel(nights, appended, tmp_path):
     }
     context = StepContext(
         task_id=500, step="lc_statistics", target="field:1", config_version="t",
-        parameters={"block_mb": 1}, storage_root=tmp_path, inputs=inputs, generation=2,
+        parameters={"block_mb": 1}, storage_root=root, inputs=inputs, generation=2,
         field=FieldInfo(1, "f1", "X", 300.0, 20.0, 6.0, 2),
     )  # fmt: skip
-    result = LightCurveStatistics().run(context)
-    with h5py.File(result.output_path, "r") as product:
+    return LightCurveStatistics().run(context)
+
+
+def _night_of(curve) -> np.ndarray:
+    """1 or 2: the synthetic night of each point."""
+    first_jd = 2460563.65 + NIGHTS[1].frames * NIGHTS[1].cadence_s / 86400.0
+    return np.where(curve["jd_utc"] < first_jd + 0.25, 1, 2)
+
+
+def test_statistics_per_star_stage_and_channel(nights, appended, statistics):
+    _, _, second, _, _, _ = appended
+    with h5py.File(statistics.output_path, "r") as product:
         np.testing.assert_array_equal(product["star_index"][()], np.arange(STARS))
         assert product.attrs["stages"] == "RAW,MAGFIT"
-        mad, rms, points = (product[f"G1/{k}"][()] for k in ("mad", "rms", "points"))
+        np.testing.assert_array_equal(product["nights"][()], [1, 2])
+        assert product.attrs["reference_night"] == 1
+        mad, rms, points, offset = (product[f"G1/{k}"][()]
+                                    for k in ("mad", "rms", "points", "night_offset"))  # fmt: skip
     curves = star_light_curves(second, range(200))
     for position in (3, 50, _quiet(nights)):
+        night = _night_of(curves[position])
         fitted = curves[position]["G1.fitted"].astype(float)
         for j in range(fitted.shape[1]):
-            values = fitted[:, j][np.isfinite(fitted[:, j])]
+            assert offset[position, 0, j] == 0.0 and np.isfinite(offset[position, 1, j])
+            # The MAGFIT stage: the fitted magnitudes less the night's offset.
+            on_scale = fitted[:, j] - offset[position, night - 1, j]
+            values = on_scale[np.isfinite(on_scale)]
             assert points[position, 1, j] == values.size
             if values.size >= 2:
                 expected = np.median(np.abs(values - np.median(values)))
-                assert mad[position, 1, j] == pytest.approx(expected, rel=1e-5)
-                assert rms[position, 1, j] == pytest.approx(np.std(values, ddof=1), rel=1e-5)
-    assert result.qc["stars"] == STARS and result.qc["shards"] == 2
+                assert mad[position, 1, j] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+                assert rms[position, 1, j] == pytest.approx(np.std(values, ddof=1), rel=1e-4)
+    assert statistics.qc["stars"] == STARS and statistics.qc["shards"] == 2
+    assert statistics.qc["night_scale"] == {"nights": 2, "reference_night": 1,
+                                            "zero_point_only": 0}  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="each night's magnitude fit is on its own reference frame's scale, zero point "
-    "and spatial pattern included: between the two nights the stars' fitted magnitudes "
-    "move by 8.4 mmag (median) with a star-to-star spread (MAD) of 12 mmag; a field "
-    "reference carried across nights is not built yet",
-)
-def test_fitted_magnitudes_share_one_scale_across_nights(appended):
+def _night_shift(curves, offset=None, channel="G1", phot=1):
+    """Per star: its median on night 2 less its median on night 1 (after the night's
+    offset from the statistics when given)."""
+    shifts = []
+    for position, curve in curves.items():
+        values = curve[f"{channel}.fitted"][:, phot].astype(float)
+        night = _night_of(curve)
+        if offset is not None:
+            values = values - offset[position, night - 1, phot]
+        one, two = values[night == 1], values[night == 2]
+        if np.isfinite(one).sum() > 5 and np.isfinite(two).sum() > 5:
+            shifts.append(np.nanmedian(two) - np.nanmedian(one))
+    return np.asarray(shifts)
+
+
+def test_the_nights_share_one_scale_after_their_offsets(appended, statistics):
+    """Each night's magnitude fit is on its own reference frame's scale; the statistics'
+    night offsets put the second night on the first's."""
     _, _, second, _, _, _ = appended
     curves = star_light_curves(second, range(200))
-    first_jd = 2460563.65 + NIGHTS[1].frames * NIGHTS[1].cadence_s / 86400.0
-    offsets = []
-    for curve in curves.values():
-        values = curve["G1.fitted"][:, 1].astype(float)
-        night1 = values[curve["jd_utc"] < first_jd + 0.01]
-        night2 = values[curve["jd_utc"] > first_jd + 0.5]
-        if np.isfinite(night1).sum() > 5 and np.isfinite(night2).sum() > 5:
-            offsets.append(np.nanmedian(night2) - np.nanmedian(night1))
-    assert len(offsets) > 100
-    spread = np.median(np.abs(offsets - np.median(offsets)))
-    assert abs(np.median(offsets)) < 0.002 and spread < 0.002
+    with h5py.File(statistics.output_path, "r") as product:
+        offset = product["G1/night_offset"][()]
+    before = _night_shift(curves)
+    after = _night_shift(curves, offset)
+    assert before.size > 100 and after.size == before.size
+    spread_before = np.median(np.abs(before - np.median(before)))
+    spread = np.median(np.abs(after - np.median(after)))
+    # Measured (G1, the second photometry): 8.4 mmag median and 12 mmag MAD between the
+    # nights as fitted; after the offsets 0.03 mmag and 0.75 mmag (in every channel and
+    # photometry: |median| <= 0.2 mmag, MAD 0.6-1.4 mmag, the noise of the two nights'
+    # medians over 16 and 12 frames).
+    assert abs(np.median(before)) > 0.005 and spread_before > 0.008
+    assert abs(np.median(after)) < 0.002 and spread < 0.002
+
+
+def test_exported_curves_carry_the_night_offsets(appended, statistics):
+    _, _, second, _, _, _ = appended
+    positions = [3, 50, 120]
+    scale = read_field_scale(Path(statistics.output_path), positions)
+    np.testing.assert_array_equal(scale.star_index, positions)
+    plain = star_light_curves(second, positions)
+    scaled = star_light_curves(second, positions, scale)
+    with h5py.File(statistics.output_path, "r") as product:
+        offset = product["B/night_offset"][()]
+    identity = StarIdentity(1, 3, 1, "f1", -1, 0.0, 0.0, 2016.0)
+    for position in positions:
+        night = _night_of(plain[position])
+        expected = plain[position]["B.fitted"] - offset[position, night - 1]
+        np.testing.assert_allclose(scaled[position]["B.fitted"], expected, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(scaled[position]["B.magnitude"],
+                                      plain[position]["B.magnitude"])  # fmt: skip
+        assert scaled[position]["B.on_scale"].all()
+        table = light_curve_table(identity, scaled[position])
+        assert not (table.columns["QUALITY"] & QUALITY_NOT_ON_SCALE).any()
+    # A scale that does not hold the second night yet: its points are left as fitted,
+    # and flagged.
+    only_first = FieldScale(scale.nights[:1], scale.photometries, scale.star_index,
+                            {c: v[:, :1] for c, v in scale.offsets.items()})  # fmt: skip
+    partial = star_light_curves(second, positions, only_first)
+    for position in positions:
+        night = _night_of(plain[position])
+        measured = np.isfinite(plain[position]["G1.fitted"]).any(axis=1)
+        np.testing.assert_array_equal(partial[position]["G1.on_scale"], ~measured | (night == 1))
+        np.testing.assert_array_equal(partial[position]["G1.fitted"][night == 2],
+                                      plain[position]["G1.fitted"][night == 2])  # fmt: skip
+        table = light_curve_table(identity, partial[position])
+        source = table.flux_source.split()[1]
+        flagged = (table.columns["QUALITY"] & QUALITY_NOT_ON_SCALE) != 0
+        measured = np.isfinite(plain[position][f"{source}.fitted"]).any(axis=1)
+        np.testing.assert_array_equal(flagged, measured & (night == 2))
+        assert any("not yet on the field's scale" in n for n in table.notes)
