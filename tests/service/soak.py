@@ -54,6 +54,8 @@ from tests.service.conftest import OwnPostgres, OwnRedis, Service
 
 REGISTRY = "autowisp.steps.registry:default_registry"
 TERMINAL = (TaskState.DONE, TaskState.DEAD, TaskState.EXCLUDED)
+#: A task interrupted this many times is not killed again (its attempts allow 12).
+SPARE_AFTER = 5
 NIGHT_STEPS = ("night_qc", "master_bias", "master_dark", "master_flat", "star_list", "magfit")
 #: Held back from the first night and ingested after its barriers ran.
 LATE = ("object_0002.fits", "bias_0010.fits", "bias_0011.fits")
@@ -221,25 +223,38 @@ class Soak:
     def _killer(self) -> None:
         while not self.stop.wait(self.kill_interval * self.random.uniform(0.8, 1.2)):
             with self.lock:
-                busy = _quiet(self._busy_slots) or []
-                slot = self.random.choice(busy or sorted(self.workers))
+                busy, spared = _quiet(self._busy_slots) or ([], [])
+                idle = sorted(set(self.workers) - set(busy) - set(spared))
+                if not busy and not idle:
+                    continue
+                slot = self.random.choice(busy or idle)
                 self.report.kills_mid_task += bool(busy)
                 self.report.note(f"SIGKILL {slot} (pid {self.workers[slot].pid}, busy {busy})")
                 self.service.kill(self.workers[slot])
                 self.report.kills += 1
                 self.start_worker(slot)
 
-    def _busy_slots(self) -> list[str]:
-        """The workers running a task now (its pool process is in the worker's group)."""
+    def _busy_slots(self) -> tuple[list[str], list[str]]:
+        """The workers running a task now (its pool process is in the worker's group),
+        and those whose task was interrupted ``SPARE_AFTER`` times already: spared, or a
+        task longer than the kill interval (the last barrier of a night, which runs
+        alone) would be killed on every attempt and never finish."""
         with session_scope(self.url) as session:
-            pids = session.scalars(select(Task.worker_pid).where(Task.state == TaskState.RUNNING))
-            groups = set()
-            for pid in pids:
-                try:
-                    groups.add(os.getpgid(pid))
-                except (ProcessLookupError, TypeError):
-                    continue
-        return sorted(slot for slot, process in self.workers.items() if process.pid in groups)
+            rows = session.execute(
+                select(Task.worker_pid, Task.attempts).where(Task.state == TaskState.RUNNING)
+            ).all()
+        groups: dict[int, int] = {}
+        for pid, attempts in rows:
+            try:
+                group = os.getpgid(pid)
+            except (ProcessLookupError, TypeError):
+                continue
+            groups[group] = max(groups.get(group, 0), int(attempts or 0))
+        busy, spared = [], []
+        for slot, process in sorted(self.workers.items()):
+            if process.pid in groups:
+                (spared if groups[process.pid] > SPARE_AFTER else busy).append(slot)
+        return busy, spared
 
     def _barriers_done(self, night_id: int) -> bool:
         with session_scope(self.url) as session:
@@ -270,6 +285,16 @@ class Soak:
                 select(func.count()).select_from(Task).where(Task.state.in_(TERMINAL))
             )
         return finished / self._expected()
+
+    def _not_done(self) -> list[str]:
+        """The tasks neither done nor excluded: step, target, state, attempts, error."""
+        with session_scope(self.url) as session:
+            rows = session.execute(
+                select(StepRow.name, Task.target, Task.state, Task.attempts, Task.last_error)
+                .join(StepRow, StepRow.id == Task.step_id)
+                .where(Task.state.not_in([TaskState.DONE, TaskState.EXCLUDED]))
+            ).all()  # fmt: skip
+        return [f"{n} {t} {s} after {a} attempts: {(e or '')[:300]}" for n, t, s, a, e in rows]
 
     def _finished(self) -> bool:
         expected = self._expected()
@@ -305,7 +330,8 @@ class Soak:
                 if elapsed > timeout:
                     raise AssertionError(
                         f"soak not finished after {timeout:.0f} s ({self.report.line()}); "
-                        f"states {_quiet(self.service.counts)}; logs:\n{self.service.tail()}"
+                        f"states {_quiet(self.service.counts)}; not done: "
+                        f"{_quiet(self._not_done)}; logs:\n{self.service.tail()}"
                     )
                 if not late_done and _quiet(lambda: self._barriers_done(first_night)):
                     deliver_late(self.nights, holding)
