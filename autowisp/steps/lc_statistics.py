@@ -55,9 +55,11 @@ QC_POINTS = 10
 NIGHT_POINTS = 3
 
 
-def _outline(path: Path) -> tuple[int, int, list[str], list[str], int]:
-    """A shard generation's star range, channels, photometries and frames over the
-    nights (from one star's columns)."""
+def _outline(
+    path: Path,
+) -> tuple[int, int, list[str], list[str], int, list[tuple[str, int]]]:
+    """A shard generation's star range, channels, photometries, frames over the nights
+    (from one star's columns) and its nights' (date, id) in date order."""
     outline = read_shard_generation(path, columns=False)
     n_stars = outline.star_hi - outline.star_lo
     first = read_shard_generation(path, stars=np.zeros(1, np.int64) if n_stars else None)
@@ -72,7 +74,8 @@ def _outline(path: Path) -> tuple[int, int, list[str], list[str], int]:
         for name in column_names(block.columns.get("photometries", [])):
             if name not in photometries:
                 photometries.append(name)
-    return outline.star_lo, outline.star_hi, channels, photometries, frames
+    nights = sorted((b.local_date, b.night_id) for b in outline.nights.values())
+    return outline.star_lo, outline.star_hi, channels, photometries, frames, nights
 
 
 def _star_blocks(
@@ -88,12 +91,12 @@ def _star_blocks(
         yield positions, blocks
 
 
-def _fitted(block: NightBlock, channel: str, photometries: list[str], stars: int) -> np.ndarray:
-    """A night's fitted magnitudes of ``channel`` (frames × stars × the photometries)."""
+def _magnitudes(block: NightBlock, name: str, photometries: list[str], stars: int) -> np.ndarray:
+    """A night's magnitudes ``name`` (``<channel>.fitted``, ...; frames × stars × the
+    ``photometries``, NaN for those the night lacks)."""
     c = block.columns
     n = int(np.asarray(c["jd_utc"]).size)
     values = np.full((n, stars, len(photometries)), np.nan)
-    name = f"{channel}.fitted"
     if name in c:
         for j, phot in enumerate(column_names(c["photometries"])):
             values[:, :, photometries.index(phot)] = c[name][:, :, j]
@@ -104,12 +107,8 @@ def shard_night_medians(path: Path, *, block_bytes: int) -> dict[str, Any]:
     """Per star of the shard generation at ``path``, night (``nights``: ids in date
     order, ``dates``), channel and photometry: the median fitted magnitude, its error
     (:func:`autowisp.core.night_scale.night_medians`), and the star's median x, y."""
-    star_lo, star_hi, channels, photometries, frames = _outline(path)
+    star_lo, star_hi, channels, photometries, frames, nights = _outline(path)
     n_stars = star_hi - star_lo
-    nights = sorted(
-        (b.local_date, b.night_id)
-        for b in read_shard_generation(path, columns=False).nights.values()
-    )
     column = {night_id: k for k, (_, night_id) in enumerate(nights)}
     shape = (n_stars, len(nights), len(photometries))
     result: dict[str, Any] = {
@@ -129,7 +128,7 @@ def shard_night_medians(path: Path, *, block_bytes: int) -> dict[str, Any]:
                 if f"{channel}.fitted" not in block.columns:
                     continue
                 out = result[channel]
-                values = _fitted(block, channel, photometries, positions.size)
+                values = _magnitudes(block, f"{channel}.fitted", photometries, positions.size)
                 median, error = night_medians(values, min_points=NIGHT_POINTS)
                 out["median"][positions, k] = median
                 out["error"][positions, k] = error
@@ -150,7 +149,7 @@ def shard_statistics(
     """The statistics of every star of the shard generation at ``path``; the MAGFIT
     stage less ``offsets`` (per channel, per night id: shard stars × the shard's
     photometries, NaN taken as 0) where given."""
-    star_lo, star_hi, channels, photometries, frames = _outline(path)
+    star_lo, star_hi, channels, photometries, frames, _ = _outline(path)
     n_stars = star_hi - star_lo
     shape = (n_stars, len(STAGES), len(photometries))
     result: dict[str, Any] = {
@@ -168,19 +167,18 @@ def shard_statistics(
     for positions, blocks in _star_blocks(path, n_stars, frames, len(photometries), block_bytes):
         for channel in channels:
             for s, (stage, key) in enumerate(STAGES.items()):
-                values = np.full((frames, positions.size, len(photometries)), np.nan)
-                row = 0
+                parts = []
                 for block in blocks:
-                    c = block.columns
-                    n = int(np.asarray(c["jd_utc"]).size)
-                    name = f"{channel}.{key}"
-                    if name in c:
-                        for j, phot in enumerate(column_names(c["photometries"])):
-                            values[row : row + n, :, photometries.index(phot)] = c[name][:, :, j]
-                        night = (offsets or {}).get(channel, {}).get(block.night_id)
-                        if stage == "MAGFIT" and night is not None:
-                            values[row : row + n] -= np.nan_to_num(night[positions])[None]
-                    row += n
+                    night = _magnitudes(block, f"{channel}.{key}", photometries, positions.size)
+                    offset = (offsets or {}).get(channel, {}).get(block.night_id)
+                    if stage == "MAGFIT" and offset is not None:
+                        night -= np.nan_to_num(offset[positions])[None]
+                    parts.append(night)
+                values = (
+                    np.concatenate(parts)
+                    if parts
+                    else np.full((0, positions.size, len(photometries)), np.nan)
+                )
                 out = result[channel]
                 count = np.isfinite(values).sum(axis=0)
                 with warnings.catch_warnings():
@@ -215,9 +213,9 @@ class LightCurveStatistics(Step):
             key=lambda p: p.target,
         )
         paths = [Path(str(p.output_path)) for p in products]
-        scale = _night_scale(
+        scale = _NightScale(
             [shard_night_medians(path, block_bytes=block_bytes) for path in paths]
-        )
+        ).fit()
         shards = [shard_statistics(path, block_bytes=block_bytes, offsets=offsets)
                   for path, offsets in zip(paths, scale.shard_offsets, strict=True)]  # fmt: skip
         channels: list[str] = []
@@ -382,7 +380,3 @@ class _NightScale:
             "reference_night": self.nights[0] if self.nights else None,
             "zero_point_only": zero_points,
         }
-
-
-def _night_scale(shards: list[dict[str, Any]]) -> _NightScale:
-    return _NightScale(shards).fit()

@@ -500,11 +500,12 @@ def _fit_field(
                 )
             # The change over the stars that are fitted (a faint star's master matters
             # to nothing else, and its median moves with its noise).
-            both = np.isfinite(master[c]) & np.isfinite(reference[g][c])
+            ordered_master, ordered_reference = master[c], reference[g][c]
+            both = np.isfinite(ordered_master) & np.isfinite(ordered_reference)
             both &= scatter[c] <= config.max_error
             for p in range(n_phot):
                 if both[:, p].any():
-                    diff = master[c][both[:, p], p] - reference[g][c][both[:, p], p]
+                    diff = ordered_master[both[:, p], p] - ordered_reference[both[:, p], p]
                     change = max(change, float(np.mean(diff**2)))
             d["master"][...] = master
             d["master_scatter"][...] = scatter
