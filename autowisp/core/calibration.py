@@ -28,6 +28,7 @@ __all__ = [
     "calibrate_frame",
     "calibrated_error",
     "clipped_stack",
+    "measured_saturation",
     "overscan_levels",
     "parse_section",
     "photon_transfer",
@@ -58,6 +59,22 @@ class StackResult:
     value: np.ndarray
     error: np.ndarray
     used: np.ndarray
+
+
+def measured_saturation(raw: np.ndarray, *, pile_up: int = 3) -> float:
+    """The level a raw frame clips at, measured from the frame (for a camera whose header
+    gives none): its maximum where at least ``pile_up`` pixels sit exactly on it (the
+    cores of saturated stars pile up at the white level; a lone hot pixel does not),
+    else the all-ones value of the least bit depth that holds the maximum (2^k − 1:
+    nothing in the frame reached saturation, so nothing is flagged)."""
+    values = np.asarray(raw)
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values.ravel()
+    if finite.size == 0:
+        return 1.0
+    top = finite.max()
+    if top > 0 and int(np.count_nonzero(finite == top)) >= pile_up:
+        return float(top)
+    return float(2 ** max(int(np.ceil(top)), 1).bit_length() - 1)
 
 
 @numba.njit(cache=True, nogil=True)

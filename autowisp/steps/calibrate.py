@@ -105,7 +105,7 @@ class Calibrate(Step):
                 f"the master flat {products['master_flat'].output_path} gives no gain: set "
                 "[steps.calibrate] gain (e-/ADU)"
             )
-        saturation = saturation_level(context.parameters, header)
+        saturation = saturation_level(context.parameters, header, raw)
         if raw.shape != bias.master.shape:
             raise PermanentError(
                 f"{image.path.name} is {raw.shape[1]}x{raw.shape[0]} but the masters are "
@@ -187,7 +187,7 @@ class Calibrate(Step):
                 channel.view(bias)[...] = level or float(np.percentile(view, 0.1))
         gain = float(context.parameters["gain"]) or 1.0
         read_noise = float(context.parameters["read_noise"])
-        saturation = saturation_level(context.parameters, header)
+        saturation = saturation_level(context.parameters, header, raw)
         calibrated, _error, mask = calibrate_frame(
             raw,
             exptime=image.exptime,

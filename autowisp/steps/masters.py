@@ -19,6 +19,7 @@ from astropy.io import fits
 from autowisp.core.bayer import channel_index_map, channels
 from autowisp.core.calibration import (
     clipped_stack,
+    measured_saturation,
     overscan_levels,
     parse_section,
     photon_transfer,
@@ -59,12 +60,20 @@ OVERSCAN = Parameter(
 COMMON = (*COMMON, OVERSCAN)
 
 #: Shared by master_flat and calibrate: the raw level of saturation.
-SATURATION = Parameter("saturation_adu", 0, "ADU", "0: the header's SATURATE, else 15000.")
+SATURATION = Parameter(
+    "saturation_adu", 0, "ADU", "0: the header's SATURATE, else measured from the frame."
+)
 
 
-def saturation_level(parameters, header) -> float:
-    """Raw saturation level (ADU): the parameter, else the header's SATURATE, else 15000."""
-    return float(parameters["saturation_adu"]) or float(header.get("SATURATE", 15000))
+def saturation_level(parameters, header, raw: np.ndarray) -> float:
+    """Raw saturation level (ADU): the parameter, else the header's SATURATE, else
+    measured from the raw frame (:func:`autowisp.core.calibration.measured_saturation`)."""
+    configured = float(parameters["saturation_adu"])
+    if configured:
+        return configured
+    if header.get("SATURATE") is not None:
+        return float(header["SATURATE"])
+    return measured_saturation(raw)
 
 
 def frame_sections(
@@ -389,30 +398,36 @@ class MasterFlat(Step):
         kept, levels = [], {}
         normalised = {}
         bias_level = float(np.median(bias))
+        # Per frame: its level, its zero, its own clip level and saturated fraction; the
+        # exposure limits are applied once the night's clip level is known (a camera whose
+        # headers give no SATURATE: the highest measured over the night's flats, so a
+        # flat none of whose pixels clips is judged against the one that does).
+        seen = []
         for image in frames:
             whole, header = read_image(image.path)
             raw, overscan = overscan_of(image, whole, context.parameters)
-            level_limit = saturation_level(context.parameters, header)
-            # Room above the frame's zero level (its overscan, if any, plus the bias).
+            limit = saturation_level(context.parameters, header, raw)
             zero = 0.0 if overscan is None else overscan
-            headroom = level_limit - bias_level - float(np.median(zero))
             signal = raw.astype(np.float32) - zero - bias - dark * image.exptime
             median = float(np.median(signal))
-            if median < float(context.parameters["min_level"]) * headroom:
-                rejected.append((image, f"under-exposed: level {median:.0f} ADU"))
-                continue
-            if (
-                float(np.mean(raw >= level_limit)) > 1e-3
-                or median > float(context.parameters["max_level"]) * headroom
-            ):
-                rejected.append((image, f"over-exposed or saturated: level {median:.0f} ADU"))
-                continue
             for channel in chans:
                 view = channel.view(signal)
                 view /= np.median(view)
             normalised[image.id] = _block_means(signal, 32)
-            levels[image.id] = median
-            kept.append(image)
+            seen.append((image, median, float(np.median(zero)), limit,
+                         float(np.mean(raw >= limit))))  # fmt: skip
+        night_limit = max((entry[3] for entry in seen), default=0.0)
+        for image, median, zero_level, limit, clipped in seen:
+            # Room above the frame's zero level (its overscan, if any, plus the bias).
+            headroom = night_limit - bias_level - zero_level
+            saturated = clipped if limit >= night_limit else 0.0
+            if median < float(context.parameters["min_level"]) * headroom:
+                rejected.append((image, f"under-exposed: level {median:.0f} ADU"))
+            elif saturated > 1e-3 or median > float(context.parameters["max_level"]) * headroom:
+                rejected.append((image, f"over-exposed or saturated: level {median:.0f} ADU"))
+            else:
+                levels[image.id] = median
+                kept.append(image)
         if kept:
             reference = np.median(np.array([normalised[i.id] for i in kept]), axis=0)
             limit = float(context.parameters["max_structure"])

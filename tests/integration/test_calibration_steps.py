@@ -428,3 +428,44 @@ def test_an_overscan_configured_for_calibrate_only_is_refused(small_night, tmp_p
     assert state is TaskState.DEAD
     assert "master_bias was made without overscan correction" in error
     assert "set the same overscan parameter" in error
+
+
+def test_a_12_bit_camera_without_saturate_measures_its_clip_level(tmp_path, monkeypatch):
+    """A mono 12-bit camera (bias 256 ADU, clipping at 4095) whose headers give no
+    SATURATE: the clip level is measured from the frames, so its flats are judged against
+    4095 (a guessed 15,000 rejected every good flat as under-exposed) and saturated
+    pixels are masked."""
+    import functools
+
+    from astropy.io import fits
+
+    import autowisp.simulate.night as night
+    from autowisp.simulate.camera import CameraSpec
+
+    monkeypatch.setattr(
+        night, "CameraSpec", functools.partial(CameraSpec, bias_level=256.0, saturation_adu=4095)
+    )
+    night.simulate_night(
+        tmp_path / "sim",
+        night.NightConfig(frames=2, width=128, height=96, layout="MONO", seed=4, exptime=30.0),
+    )
+    for path in (tmp_path / "sim").rglob("*.fits"):
+        with fits.open(path, mode="update") as hdus:
+            del hdus[0].header["SATURATE"]
+            assert int(hdus[0].data.max()) <= 4095
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    ingest_paths(url, [tmp_path / "sim"], rules={"default_layout": "MONO"}, close=True)
+    run_local(url, tmp_path / "storage", REGISTRY, jobs=2)
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(StepRow.name, Task.state, Task.output_path, Task.qc).join(
+                StepRow, StepRow.id == Task.step_id
+            )
+        ).all()
+    assert all(state is TaskState.DONE for _, state, _, _ in rows), rows
+    qc = next(q for n, _, _, q in rows if n == "master_flat")
+    reasons = {Path(path).name: reason for path, reason in qc["rejected"].items()}
+    # Only the bad flats: the cloudy one and the over-exposed one, which clips at 4095.
+    assert reasons.keys() == {"flat_0011.fits", "flat_0012.fits"}
+    assert reasons["flat_0012.fits"].startswith("over-exposed")

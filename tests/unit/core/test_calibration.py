@@ -249,3 +249,24 @@ def test_calibrated_error_kernel_matches_the_numpy_reference_bit_for_bit(case):
     got = calibrated_error(image, **given)
     assert got.dtype == expected.dtype
     np.testing.assert_array_equal(got, expected)
+
+
+def test_measured_saturation_from_the_frame():
+    from autowisp.core.calibration import measured_saturation
+
+    rng = np.random.default_rng(4)
+    frame = rng.normal(300, 10, (64, 64)).astype(np.uint16)
+    # Nothing saturated in a 12-bit frame: the all-ones value above its maximum, so no
+    # pixel of it is flagged.
+    frame[10, 10] = 3000
+    assert measured_saturation(frame) == 4095
+    assert np.count_nonzero(frame >= measured_saturation(frame)) == 0
+    # A lone hot pixel at the top is no plateau.
+    frame[20, 20] = 4095
+    assert measured_saturation(frame) == 4095
+    # A saturated star's core piles up at the white level, below the container's range
+    # (a DSLR clipping at 15,000 of its 14 bits).
+    frame[30:33, 30:33] = 15000
+    assert measured_saturation(frame) == 15000
+    assert np.count_nonzero(frame >= measured_saturation(frame)) == 9
+    assert measured_saturation(np.full((4, 4), np.nan)) == 1.0
