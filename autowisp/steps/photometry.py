@@ -179,8 +179,9 @@ class Photometry(Step):
     scope = Scope.IMAGE
     inputs = ("calibrate", "astrometry", Input("star_list", Kind.AFTER))
     image_types = frozenset({ImageType.OBJECT})
-    version = "5"  # 2: numba PSF shape fits, far-pixel quadrature, psf_model; 3: positions;
-    # 4: the position correction pooled over the channels; 5: the night's star list
+    version = "6"  # 2: numba PSF shape fits, far-pixel quadrature, psf_model; 3: positions;
+    # 4: the position correction pooled over the channels; 5: the night's star list;
+    # 6: the default annulus 16 times the largest aperture's area
     parameters = (
         Parameter("apertures", "2,3,4,5", "px", "Aperture radii, comma-separated."),
         Parameter(
@@ -219,7 +220,11 @@ class Photometry(Step):
         Parameter("shape_order_xy", 3, "", "Polynomial order of the PSF map in x and y."),
         Parameter("shape_order_mag", 1, "", "Polynomial order of the PSF map in magnitude."),
         Parameter(
-            "annulus", "0,0", "px", "Background annulus inner,outer; 0,0: beyond the apertures."
+            "annulus",
+            "0,0",
+            "px",
+            "Background annulus inner,outer; 0: 2 FWHM beyond the largest "
+            "aperture, and 16 times its area.",
         ),
     )
 
