@@ -24,9 +24,10 @@ rules, in this order:
 4. **New stars.** The candidates left are new stars, first seen in this night and field.
 5. **Filling in.** A matched star gains the Gaia id, Gaia magnitudes and instrumental
    magnitudes (per channel) it lacked; its flags gain the candidate's bits, except
-   ``CATALOGUE_ONLY``, which stays set only while no registration detected it. Its id,
-   position and epoch never change: a star keeps the position it was first registered
-   with.
+   ``CATALOGUE_ONLY``, which stays set only while no registration detected it; its
+   first night becomes this night where this night began earlier (two nights of a field
+   ingested together register in either order). Its id, position and epoch never
+   change: a star keeps the position it was first registered with.
 6. **Field indices.** The stars not yet in the field get its next indices (0, 1, 2...)
    in candidate order; the others keep theirs. Indices are append-only: the light-curve
    shards (:func:`autowisp.db.fields.define_shards`) split a field's stars by index.
@@ -234,6 +235,7 @@ class _Known:
     dec: FloatArray
     mags: FloatArray  # (n, 3): g, bp, rp
     flags: IntArray
+    first_night: IntArray  # -1 where none
     channels: FloatArray  # (n, channels of the candidates): NaN where the star has none
 
 
@@ -274,7 +276,7 @@ def _known_stars(session: Session, candidates: Candidates, radius: float) -> _Kn
     (not the whole JSON: decoding it for every star costs more than the rest)."""
     channels = [Star.instrumental[c].as_float() for c in candidates.instrumental]
     columns = (Star.id, Star.gaia_source_id, Star.ra, Star.dec, Star.g, Star.bp, Star.rp,
-               Star.flags, *channels)  # fmt: skip
+               Star.flags, Star.first_night_id, *channels)  # fmt: skip
     rows = {row[0]: row for row in session.execute(select(*columns).where(
         _sky_box(candidates.ra, candidates.dec, radius)))}  # fmt: skip
     wanted = sorted(set(candidates.gaia_source_id[candidates.gaia_source_id >= 0].tolist()))
@@ -291,7 +293,8 @@ def _known_stars(session: Session, candidates: Candidates, radius: float) -> _Kn
         dec=np.fromiter((r[3] for r in found), np.float64, count),
         mags=np.array([r[4:7] for r in found], dtype=np.float64).reshape(count, 3),
         flags=np.fromiter((r[7] for r in found), np.int64, count),
-        channels=np.array([r[8:] for r in found], np.float64).reshape(count, len(channels)),
+        first_night=np.fromiter((-1 if r[8] is None else r[8] for r in found), np.int64, count),
+        channels=np.array([r[9:] for r in found], np.float64).reshape(count, len(channels)),
     )
 
 
@@ -310,10 +313,31 @@ def _instrumental(candidates: Candidates, rows: IntArray) -> list[dict[str, floa
     return found
 
 
-def _fill_in(session: Session, candidates: Candidates, known: _Known, match: IntArray) -> int:
+def _earlier_night(session: Session, stored: IntArray, night_id: int | None) -> IntArray:
+    """``night_id`` where it began before the ``stored`` first night (-1: none), else the
+    stored one (rule 5: nights may register out of order)."""
+    if night_id is None or stored.size == 0:
+        return stored
+    ids = sorted({int(v) for v in stored.tolist() if v >= 0} | {night_id})
+    dates = dict(
+        session.execute(select(Night.id, Night.local_date).where(Night.id.in_(ids))).all()
+    )
+    mine = dates[night_id]
+    later = np.fromiter((int(v) in dates and dates[int(v)] > mine for v in stored.tolist()),
+                        bool,
+                        stored.size)  # fmt: skip
+    return np.where(later, night_id, stored)
+
+
+def _fill_in(
+    session: Session, candidates: Candidates, known: _Known, match: IntArray,
+    night_id: int | None,
+) -> int:  # fmt: skip
     """Give matched stars what they lacked (rule 5); returns how many changed."""
     rows = np.flatnonzero(match >= 0)
     k = match[rows]
+    old_first = known.first_night[k]
+    first = _earlier_night(session, old_first, night_id)
     old_gaia, old_flags, old_mags = known.gaia[k], known.flags[k], known.mags[k]
     gaia = np.where(old_gaia >= 0, old_gaia, candidates.gaia_source_id[rows])
     offered = np.column_stack([candidates.g[rows], candidates.bp[rows], candidates.rp[rows]])
@@ -322,12 +346,14 @@ def _fill_in(session: Session, candidates: Candidates, known: _Known, match: Int
     new_flags = candidates.flags[rows]
     only = int(StarFlag.CATALOGUE_ONLY)
     flags = ((old_flags | new_flags) & ~only) | (old_flags & new_flags & only)
-    which = np.flatnonzero((gaia != old_gaia) | gained.any(axis=1) | (flags != old_flags))
+    which = np.flatnonzero((gaia != old_gaia) | gained.any(axis=1) | (flags != old_flags)
+                           | (first != old_first))  # fmt: skip
     update_columns(session, Star.__table__, {
         "id": known.id[k[which]].tolist(),
         "gaia_source_id": [None if g < 0 else g for g in gaia[which].tolist()],
         "g": _nullable(mags[which, 0]), "bp": _nullable(mags[which, 1]),
         "rp": _nullable(mags[which, 2]), "flags": flags[which].tolist(),
+        "first_night_id": [None if f < 0 else f for f in first[which].tolist()],
     })  # fmt: skip
     offers = np.array([candidates.instrumental[c][rows] for c in candidates.instrumental])
     lacking = np.isnan(known.channels[k]) & ~np.isnan(offers.T.reshape(known.channels[k].shape))
@@ -447,7 +473,7 @@ def register_stars(
         radius=match_radius_deg,
     )  # fmt: skip
     matched, new = np.flatnonzero(match >= 0), np.flatnonzero(match < 0)
-    if _fill_in(session, candidates, known, match):
+    if _fill_in(session, candidates, known, match, night_id):
         session.expire_all()  # ORM objects of those stars are stale now
     star_ids = np.empty(len(candidates), dtype=np.int64)
     star_ids[matched] = known.id[match[matched]]

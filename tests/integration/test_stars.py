@@ -164,6 +164,25 @@ def test_registration_is_idempotent_and_independent_of_order(db_url):
     assert after.first_night_id.tolist() == [ids["night_a"]] * 500
 
 
+def test_a_stars_first_night_is_the_earliest_whatever_the_registration_order(db_url):
+    """Two nights ingested together register in either order: the stars both saw were
+    first seen on the earlier night; those only the later saw keep it."""
+    ids = _sky(db_url)
+    ra, dec = _grid(150.0, 20.0, 10, 10, seed=4)
+    later = _register(db_url, ids["field_a"], ids["night_b"], _candidates(ra, dec))
+    assert later.new_stars == 100
+    earlier = _register(db_url, ids["field_a"], ids["night_a"], _candidates(ra[:60], dec[:60]))
+    assert earlier.new_stars == 0
+    np.testing.assert_array_equal(earlier.star_id, later.star_id[:60])
+    again = _register(db_url, ids["field_a"], ids["night_b"], _candidates(ra, dec))
+    np.testing.assert_array_equal(again.star_id, later.star_id)
+    with session_scope(db_url) as session:
+        stars = field_stars(session, ids["field_a"])
+    first = dict(zip(stars.star_id.tolist(), stars.first_night_id.tolist(), strict=True))
+    assert [first[s] for s in later.star_id[:60].tolist()] == [ids["night_a"]] * 60
+    assert [first[s] for s in later.star_id[60:].tolist()] == [ids["night_b"]] * 40
+
+
 def test_a_gaia_id_is_its_star_and_two_gaia_ids_are_two_stars(db_url):
     ids = _sky(db_url)
     field, night = ids["field_a"], ids["night_a"]
