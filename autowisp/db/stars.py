@@ -316,17 +316,15 @@ def _instrumental(candidates: Candidates, rows: IntArray) -> list[dict[str, floa
 def _earlier_night(session: Session, stored: IntArray, night_id: int | None) -> IntArray:
     """``night_id`` where it began before the ``stored`` first night (-1: none), else the
     stored one (rule 5: nights may register out of order)."""
-    if night_id is None or stored.size == 0:
+    if night_id is None:
         return stored
-    ids = sorted({int(v) for v in stored.tolist() if v >= 0} | {night_id})
-    dates = dict(
-        session.execute(select(Night.id, Night.local_date).where(Night.id.in_(ids))).all()
-    )
-    mine = dates[night_id]
-    later = np.fromiter((int(v) in dates and dates[int(v)] > mine for v in stored.tolist()),
-                        bool,
-                        stored.size)  # fmt: skip
-    return np.where(later, night_id, stored)
+    others = np.unique(stored[(stored >= 0) & (stored != night_id)]).tolist()
+    if not others:  # a night's stars registered again: nothing to compare
+        return stored
+    query = select(Night.id, Night.local_date).where(Night.id.in_([night_id, *others]))
+    dates = dict(session.execute(query).all())
+    later = [n for n in others if n in dates and dates[n] > dates[night_id]]
+    return np.where(np.isin(stored, later), night_id, stored)
 
 
 def _fill_in(

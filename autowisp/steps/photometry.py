@@ -28,7 +28,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from autowisp.core.bayer import channels
-from autowisp.core.photometry import PhotometryConfig, bad_codes, measure_mosaic
+from autowisp.core.photometry import ANNULUS_AREA, PhotometryConfig, bad_codes, measure_mosaic
 from autowisp.errors import PermanentError
 from autowisp.io.night_star_list import read_star_list
 from autowisp.io.photometry import GROUP_OF, FramePhotometry, write_frame_photometry
@@ -181,7 +181,7 @@ class Photometry(Step):
     image_types = frozenset({ImageType.OBJECT})
     version = "6"  # 2: numba PSF shape fits, far-pixel quadrature, psf_model; 3: positions;
     # 4: the position correction pooled over the channels; 5: the night's star list;
-    # 6: the default annulus 16 times the largest aperture's area
+    # 6: the default annulus ANNULUS_AREA times the largest aperture's area
     parameters = (
         Parameter("apertures", "2,3,4,5", "px", "Aperture radii, comma-separated."),
         Parameter(
@@ -224,7 +224,7 @@ class Photometry(Step):
             "0,0",
             "px",
             "Background annulus inner,outer; 0: 2 FWHM beyond the largest "
-            "aperture, and 16 times its area.",
+            f"aperture, and {ANNULUS_AREA:g} times its area.",
         ),
     )
 

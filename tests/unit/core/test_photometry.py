@@ -70,7 +70,8 @@ def isolated_star_figures(layout: str, fwhm: float, seed: int) -> dict[str, floa
     pulls = []
     ratios: dict[tuple[str, int], list[np.ndarray]] = {}
     psf_ratios: dict[str, list[np.ndarray]] = {}
-    figures = {"bias": 0.0, "fwhm": 0.0, "ellipticity": 0.0, "psf_bias": 0.0, "clean": 1e9}
+    figures = {"bias": 0.0, "fwhm": 0.0, "ellipticity": 0.0, "psf_bias": 0.0, "clean": 1e9,
+               "first_bias": 0.0, "first_psf_bias": 0.0}  # fmt: skip
     again = [
         make_field(layout=layout, fwhm=fwhm, seed=seed + extra, shape=(280, 280),
                    positions=(field.x, field.y), fluxes=field.flux)
@@ -95,6 +96,13 @@ def isolated_star_figures(layout: str, fwhm: float, seed: int) -> dict[str, floa
             pulls.append(psf_pull - np.median(psf_pull))
             if number:
                 continue
+            # the first realisation alone, as the figures were before they were pooled
+            figures["first_bias"] = max(figures["first_bias"], *(
+                abs(float(np.median(ratios[channel.name, a][0]) - 1))
+                for a in range(len(APERTURES))))  # fmt: skip
+            figures["first_psf_bias"] = max(
+                figures["first_psf_bias"], abs(float(np.median(psf_ratios[channel.name][0]) - 1))
+            )
             figures["clean"] = min(figures["clean"], float(clean.sum()))
             major, minor, _ = result.shape_map.fwhm(field.x, field.y, field.mag)
             worst = max(
@@ -126,6 +134,8 @@ def _not_reached(cases, reason):
 
 BIAS_NOT_REACHED = {
     CASES[1]: "PSF-flux bias 0.64 % at FWHM 3.5 px (mono): the fitted Moffat β is 3.64 for 3.5",
+    CASES[2]: "the first realisation's worst median aperture bias is 0.21 % at FWHM 2 px on a "
+    "Bayer channel (0.198 % with the former annulus; pooled over three realisations 0.165 %)",
 }
 SHAPE_NOT_REACHED = {
     CASES[1]: "the PSF map's worst FWHM error is 5.2 % at FWHM 3.5 px (mono)",
@@ -142,13 +152,16 @@ PULL_NOT_REACHED = {
 
 @pytest.mark.parametrize("case", _not_reached(CASES, BIAS_NOT_REACHED))
 def test_isolated_star_fluxes_are_unbiased(case):
-    """Median fractional flux bias of each aperture < 0.2 %, of PSF fluxes < 0.5 %
-    (measured, worst of the apertures and channels: mono 0.04-0.06 %, Bayer 0.17-0.20 %;
-    PSF fluxes: mono 0.03 % at FWHM 1.5 px, Bayer 0.20-0.37 %)."""
+    """Median fractional flux bias of each aperture < 0.2 %, of PSF fluxes < 0.5 %, over
+    the three realisations pooled and over the first alone (pooled, worst of the
+    apertures and channels: mono 0.04-0.06 %, Bayer 0.17-0.20 %; PSF fluxes: mono 0.03 %
+    at FWHM 1.5 px, Bayer 0.20-0.37 %)."""
     figures = isolated_star_figures(*case)
     assert figures["clean"] >= 60, figures
     assert figures["bias"] < 0.002, figures
     assert figures["psf_bias"] < 0.005, figures
+    assert figures["first_bias"] < 0.002, figures
+    assert figures["first_psf_bias"] < 0.005, figures
 
 
 @pytest.mark.parametrize("case", _not_reached(CASES, SHAPE_NOT_REACHED))
@@ -232,17 +245,29 @@ def _wcs_error(x, y, shape, rng, size=0.06):
     return a @ terms, b @ terms
 
 
-@pytest.mark.parametrize("layout, fwhm", [("MONO", 2.0), ("RGGB", 2.0), ("BGGR", 3.5)])
+@pytest.mark.parametrize(
+    "layout, fwhm",
+    [
+        ("MONO", 2.0),
+        ("RGGB", 2.0),
+        pytest.param("BGGR", 3.5, marks=pytest.mark.xfail(strict=True, reason=(
+            "the second channel's refined 2 px aperture is 0.32 % off the truth (target "
+            "0.3 %; 0.22 % with the former annulus); at the true positions it is 0.33 % off, "
+            "so this is the aperture's own bias in this realisation, not the positions'"))),
+    ],
+)  # fmt: skip
 def test_projected_positions_are_corrected_from_the_psf_fits(layout, fwhm):
     """Positions given with a smooth 0.05–0.1 px error (a WCS fit's) are measured where the
     stars are: within 0.006 px (median, at FWHM 2 px) of the truth, and the 2 px aperture
-    measures what it measures at the true positions (within 0.2 %; measured 0.001-0.12 %),
+    measures what it measures at the true positions (within 0.2 %; measured 0.001-0.12 %)
+    and is unbiased against the truth (within 0.3 %),
     where measuring at the given positions biases it by over 1 % on a Bayer channel. (The
     aperture's own bias is :func:`test_isolated_star_fluxes_are_unbiased`'s: one
     realisation's median scatters by ±0.15 %, 0.33 % on this one's second BGGR channel.)"""
     field = make_field(layout=layout, fwhm=fwhm, n_stars=70, seed=3, shape=(280, 280))
     u, v = (field.x - 140) / 140, (field.y - 140) / 140
     ex, ey = 0.06 + 0.04 * u - 0.03 * u * v, -0.05 + 0.03 * v + 0.02 * u * u
+    biases = []
     for channel in channels(layout)[:2]:
         results = {
             refine: measure_channel(
@@ -281,6 +306,9 @@ def test_projected_positions_are_corrected_from_the_psf_fits(layout, fwhm):
         assert abs(bias - own) < 0.002
         if channel.step == 2 and fwhm <= 2.0:
             assert abs(before) > 0.005  # what the test would see without the correction
+        biases.append(bias)
+    # Last, once every other check has run: the refined 2 px aperture against the truth.
+    assert max(abs(b) for b in biases) < 0.003, biases
 
 
 def test_mosaic_pools_the_position_correction_over_its_channels():
